@@ -1,0 +1,137 @@
+//! The sealed-blob format.
+//!
+//! ```text
+//! blob      = magic(0xB5) format(1) key_id(u32 BE) nonce(24) secretbox(plain)
+//! plain     = flags(u8) body          flags bit 0: body is lz4 (size-prepended)
+//! subkey    = HMAC-SHA256(key, "bstore/seal/v1" ‖ for each context part: len(u32 BE) ‖ part)
+//! ```
+//!
+//! Sealing with a subkey derived from the blob's context (rather than the
+//! raw key) is what binds a blob to its place: opening it anywhere else
+//! derives another subkey and the Poly1305 tag fails. The flags sit inside
+//! the sealed part so they are authenticated too.
+
+use bstore_domain::{KeyId, KeyType, SessionKey};
+use crypto_secretbox::XSalsa20Poly1305;
+use crypto_secretbox::aead::{Aead, AeadCore, KeyInit, OsRng};
+
+use crate::keyring::Keyring;
+
+const MAGIC: u8 = 0xB5;
+const FORMAT: u8 = 1;
+const HEADER: usize = 2 + 4 + 24;
+const FLAG_LZ4: u8 = 1;
+/// Bodies shorter than this are not worth compressing.
+const COMPRESS_MIN: usize = 64;
+/// A decompressed body is never larger than this (defends against a
+/// size prefix that is authentic but absurd, e.g. from a future bug).
+const MAX_PLAIN: usize = 256 << 20;
+
+/// Why a sealed blob could not be opened. None of these is "not found".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// Too short, wrong magic, or a format this build does not know.
+    #[error("not a sealed blob of a known format")]
+    Malformed,
+    /// Sealed under a key id that is not (or no longer) in the keyring.
+    #[error("sealed under key {0}, which is not in the keyring")]
+    UnknownKey(u32),
+    /// The tag did not verify: tampered, wrong key material, or a blob that
+    /// belongs to another session, type or id.
+    #[error("the blob fails authentication (tampered, wrong key, or from another place)")]
+    Tampered,
+    /// Authentic, but the compressed body is corrupt.
+    #[error("the sealed body does not decompress")]
+    Corrupt,
+}
+
+/// Where a blob belongs. Each part is length-prefixed when the subkey is
+/// derived, so no two different contexts collide.
+#[derive(Debug, Clone)]
+pub struct Context {
+    parts: Vec<Vec<u8>>,
+}
+
+impl Context {
+    /// An event of a session.
+    pub fn event(s: &SessionKey) -> Self {
+        Self::of(&[b"event", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
+    }
+
+    /// A snapshot of a session.
+    pub fn snapshot(s: &SessionKey) -> Self {
+        Self::of(&[b"snapshot", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
+    }
+
+    /// One projected value: a key of a type, or the creds when `slot` is `None`.
+    pub fn value(s: &SessionKey, slot: Option<(&KeyType, &KeyId)>) -> Self {
+        let (t, s_) = (s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes());
+        match slot {
+            Some((ty, id)) => Self::of(&[b"key", t, s_, ty.as_str().as_bytes(), id.as_str().as_bytes()]),
+            None => Self::of(&[b"creds", t, s_]),
+        }
+    }
+
+    fn of(parts: &[&[u8]]) -> Self {
+        Self { parts: parts.iter().map(|p| p.to_vec()).collect() }
+    }
+
+    fn subkey(&self, key: &[u8; 32]) -> crypto_secretbox::Key {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let mut ctx = ring::hmac::Context::with_key(&k);
+        ctx.update(b"bstore/seal/v1");
+        for part in &self.parts {
+            ctx.update(&(part.len() as u32).to_be_bytes());
+            ctx.update(part);
+        }
+        let tag = ctx.sign();
+        *crypto_secretbox::Key::from_slice(tag.as_ref())
+    }
+}
+
+/// Compresses (when it pays) and seals `plain` under the current key.
+pub fn seal(ring: &Keyring, ctx: &Context, plain: &[u8]) -> Vec<u8> {
+    let mut inner = Vec::with_capacity(plain.len() + 1);
+    let compressed = (plain.len() >= COMPRESS_MIN).then(|| lz4_flex::compress_prepend_size(plain));
+    match compressed {
+        Some(c) if c.len() < plain.len() => {
+            inner.push(FLAG_LZ4);
+            inner.extend_from_slice(&c);
+        }
+        _ => {
+            inner.push(0);
+            inner.extend_from_slice(plain);
+        }
+    }
+    let id = ring.current();
+    let cipher = XSalsa20Poly1305::new(&ctx.subkey(ring.current_key()));
+    let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
+    let sealed = cipher.encrypt(&nonce, inner.as_slice()).expect("sealing in memory cannot fail");
+    let mut out = Vec::with_capacity(HEADER + sealed.len());
+    out.extend_from_slice(&[MAGIC, FORMAT]);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// Opens a blob sealed by [`seal`] for the same context.
+pub fn open(ring: &Keyring, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealError> {
+    if blob.len() < HEADER + 16 + 1 || blob[0] != MAGIC || blob[1] != FORMAT {
+        return Err(SealError::Malformed);
+    }
+    let id = u32::from_be_bytes(blob[2..6].try_into().expect("four bytes"));
+    let key = ring.get(id).ok_or(SealError::UnknownKey(id))?;
+    let nonce = crypto_secretbox::Nonce::from_slice(&blob[6..HEADER]);
+    let cipher = XSalsa20Poly1305::new(&ctx.subkey(key));
+    let inner = cipher.decrypt(nonce, &blob[HEADER..]).map_err(|_| SealError::Tampered)?;
+    let (flags, body) = inner.split_first().ok_or(SealError::Corrupt)?;
+    if flags & FLAG_LZ4 == 0 {
+        return Ok(body.to_vec());
+    }
+    let size = body.get(..4).map(|s| u32::from_le_bytes(s.try_into().expect("four bytes")) as usize).ok_or(SealError::Corrupt)?;
+    if size > MAX_PLAIN {
+        return Err(SealError::Corrupt);
+    }
+    lz4_flex::decompress_size_prepended(body).map_err(|_| SealError::Corrupt)
+}

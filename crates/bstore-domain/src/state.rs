@@ -1,0 +1,343 @@
+//! A session's state and its two functions: `handle` decides, `apply` records.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::DomainError;
+use crate::event::{Change, Event, EVENT_SCHEMA_VERSION, KeyChanges};
+use crate::ids::{KeyId, KeyType};
+use crate::limits::Limits;
+
+/// A write a client asks for. Reads are plain methods on [`SessionState`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Replace the creds object.
+    PutCreds {
+        /// The client-encoded creds.
+        creds: Bytes,
+    },
+    /// Write and delete keys, all of them or none.
+    SetKeys {
+        /// Per type, per id: a value, or `None` to delete.
+        keys: KeyChanges,
+    },
+    /// Forget the session (logout).
+    DeleteSession,
+}
+
+/// What `session.info` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Stream sequence of the last event applied (0: none yet).
+    pub seq: u64,
+    /// Whether the session holds creds or any key.
+    pub exists: bool,
+    /// Whether creds are stored.
+    pub creds: bool,
+    /// Number of keys per type.
+    pub keys: BTreeMap<String, u64>,
+    /// Bytes of creds and key values held.
+    pub bytes: u64,
+    /// When the last event was decided (ms since the epoch), if any.
+    pub updated_at_ms: Option<u64>,
+    /// Events applied since the session was last deleted or created.
+    pub events: u64,
+}
+
+/// Everything known about one session, as of stream sequence `seq`.
+///
+/// It is also the snapshot format: it serializes whole, so a projection can
+/// store it and a loader can continue from `seq`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    seq: u64,
+    creds: Option<Bytes>,
+    keys: HashMap<KeyType, HashMap<KeyId, Bytes>>,
+    bytes: u64,
+    updated_at_ms: Option<u64>,
+    events: u64,
+}
+
+impl SessionState {
+    /// The stream sequence of the last applied event.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The stored creds, if any.
+    pub fn creds(&self) -> Option<&Bytes> {
+        self.creds.as_ref()
+    }
+
+    /// The values of the requested ids that exist; missing ids are left out.
+    pub fn get_keys<'a>(&self, ty: &KeyType, ids: impl IntoIterator<Item = &'a KeyId>) -> Vec<(KeyId, Bytes)> {
+        let Some(of_type) = self.keys.get(ty) else { return Vec::new() };
+        ids.into_iter()
+            .filter_map(|id| of_type.get(id).map(|v| (id.clone(), v.clone())))
+            .collect()
+    }
+
+    /// Iterates over every stored key.
+    pub fn iter_keys(&self) -> impl Iterator<Item = (&KeyType, &KeyId, &Bytes)> {
+        self.keys.iter().flat_map(|(t, ids)| ids.iter().map(move |(id, v)| (t, id, v)))
+    }
+
+    /// A summary for `session.info`.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            seq: self.seq,
+            exists: self.creds.is_some() || self.keys.values().any(|m| !m.is_empty()),
+            creds: self.creds.is_some(),
+            keys: self.keys.iter().filter(|(_, m)| !m.is_empty()).map(|(t, m)| (t.to_string(), m.len() as u64)).collect(),
+            bytes: self.bytes,
+            updated_at_ms: self.updated_at_ms,
+            events: self.events,
+        }
+    }
+
+    /// Validates a key read against the limits.
+    pub fn check_get(limits: &Limits, ids: usize) -> Result<(), DomainError> {
+        limit("ids in one keys.get", limits.max_ids_per_call, ids)
+    }
+
+    /// Decides what a command changes. Returns `None` when it changes nothing
+    /// (every value already as asked, every deleted key already absent), so
+    /// no event is written; returns an error, and changes nothing, when any
+    /// part of the command breaks a limit.
+    pub fn handle(&self, cmd: Command, limits: &Limits, now_ms: u64, rid: Option<String>) -> Result<Option<Event>, DomainError> {
+        let change = match cmd {
+            Command::PutCreds { creds } => {
+                limit("creds size in bytes", limits.max_value_bytes, creds.len())?;
+                if self.creds.as_ref() == Some(&creds) {
+                    return Ok(None);
+                }
+                Change::CredsPut { creds }
+            }
+            Command::SetKeys { keys } => {
+                let ids: usize = keys.values().map(BTreeMap::len).sum();
+                limit("ids in one keys.set", limits.max_ids_per_call, ids)?;
+                let mut total = 0usize;
+                for value in keys.values().flat_map(|m| m.values()).flatten() {
+                    limit("key value size in bytes", limits.max_value_bytes, value.len())?;
+                    total += value.len();
+                }
+                limit("total value bytes in one keys.set", limits.max_set_bytes, total)?;
+                let keys = self.effective_changes(keys);
+                if keys.is_empty() {
+                    return Ok(None);
+                }
+                Change::KeysChanged { keys }
+            }
+            Command::DeleteSession => {
+                if !self.info().exists {
+                    return Ok(None);
+                }
+                Change::SessionDeleted
+            }
+        };
+        Ok(Some(Event { v: EVENT_SCHEMA_VERSION, at_ms: now_ms, rid, change }))
+    }
+
+    /// Drops the parts of a key change that would change nothing.
+    fn effective_changes(&self, mut keys: KeyChanges) -> KeyChanges {
+        keys.retain(|ty, ids| {
+            let current = self.keys.get(ty);
+            ids.retain(|id, value| {
+                let stored = current.and_then(|m| m.get(id));
+                match (value, stored) {
+                    (None, None) => false,
+                    (Some(new), Some(old)) => new != old,
+                    _ => true,
+                }
+            });
+            !ids.is_empty()
+        });
+        keys
+    }
+
+    /// Records an event that the log stored at `seq`. Applying an event whose
+    /// sequence is not newer than the state's changes nothing, so replays and
+    /// duplicates are harmless. Returns whether the event was applied.
+    pub fn apply(&mut self, seq: u64, event: &Event) -> bool {
+        if seq <= self.seq {
+            return false;
+        }
+        self.seq = seq;
+        self.updated_at_ms = Some(event.at_ms);
+        self.events += 1;
+        match &event.change {
+            Change::CredsPut { creds } => {
+                let old = self.creds.replace(creds.clone()).map_or(0, |c| c.len());
+                self.bytes = self.bytes - old as u64 + creds.len() as u64;
+            }
+            Change::KeysChanged { keys } => {
+                for (ty, ids) in keys {
+                    let of_type = self.keys.entry(ty.clone()).or_default();
+                    for (id, value) in ids {
+                        let old = match value {
+                            Some(v) => {
+                                self.bytes += v.len() as u64;
+                                of_type.insert(id.clone(), v.clone())
+                            }
+                            None => of_type.remove(id),
+                        };
+                        self.bytes -= old.map_or(0, |v| v.len() as u64);
+                    }
+                    if of_type.is_empty() {
+                        self.keys.remove(ty);
+                    }
+                }
+            }
+            Change::SessionDeleted => {
+                self.creds = None;
+                self.keys.clear();
+                self.bytes = 0;
+                self.events = 0;
+            }
+        }
+        true
+    }
+}
+
+fn limit(what: &'static str, max: usize, actual: usize) -> Result<(), DomainError> {
+    if actual > max {
+        return Err(DomainError::LimitExceeded { what, limit: max as u64, actual: actual as u64 });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Given/when/then: given events applied, when a command is handled, then
+    //! these events (or this error) result.
+
+    use super::*;
+
+    fn t(s: &str) -> KeyType {
+        KeyType::parse(s).unwrap()
+    }
+    fn id(s: &str) -> KeyId {
+        KeyId::parse(s).unwrap()
+    }
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+    fn set(entries: &[(&str, &str, Option<&str>)]) -> KeyChanges {
+        let mut keys = KeyChanges::new();
+        for (ty, i, v) in entries {
+            keys.entry(t(ty)).or_default().insert(id(i), v.map(b));
+        }
+        keys
+    }
+
+    struct Given(SessionState);
+
+    fn given(cmds: Vec<Command>) -> Given {
+        let mut state = SessionState::default();
+        for (n, cmd) in cmds.into_iter().enumerate() {
+            if let Some(ev) = state.handle(cmd, &Limits::default(), 1000 + n as u64, None).unwrap() {
+                assert!(state.apply(state.seq() + 1, &ev));
+            }
+        }
+        Given(state)
+    }
+
+    impl Given {
+        fn when(&self, cmd: Command) -> Result<Option<Event>, DomainError> {
+            self.0.handle(cmd, &Limits::default(), 9, Some("r1".into()))
+        }
+    }
+
+    #[test]
+    fn keys_set_is_one_event_with_every_type() {
+        let ev = given(vec![])
+            .when(Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("session", "x.0", Some("s"))]) })
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.v, EVENT_SCHEMA_VERSION);
+        assert_eq!(ev.rid.as_deref(), Some("r1"));
+        let Change::KeysChanged { keys } = ev.change else { panic!("wrong change") };
+        assert_eq!(keys.len(), 2);
+    }
+
+    #[test]
+    fn unchanged_values_and_absent_deletes_write_nothing() {
+        let g = given(vec![Command::SetKeys { keys: set(&[("pre-key", "1", Some("a"))]) }]);
+        let none = g.when(Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "2", None)]) });
+        assert_eq!(none, Ok(None));
+        let some = g.when(Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "3", Some("c"))]) });
+        let Change::KeysChanged { keys } = some.unwrap().unwrap().change else { panic!() };
+        assert_eq!(keys[&t("pre-key")].len(), 1, "only the new key is recorded");
+    }
+
+    #[test]
+    fn deletes_and_sets_apply_together() {
+        let Given(mut s) = given(vec![Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "2", Some("bb"))]) }]);
+        let ev = s
+            .handle(Command::SetKeys { keys: set(&[("pre-key", "1", None), ("session", "u.1", Some("xyz"))]) }, &Limits::default(), 5, None)
+            .unwrap()
+            .unwrap();
+        s.apply(2, &ev);
+        assert!(s.get_keys(&t("pre-key"), [&id("1")]).is_empty());
+        assert_eq!(s.get_keys(&t("pre-key"), [&id("2")]), vec![(id("2"), b("bb"))]);
+        assert_eq!(s.get_keys(&t("session"), [&id("u.1"), &id("missing")]), vec![(id("u.1"), b("xyz"))]);
+        let info = s.info();
+        assert_eq!(info.bytes, 5);
+        assert_eq!(info.keys.get("pre-key"), Some(&1));
+        assert_eq!(info.events, 2);
+    }
+
+    #[test]
+    fn a_limit_broken_anywhere_refuses_the_whole_call() {
+        let limits = Limits { max_ids_per_call: 2, max_value_bytes: 4, max_set_bytes: 6 };
+        let s = SessionState::default();
+        let too_many = set(&[("a", "1", Some("x")), ("b", "2", Some("x")), ("c", "3", None)]);
+        assert!(matches!(s.handle(Command::SetKeys { keys: too_many }, &limits, 0, None), Err(DomainError::LimitExceeded { limit: 2, actual: 3, .. })));
+        let too_big = set(&[("a", "1", Some("x")), ("b", "2", Some("12345"))]);
+        assert!(matches!(s.handle(Command::SetKeys { keys: too_big }, &limits, 0, None), Err(DomainError::LimitExceeded { limit: 4, .. })));
+        let too_much = set(&[("a", "1", Some("1234")), ("b", "2", Some("1234"))]);
+        assert!(matches!(s.handle(Command::SetKeys { keys: too_much }, &limits, 0, None), Err(DomainError::LimitExceeded { limit: 6, .. })));
+        assert!(SessionState::check_get(&limits, 3).is_err());
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_ignores_older_events() {
+        let mut s = SessionState::default();
+        let put = |v: &str| Event { v: 1, at_ms: 1, rid: None, change: Change::CredsPut { creds: b(v) } };
+        assert!(s.apply(5, &put("new")));
+        assert!(!s.apply(5, &put("new")), "same sequence twice");
+        assert!(!s.apply(3, &put("old")), "older event after a newer one");
+        assert_eq!(s.creds(), Some(&b("new")));
+        assert_eq!(s.seq(), 5);
+    }
+
+    #[test]
+    fn delete_session_forgets_everything_and_is_a_noop_when_empty() {
+        let g = given(vec![
+            Command::PutCreds { creds: b("c") },
+            Command::SetKeys { keys: set(&[("pre-key", "1", Some("a"))]) },
+        ]);
+        let mut s = g.0.clone();
+        let ev = g.when(Command::DeleteSession).unwrap().unwrap();
+        s.apply(10, &ev);
+        assert_eq!(s.creds(), None);
+        assert!(!s.info().exists);
+        assert_eq!(s.info().bytes, 0);
+        assert_eq!(Given(s).when(Command::DeleteSession), Ok(None));
+    }
+
+    #[test]
+    fn same_creds_twice_writes_once() {
+        let g = given(vec![Command::PutCreds { creds: b("c") }]);
+        assert_eq!(g.when(Command::PutCreds { creds: b("c") }), Ok(None));
+        assert!(g.when(Command::PutCreds { creds: b("d") }).unwrap().is_some());
+    }
+
+    #[test]
+    fn unknown_schema_versions_are_refused_not_guessed() {
+        let ev = Event { v: 7, at_ms: 0, rid: None, change: Change::SessionDeleted };
+        assert_eq!(ev.upgrade(), Err(7));
+    }
+}
