@@ -1,0 +1,242 @@
+import { randomBytes } from 'node:crypto'
+import { decode, encode } from '@msgpack/msgpack'
+import type { Msg, NatsConnection } from 'nats'
+import { BaileysStoreError } from './errors.js'
+
+export interface StoreOptions {
+	/** Tenant: 1–128 characters of `[A-Za-z0-9_-]`. */
+	tenant: string
+	/** Session (one WhatsApp account): 1–128 characters of `[A-Za-z0-9_-]`. */
+	session: string
+	/** Subject prefix the service listens on (`api.prefix`). Default `bstore`. */
+	prefix?: string
+	/** How long to wait for one reply, per attempt. Default 5000 ms. */
+	timeoutMs?: number
+	/** Extra attempts after a time-out, "no responders", 409, 503 or 504. Default 3. */
+	retries?: number
+	/** First pause before a retry; doubles each time up to `maxRetryDelayMs`. Default 100 ms. */
+	retryDelayMs?: number
+	/** Longest pause between two attempts. Default 2000 ms. */
+	maxRetryDelayMs?: number
+	/** Largest request body sent; must not exceed the service's `api.max_request_bytes`. Default 4 MiB. */
+	maxRequestBytes?: number
+	/** Largest encoded value or creds; the service's `limits.max_value_bytes`. Default 2 MiB. */
+	maxValueBytes?: number
+	/** A `keys.get` for more ids is split into parallel requests of this many ids. Default 1000. */
+	maxIdsPerGet?: number
+	/** Told about each retry (a pino logger fits). */
+	logger?: { warn(obj: object, msg?: string): void }
+}
+
+export interface SessionInfo {
+	seq: number
+	exists: boolean
+	creds: boolean
+	keys: Record<string, number>
+	bytes: number
+	updated_at_ms: number | null
+	events: number
+}
+
+/** Key values as bytes: `null` deletes. */
+export type EncodedKeyData = Record<string, Record<string, Uint8Array | null>>
+
+const NAME = /^[A-Za-z0-9_-]{1,128}$/
+const KEY_TYPE = /^[A-Za-z0-9_.:-]{1,64}$/
+const CONTROL = /\p{Cc}/u
+const PREFIX_TOKEN = /^[^\s*>.]+$/
+const MiB = 1024 * 1024
+
+/** Throws INVALID_ID unless `name` is a valid tenant or session (same rule as the service). */
+export function assertName(what: 'tenant' | 'session', name: string): void {
+	if (typeof name !== 'string' || !NAME.test(name)) {
+		throw new BaileysStoreError('INVALID_ID', 'validate', `${what} must be 1-128 characters of [A-Za-z0-9_-], got ${JSON.stringify(name)}`)
+	}
+}
+
+function assertKey(op: string, type: string, id?: string): void {
+	if (!KEY_TYPE.test(type)) {
+		throw new BaileysStoreError('INVALID_ID', op, `key type must be 1-64 characters of [A-Za-z0-9_.:-], got ${JSON.stringify(type)}`)
+	}
+	if (id !== undefined) {
+		const len = Buffer.byteLength(id)
+		if (len < 1 || len > 512 || CONTROL.test(id)) {
+			throw new BaileysStoreError('INVALID_ID', op, `key id must be 1-512 bytes without control characters, got ${JSON.stringify(id)}`)
+		}
+	}
+}
+
+/** A write's request id: 22 characters of base64url (128 random bits). */
+const newRid = (): string => randomBytes(16).toString('base64url')
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
+
+/**
+ * One session of baileys-store: the six operations of the wire protocol, with
+ * validation, size limits and retries. Values are opaque bytes here.
+ */
+export class BaileysStoreClient {
+	readonly subjectBase: string
+	private readonly timeoutMs: number
+	private readonly retries: number
+	private readonly retryDelayMs: number
+	private readonly maxRetryDelayMs: number
+	private readonly maxRequestBytes: number
+	private readonly maxValueBytes: number
+	private readonly maxIdsPerGet: number
+
+	constructor(
+		// Only `request` is used, so tests can pass a stand-in.
+		private readonly nc: Pick<NatsConnection, 'request'>,
+		private readonly options: StoreOptions
+	) {
+		assertName('tenant', options.tenant)
+		assertName('session', options.session)
+		const prefix = options.prefix ?? 'bstore'
+		if (!prefix.split('.').every((token) => PREFIX_TOKEN.test(token))) {
+			throw new BaileysStoreError('INVALID_ID', 'validate', `prefix must be dot-separated NATS tokens without wildcards, got ${JSON.stringify(prefix)}`)
+		}
+		this.subjectBase = `${prefix}.${options.tenant}.${options.session}`
+		this.timeoutMs = options.timeoutMs ?? 5000
+		this.retries = options.retries ?? 3
+		this.retryDelayMs = options.retryDelayMs ?? 100
+		this.maxRetryDelayMs = options.maxRetryDelayMs ?? 2000
+		this.maxRequestBytes = options.maxRequestBytes ?? 4 * MiB
+		this.maxValueBytes = options.maxValueBytes ?? 2 * MiB
+		this.maxIdsPerGet = options.maxIdsPerGet ?? 1000
+	}
+
+	/** The stored creds, or null when the session has none. */
+	async getCreds(): Promise<Uint8Array | null> {
+		const reply = await this.request('creds.get', {})
+		const creds = reply.creds
+		if (creds === null || creds === undefined) return null
+		if (!(creds instanceof Uint8Array)) throw badReply('creds.get', 'creds is not bin')
+		return creds
+	}
+
+	/** Replaces the creds. Returns the event sequence of the write. */
+	async putCreds(creds: Uint8Array): Promise<number> {
+		this.assertValueSize('creds.put', 'creds', creds)
+		return seqOf('creds.put', await this.request('creds.put', { rid: newRid(), creds }))
+	}
+
+	/** The stored values of `ids`; ids not stored are left out. */
+	async getKeys(type: string, ids: string[]): Promise<Record<string, Uint8Array>> {
+		const unique = [...new Set(ids)]
+		for (const id of unique) assertKey('keys.get', type, id)
+		if (unique.length === 0) return {}
+		const chunks: string[][] = []
+		for (let i = 0; i < unique.length; i += this.maxIdsPerGet) chunks.push(unique.slice(i, i + this.maxIdsPerGet))
+		const replies = await Promise.all(chunks.map((chunk) => this.request('keys.get', { type, ids: chunk })))
+		const out: Record<string, Uint8Array> = {}
+		for (const reply of replies) {
+			const values = reply.values
+			if (!isMap(values)) throw badReply('keys.get', 'values is not a map')
+			for (const [id, value] of Object.entries(values)) {
+				if (!(value instanceof Uint8Array)) throw badReply('keys.get', `value of ${id} is not bin`)
+				out[id] = value
+			}
+		}
+		return out
+	}
+
+	/** Writes and deletes (`null`) keys of any number of types in one atomic request. */
+	async setKeys(data: EncodedKeyData): Promise<number | undefined> {
+		let count = 0
+		for (const [type, values] of Object.entries(data)) {
+			for (const [id, value] of Object.entries(values)) {
+				assertKey('keys.set', type, id)
+				if (value !== null) this.assertValueSize('keys.set', `${type}/${id}`, value)
+				count++
+			}
+		}
+		if (count === 0) return undefined
+		return seqOf('keys.set', await this.request('keys.set', { rid: newRid(), data }))
+	}
+
+	/** Deletes the creds and every key of the session (logout). */
+	async deleteSession(): Promise<number> {
+		return seqOf('session.delete', await this.request('session.delete', { rid: newRid() }))
+	}
+
+	async info(): Promise<SessionInfo> {
+		return (await this.request('session.info', {})) as unknown as SessionInfo
+	}
+
+	private assertValueSize(op: string, what: string, value: Uint8Array): void {
+		if (value.byteLength > this.maxValueBytes) {
+			throw new BaileysStoreError('TOO_LARGE', op, `${what} is ${value.byteLength} bytes, over maxValueBytes ${this.maxValueBytes}`)
+		}
+	}
+
+	/** Sends one request, retrying with the same body (and so the same `rid`) when that may help. */
+	private async request(op: string, body: Record<string, unknown>): Promise<Record<string, unknown>> {
+		const data = encode(body)
+		if (data.byteLength > this.maxRequestBytes) {
+			throw new BaileysStoreError('TOO_LARGE', op, `request is ${data.byteLength} bytes, over maxRequestBytes ${this.maxRequestBytes}`)
+		}
+		const subject = `${this.subjectBase}.${op}`
+		for (let attempt = 0; ; attempt++) {
+			try {
+				return await this.requestOnce(op, subject, data)
+			} catch (err) {
+				if (!(err instanceof BaileysStoreError) || !err.retryable || attempt >= this.retries) throw err
+				const delay = Math.min(this.retryDelayMs * 2 ** attempt, this.maxRetryDelayMs)
+				// Jitter keeps many bots that failed together from retrying together.
+				const pause = delay / 2 + Math.random() * (delay / 2)
+				this.options.logger?.warn({ op, subject, code: err.code, attempt: attempt + 1, pauseMs: Math.round(pause) }, 'baileys-store request failed, retrying')
+				await sleep(pause)
+			}
+		}
+	}
+
+	private async requestOnce(op: string, subject: string, data: Uint8Array): Promise<Record<string, unknown>> {
+		let msg: Msg
+		try {
+			msg = await this.nc.request(subject, data, { timeout: this.timeoutMs })
+		} catch (err) {
+			throw fromNatsError(op, err)
+		}
+		const code = msg.headers?.get('Nats-Service-Error-Code')
+		if (code) {
+			const message = msg.headers?.get('Nats-Service-Error') || 'service error'
+			const num = Number(code)
+			if (!Number.isInteger(num)) throw badReply(op, `unexpected error code ${JSON.stringify(code)}: ${message}`)
+			throw new BaileysStoreError(num, op, message)
+		}
+		let reply: unknown
+		try {
+			reply = decode(msg.data)
+		} catch (err) {
+			throw new BaileysStoreError('BAD_REPLY', op, 'reply is not MessagePack', { cause: err })
+		}
+		if (!isMap(reply)) throw badReply(op, 'reply is not a map')
+		return reply
+	}
+}
+
+function fromNatsError(op: string, err: unknown): BaileysStoreError {
+	const code = (err as { code?: unknown })?.code
+	const message = err instanceof Error ? err.message : String(err)
+	switch (code) {
+		case 'TIMEOUT':
+			return new BaileysStoreError('TIMEOUT', op, 'no reply in time', { cause: err })
+		case '503':
+			return new BaileysStoreError('NO_RESPONDERS', op, 'no service instance is listening', { cause: err })
+		case 'MAX_PAYLOAD_EXCEEDED':
+			return new BaileysStoreError('TOO_LARGE', op, "request is over the NATS server's max_payload", { cause: err })
+		default:
+			return new BaileysStoreError('NATS', op, message, { cause: err })
+	}
+}
+
+const isMap = (v: unknown): v is Record<string, unknown> =>
+	v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Uint8Array)
+
+const badReply = (op: string, message: string) => new BaileysStoreError('BAD_REPLY', op, message)
+
+function seqOf(op: string, reply: Record<string, unknown>): number {
+	if (typeof reply.seq !== 'number') throw badReply(op, 'seq is missing')
+	return reply.seq
+}

@@ -1,0 +1,77 @@
+//! Stable error codes. The numbers and names are part of the protocol:
+//! never renumber one, only add.
+
+use bstore_domain::DomainError;
+use bstore_session::SessionError;
+
+/// Every error a client can receive, with its stable number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 400: the body is not a MessagePack map of the documented shape.
+    BadRequest,
+    /// 404: the op is not one the service knows.
+    UnknownOp,
+    /// 409: another writer changed the session; nothing applied. Retry.
+    Conflict,
+    /// 413: the body or a limit was exceeded.
+    TooLarge,
+    /// 422: a tenant, session, key type, key id or rid is malformed.
+    InvalidId,
+    /// 500: a bug.
+    Internal,
+    /// 503: the event log is unreachable; nothing acknowledged. Retry.
+    Unavailable,
+    /// 504: the request's deadline passed. Retry with the same rid.
+    Timeout,
+    /// 520: stored data cannot be opened or decoded.
+    Unreadable,
+}
+
+impl ErrorCode {
+    /// The number sent in `Nats-Service-Error-Code`.
+    pub fn number(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::UnknownOp => 404,
+            Self::Conflict => 409,
+            Self::TooLarge => 413,
+            Self::InvalidId => 422,
+            Self::Internal => 500,
+            Self::Unavailable => 503,
+            Self::Timeout => 504,
+            Self::Unreadable => 520,
+        }
+    }
+
+    /// The name that starts the `Nats-Service-Error` text.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnknownOp => "unknown_op",
+            Self::Conflict => "conflict",
+            Self::TooLarge => "too_large",
+            Self::InvalidId => "invalid_id",
+            Self::Internal => "internal",
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::Unreadable => "unreadable",
+        }
+    }
+
+    /// Whether a client may retry the same request.
+    pub fn retryable(self) -> bool {
+        matches!(self, Self::Conflict | Self::Unavailable | Self::Timeout)
+    }
+
+    /// The code for a session error.
+    pub fn of(e: &SessionError) -> Self {
+        match e {
+            SessionError::Rejected(DomainError::InvalidId(_)) => Self::InvalidId,
+            SessionError::Rejected(DomainError::LimitExceeded { .. }) | SessionError::TooLarge(_) => Self::TooLarge,
+            SessionError::Conflict => Self::Conflict,
+            SessionError::Unavailable(_) => Self::Unavailable,
+            SessionError::Timeout => Self::Timeout,
+            SessionError::Unreadable(_) => Self::Unreadable,
+        }
+    }
+}

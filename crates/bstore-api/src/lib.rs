@@ -1,0 +1,98 @@
+//! The request-reply API, as written down in `docs/protocol.md`.
+//!
+//! One NATS micro-service endpoint listens on `<prefix>.>` in a queue group,
+//! so `$SRV.PING/INFO/STATS` answer and several instances share the load.
+//! A single wildcard endpoint (rather than one per op) is what lets the
+//! service answer a malformed subject or an unknown op with a coded error
+//! instead of silence.
+//!
+//! This crate only translates: subject and body in, [`bstore_session::Request`]
+//! out, and the reply or error back. Decisions live in the domain crate.
+
+mod codes;
+mod wire;
+
+use std::future::Future;
+
+use async_nats::service::{self, ServiceExt};
+use bstore_session::Sessions;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+pub use codes::ErrorCode;
+
+/// The service name announced on `$SRV.INFO`.
+pub const SERVICE_NAME: &str = "baileys-store";
+
+/// Settings of the API. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Request subjects are `<prefix>.<tenant>.<session>.<op>`. Default `bstore`.
+    pub prefix: String,
+    /// Largest request body accepted, in bytes. Default 4 MiB. Lowered at
+    /// start-up to the NATS server's `max_payload` when that is smaller.
+    pub max_request_bytes: usize,
+    /// Queue group shared by every instance. Default `q`.
+    pub queue_group: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { prefix: "bstore".into(), max_request_bytes: 4 << 20, queue_group: "q".into() }
+    }
+}
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the NATS service: {0}")]
+pub struct StartError(String);
+
+/// Serves requests until `shutdown` resolves, then stops taking new ones and
+/// waits for those in flight to be answered.
+pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Sessions, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let service = client
+        .service_builder()
+        .description("Baileys auth-state store: creds and Signal keys over an event log")
+        .queue_group(&cfg.queue_group)
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| StartError(e.to_string()))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("api")
+        .add(format!("{}.>", cfg.prefix))
+        .await
+        .map_err(|e| StartError(e.to_string()))?;
+    // One round trip so the subscription is known to the server before the
+    // caller announces readiness.
+    client.flush().await.map_err(|e| StartError(e.to_string()))?;
+    let _ = client.server_info();
+    tracing::info!(subject = %format!("{}.>", cfg.prefix), "serving requests");
+
+    let cfg = std::sync::Arc::new(cfg);
+    let mut in_flight = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            next = endpoint.next() => {
+                let Some(request) = next else { break };
+                let (cfg, sessions) = (cfg.clone(), sessions.clone());
+                in_flight.spawn(async move { wire::handle(&cfg, &sessions, request).await });
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    tracing::info!(in_flight = in_flight.len(), "shutting down: no new requests, finishing those in flight");
+    let _ = endpoint.stop().await;
+    while in_flight.join_next().await.is_some() {}
+    let _ = service.stop().await;
+    Ok(())
+}
+
+/// The error answer for `code`, in the micro-service convention.
+fn service_error(code: ErrorCode, message: &str) -> service::error::Error {
+    service::error::Error { code: code.number() as usize, status: format!("{}: {message}", code.name()) }
+}

@@ -1,0 +1,96 @@
+//! Settings of the event stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+use serde::{Deserialize, Serialize};
+
+/// Where JetStream keeps the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// On disk (the default). Durability per acknowledged write then depends
+    /// on the server's `jetstream.sync_interval`.
+    #[default]
+    File,
+    /// In memory only: lost when the server stops. For tests and benchmarks.
+    Memory,
+}
+
+/// The event stream's settings. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Stream name. Default `BSTORE_EVENTS`.
+    pub stream: String,
+    /// Subject prefix; a session's events go to `<prefix>.<tenant>.<session>`.
+    /// Must not overlap the API's request subjects. Default `bstore-events`.
+    pub subject_prefix: String,
+    /// Stream replicas: 1 on one server, 3 in a cluster. Default 1.
+    pub replicas: usize,
+    /// `file` (default) or `memory`.
+    pub storage: Storage,
+    /// Largest event the stream accepts, in bytes. Default 8 MiB. The
+    /// server's `max_payload` must be at least this.
+    pub max_message_bytes: i32,
+    /// How long a request id is remembered for deduplication. Default 2 min.
+    #[serde(with = "secs")]
+    pub duplicate_window: Duration,
+    /// How long a JetStream request (append, replay step) may take before it
+    /// is reported as unavailable. Default 5 s.
+    #[serde(with = "secs")]
+    pub request_timeout: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            stream: "BSTORE_EVENTS".into(),
+            subject_prefix: "bstore-events".into(),
+            replicas: 1,
+            storage: Storage::File,
+            max_message_bytes: 8 << 20,
+            duplicate_window: Duration::from_secs(120),
+            request_timeout: crate::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl LogConfig {
+    /// The JetStream stream configuration these settings ask for. History is
+    /// kept without an age limit: replaying the log is how a session is
+    /// rebuilt, so no event may expire before a durable snapshot covers it.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            description: Some("baileys-store auth-state events, one subject per session".into()),
+            subjects: vec![format!("{}.>", self.subject_prefix)],
+            num_replicas: self.replicas,
+            storage: match self.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            max_message_size: self.max_message_bytes,
+            duplicate_window: self.duplicate_window,
+            allow_direct: true,
+            deny_delete: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// Durations as (fractional) seconds in configuration files.
+pub(crate) mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}

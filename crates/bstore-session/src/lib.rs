@@ -1,0 +1,165 @@
+//! Session actors.
+//!
+//! Each active session is one actix actor ([`SessionActor`]) that owns the
+//! session's state in memory. Its mailbox is the session's order: a request
+//! is handled as an [`actix::AtomicResponse`], so the next message waits
+//! until the current one — including its append to the log — is finished.
+//! No mutex guards a session.
+//!
+//! The [`Registry`] actor maps sessions to actors: it starts them on demand
+//! across a few arbiters (threads), bounds how many are alive, and restarts
+//! one that stopped. Actors stop themselves after an idle time; the log keeps
+//! everything, so stopping loses nothing.
+//!
+//! **Architecture invariant:** a write is acknowledged only after the log
+//! acknowledged its event, and the state in memory changes only by applying
+//! an event the log stored.
+
+mod actor;
+mod registry;
+
+use std::time::{Duration, Instant};
+
+use bstore_domain::{Command, DomainError, KeyId, KeyType, SessionInfo, SessionKey};
+use bstore_log::LogError;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use actor::SessionActor;
+pub use registry::{Registry, Sessions};
+
+/// Settings of the session actors. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Most sessions kept in memory at once; past it the least recently used
+    /// one is stopped. Default 10 000.
+    pub max_active: usize,
+    /// A session unused this long is stopped and forgotten by memory.
+    /// Default 600 s.
+    pub idle_timeout_secs: u64,
+    /// How long a request may take inside the service before it is answered
+    /// with a time-out. Default 10 s.
+    pub request_timeout_secs: u64,
+    /// How many times a write retries by itself after a conflict with another
+    /// writer (it reloads the session first). Default 3.
+    pub conflict_retries: u32,
+    /// Threads running session actors; 0 means one per CPU. Default 0.
+    pub workers: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self { max_active: 10_000, idle_timeout_secs: 600, request_timeout_secs: 10, conflict_retries: 3, workers: 0 }
+    }
+}
+
+impl SessionConfig {
+    /// The idle time as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+
+    /// The request deadline as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+}
+
+/// What a client asks of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Read the creds.
+    GetCreds,
+    /// Read keys of one type.
+    GetKeys {
+        /// The type.
+        ty: KeyType,
+        /// The ids wanted.
+        ids: Vec<KeyId>,
+    },
+    /// Summarize the session.
+    Info,
+    /// Change the session.
+    Write {
+        /// What to change.
+        cmd: Command,
+        /// The client's request id, for deduplication.
+        rid: Option<String>,
+    },
+}
+
+/// One request routed to a session.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The session.
+    pub key: SessionKey,
+    /// What to do.
+    pub op: Op,
+    /// When the caller stops waiting; work not started by then is skipped.
+    pub deadline: Instant,
+}
+
+impl actix::Message for Request {
+    type Result = Result<Reply, SessionError>;
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The creds, if stored.
+    Creds {
+        /// The client-encoded creds.
+        creds: Option<Bytes>,
+        /// The session's sequence.
+        seq: u64,
+    },
+    /// The keys found.
+    Keys {
+        /// Found ids and their values.
+        values: Vec<(KeyId, Bytes)>,
+        /// The session's sequence.
+        seq: u64,
+    },
+    /// A write was stored (or changed nothing).
+    Written {
+        /// The session's sequence after the write.
+        seq: u64,
+    },
+    /// The session summary.
+    Info(SessionInfo),
+}
+
+/// Why a request failed, grouped by what the caller should do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    /// The request breaks a rule; nothing was applied. Do not retry.
+    #[error(transparent)]
+    Rejected(#[from] DomainError),
+    /// The event is too large for the log. Do not retry.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Another writer kept changing the session; nothing was applied. Retry.
+    #[error("another writer changed the session at the same time")]
+    Conflict,
+    /// The log is unreachable; nothing was acknowledged. Retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The deadline passed. Retry with the same request id.
+    #[error("the request's deadline passed")]
+    Timeout,
+    /// Stored data cannot be opened or decoded. Operator action needed.
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+impl From<LogError> for SessionError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Conflict { .. } => SessionError::Conflict,
+            LogError::TooLarge(m) => SessionError::TooLarge(m),
+            LogError::Unavailable(m) => SessionError::Unavailable(m),
+            e @ LogError::Unreadable { .. } => SessionError::Unreadable(e.to_string()),
+        }
+    }
+}
