@@ -9,6 +9,7 @@
 //! This crate only translates: subject and body in, [`bstore_session::Request`]
 //! out, and the reply or error back. Decisions live in the domain crate.
 
+pub mod client;
 mod codes;
 mod wire;
 
@@ -36,11 +37,14 @@ pub struct ApiConfig {
     pub max_request_bytes: usize,
     /// Queue group shared by every instance. Default `q`.
     pub queue_group: String,
+    /// Largest reply body; set at start-up from the server's `max_payload`.
+    #[serde(skip)]
+    pub max_reply_bytes: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { prefix: "bstore".into(), max_request_bytes: 4 << 20, queue_group: "q".into() }
+        Self { prefix: "bstore".into(), max_request_bytes: 4 << 20, queue_group: "q".into(), max_reply_bytes: usize::MAX }
     }
 }
 

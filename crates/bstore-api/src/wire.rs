@@ -180,15 +180,22 @@ pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, request: NatsRe
         sessions.call(req).await.map_err(|e| Refusal(ErrorCode::of(&e), e.to_string()))
     }
     .await;
-    let response = match &result {
-        Ok(reply) => Ok(encode_reply(reply).into()),
+    let result = result.and_then(|reply| {
+        let body = encode_reply(&reply);
+        if body.len() > cfg.max_reply_bytes {
+            return Err(Refusal(ErrorCode::TooLarge, format!("the reply would be {} bytes, over the server's limit of {}; ask for fewer ids", body.len(), cfg.max_reply_bytes)));
+        }
+        Ok(body)
+    });
+    let response = match result {
+        Ok(body) => Ok(body.into()),
         Err(Refusal(code, message)) => {
             if code.number() >= 500 {
                 tracing::warn!(%subject, code = code.number(), %message, "request failed");
             } else {
                 tracing::debug!(%subject, code = code.number(), %message, "request refused");
             }
-            Err(service_error(*code, message))
+            Err(service_error(code, &message))
         }
     };
     if let Err(e) = request.respond(response).await {

@@ -1,0 +1,306 @@
+// Baileys' own Signal code, run offline: several accounts and devices exchange real
+// 1:1 and group messages through whatever auth state store they are given. The
+// pieces are wired as makeWASocket wires them; the WhatsApp server's part (keeping
+// pre-key bundles, fanning stanzas out) is played by this file.
+import { randomBytes } from 'node:crypto'
+import {
+	addTransactionCapability,
+	type AuthenticationState,
+	type BinaryNode,
+	DEFAULT_CONNECTION_CONFIG,
+	decryptMessageNode,
+	encodeWAMessage,
+	getBinaryNodeChild,
+	getBinaryNodeChildren,
+	getNextPreKeysNode,
+	INITIAL_PREKEY_COUNT,
+	isPnUser,
+	makeCacheableSignalKeyStore,
+	parseAndInjectE2ESessions,
+	proto,
+	type SignalKeyStoreWithTransaction,
+	type SignalRepositoryWithLIDStore
+} from '@whiskeysockets/baileys'
+
+export interface AuthHandle {
+	state: AuthenticationState
+	saveCreds: () => Promise<void>
+}
+
+/** Opens (or reopens) the stored auth state of one device, e.g. `alice-1`. */
+export type OpenAuth = (device: string) => Promise<AuthHandle>
+
+export interface AccountSpec {
+	name: string
+	lidUser: string
+	pnUser: string
+	devices: number[]
+}
+
+/** Three accounts, one of them with two devices. */
+export const ACCOUNTS: AccountSpec[] = [
+	{ name: 'alice', lidUser: '100000000000001', pnUser: '15550001001', devices: [1, 2] },
+	{ name: 'bob', lidUser: '100000000000002', pnUser: '15550001002', devices: [1] },
+	{ name: 'carol', lidUser: '100000000000003', pnUser: '15550001003', devices: [3] }
+]
+
+export const GROUP = '120363000000000001@g.us'
+
+/** Collects what Baileys logs at warn and error (a failed decrypt is logged, not thrown). */
+export class RecordingLogger {
+	level = 'warn'
+	readonly problems: string[] = []
+	child() {
+		return this
+	}
+	trace() {}
+	debug() {}
+	info() {}
+	warn(obj: unknown, msg?: string) {
+		this.problems.push(`warn: ${msg ?? ''} ${describe(obj)}`)
+	}
+	error(obj: unknown, msg?: string) {
+		this.problems.push(`error: ${msg ?? ''} ${describe(obj)}`)
+	}
+}
+
+function describe(obj: unknown): string {
+	if (typeof obj === 'string') return obj
+	const err = (obj as { err?: unknown; error?: unknown })?.err ?? (obj as { error?: unknown })?.error
+	return err instanceof Error ? err.message : ''
+}
+
+export class Device {
+	readonly name: string
+	readonly lid: string
+	readonly pn: string
+	auth!: AuthHandle
+	keys!: SignalKeyStoreWithTransaction
+	repo!: SignalRepositoryWithLIDStore
+	/** Plaintexts this device decrypted, in order. */
+	readonly received: string[] = []
+
+	constructor(
+		readonly account: AccountSpec,
+		readonly deviceId: number
+	) {
+		this.name = `${account.name}-${deviceId}`
+		this.lid = `${account.lidUser}:${deviceId}@lid`
+		this.pn = `${account.pnUser}:${deviceId}@s.whatsapp.net`
+	}
+
+	/** Builds the key store stack and Signal repository as makeWASocket does. */
+	async open(openAuth: OpenAuth, logger: RecordingLogger): Promise<void> {
+		this.auth = await openAuth(this.name)
+		const { creds, keys } = this.auth.state
+		this.keys = addTransactionCapability(makeCacheableSignalKeyStore(keys, logger), logger, DEFAULT_CONNECTION_CONFIG.transactionOpts)
+		this.repo = DEFAULT_CONNECTION_CONFIG.makeSignalRepository({ creds, keys: this.keys }, logger)
+	}
+}
+
+interface Bundle {
+	registration: Uint8Array
+	identity: Uint8Array
+	signedPreKey: BinaryNode
+	preKeys: BinaryNode[]
+}
+
+interface Delivery {
+	to: Device
+	stanza: BinaryNode
+	expected: string
+}
+
+export class World {
+	readonly devices: Device[]
+	readonly logger = new RecordingLogger()
+	/** The server's pre-key bundles, by LID device jid. */
+	private readonly bundles = new Map<string, Bundle>()
+	readonly failures: string[] = []
+	delivered = 0
+	private seq = 0
+
+	constructor(private readonly openAuth: OpenAuth) {
+		this.devices = ACCOUNTS.flatMap((a) => a.devices.map((d) => new Device(a, d)))
+	}
+
+	device(name: string): Device {
+		const d = this.devices.find((x) => x.name === name)
+		if (!d) throw new Error(`no device ${name}`)
+		return d
+	}
+
+	/** Registers every device: creds, the first pre-key upload, device lists and a LID mapping. */
+	async setup(): Promise<void> {
+		for (const d of this.devices) {
+			await d.open(this.openAuth, this.logger)
+			const { creds } = d.auth.state
+			creds.me = { id: d.pn, lid: d.lid, name: d.account.name }
+			creds.registered = true
+			await this.uploadPreKeys(d)
+			// What usync stores for the other accounts.
+			const lists: Record<string, string[]> = {}
+			for (const a of ACCOUNTS) lists[a.lidUser] = a.devices.map(String)
+			await d.keys.set({ 'device-list': lists })
+		}
+		// Carol knows Alice by phone number; Baileys resolves it to Alice's LID.
+		const alice = ACCOUNTS[0]!
+		await this.device('carol-3').repo.lidMapping.storeLIDPNMappings([{ lid: `${alice.lidUser}@lid`, pn: `${alice.pnUser}@s.whatsapp.net` }])
+	}
+
+	/** As the socket's uploadPreKeys: generate in a transaction, save creds, hand the bundle to the server. */
+	private async uploadPreKeys(d: Device): Promise<void> {
+		const { creds } = d.auth.state
+		const node = await d.keys.transaction(async () => {
+			const { update, node } = await getNextPreKeysNode({ creds, keys: d.keys }, INITIAL_PREKEY_COUNT)
+			Object.assign(creds, update)
+			return node
+		}, creds.me!.id)
+		await d.auth.saveCreds()
+		const child = (tag: string) => getBinaryNodeChild(node, tag)!
+		this.bundles.set(d.lid, {
+			registration: child('registration').content as Uint8Array,
+			identity: child('identity').content as Uint8Array,
+			signedPreKey: child('skey'),
+			preKeys: getBinaryNodeChildren(child('list'), 'key')
+		})
+	}
+
+	/** Drops every in-process cache and reopens each device from its store, as a restarted bot would. */
+	async reopen(): Promise<void> {
+		for (const d of this.devices) await d.open(this.openAuth, this.logger)
+		// The LID mapping lives in the store; the repository's own cache starts empty.
+	}
+
+	/** What the socket's assertSessions does: fetch bundles for devices without a session and inject them. */
+	private async assertSessions(from: Device, jids: string[]): Promise<void> {
+		const users: BinaryNode[] = []
+		for (const jid of jids) {
+			if ((await from.repo.validateSession(jid)).exists) continue
+			const wireJid = isPnUser(jid) ? ((await from.repo.lidMapping.getLIDForPN(jid)) ?? jid) : jid
+			const bundle = this.bundles.get(wireJid)
+			if (!bundle) throw new Error(`no pre-key bundle for ${wireJid}`)
+			const preKey = bundle.preKeys.shift() // the server hands each pre-key out once
+			users.push({
+				tag: 'user',
+				attrs: { jid: wireJid },
+				content: [
+					{ tag: 'registration', attrs: {}, content: bundle.registration },
+					{ tag: 'identity', attrs: {}, content: bundle.identity },
+					bundle.signedPreKey,
+					...(preKey ? [preKey] : [])
+				]
+			})
+		}
+		if (users.length) await parseAndInjectE2ESessions({ tag: 'iq', attrs: {}, content: [{ tag: 'list', attrs: {}, content: users }] }, from.repo)
+	}
+
+	private stanzaId(): string {
+		return `3EB0${(++this.seq).toString(16).padStart(8, '0')}${randomBytes(4).toString('hex').toUpperCase()}`
+	}
+
+	/**
+	 * A 1:1 message to every device of `to`, plus a copy to the sender's other devices.
+	 * `viaPhoneNumber` addresses the recipient by PN, which Baileys maps to its LID session.
+	 */
+	async sendDirect(fromName: string, toAccount: string, text: string, viaPhoneNumber = false): Promise<void> {
+		const from = this.device(fromName)
+		const to = ACCOUNTS.find((a) => a.name === toAccount)!
+		const targets = this.devices.filter((d) => d.account === to || (d.account === from.account && d !== from))
+		const chat = viaPhoneNumber ? `${to.pnUser}@s.whatsapp.net` : `${to.lidUser}@lid`
+		const id = this.stanzaId()
+		const deliveries = await from.keys.transaction(async () => {
+			const jids = targets.map((d) => (viaPhoneNumber && d.account === to ? d.pn : d.lid))
+			await this.assertSessions(from, jids)
+			const out: Delivery[] = []
+			for (const [i, d] of targets.entries()) {
+				const own = d.account === from.account
+				const message: proto.IMessage = own ? { deviceSentMessage: { destinationJid: chat, message: { conversation: text } } } : { conversation: text }
+				const { type, ciphertext } = await from.repo.encryptMessage({ jid: jids[i]!, data: encodeWAMessage(message) })
+				const attrs: Record<string, string> = { id, from: from.lid, t: String(Math.floor(Date.now() / 1000)), type: 'text' }
+				if (own) attrs.recipient = `${to.lidUser}@lid`
+				out.push({ to: d, expected: text, stanza: { tag: 'message', attrs, content: [{ tag: 'enc', attrs: { v: '2', type }, content: ciphertext }] } })
+			}
+			return out
+		}, from.auth.state.creds.me!.id)
+		await this.deliver(deliveries)
+	}
+
+	/** A group message as relayMessage sends it: sender key, plus the distribution message to devices that lack it. */
+	async sendGroup(fromName: string, text: string): Promise<void> {
+		const from = this.device(fromName)
+		const members = this.devices.filter((d) => d !== from)
+		const id = this.stanzaId()
+		const deliveries = await from.keys.transaction(async () => {
+			const memory = (await from.keys.get('sender-key-memory', [GROUP]))[GROUP] ?? {}
+			const { ciphertext, senderKeyDistributionMessage } = await from.repo.encryptGroupMessage({
+				group: GROUP,
+				meId: from.lid,
+				data: encodeWAMessage({ conversation: text })
+			})
+			const needKey = members.filter((d) => !memory[d.lid])
+			const skdmNodes = new Map<Device, BinaryNode>()
+			if (needKey.length) {
+				await this.assertSessions(
+					from,
+					needKey.map((d) => d.lid)
+				)
+				for (const d of needKey) {
+					const data = encodeWAMessage({ senderKeyDistributionMessage: { groupId: GROUP, axolotlSenderKeyDistributionMessage: senderKeyDistributionMessage } })
+					const { type, ciphertext: c } = await from.repo.encryptMessage({ jid: d.lid, data })
+					skdmNodes.set(d, { tag: 'enc', attrs: { v: '2', type }, content: c })
+					memory[d.lid] = true
+				}
+			}
+			await from.keys.set({ 'sender-key-memory': { [GROUP]: memory } })
+			return members.map((d) => {
+				const skdm = skdmNodes.get(d)
+				const attrs = { id, from: GROUP, participant: from.lid, t: String(Math.floor(Date.now() / 1000)), type: 'text' }
+				const content: BinaryNode[] = [...(skdm ? [skdm] : []), { tag: 'enc', attrs: { v: '2', type: 'skmsg' }, content: ciphertext }]
+				return { to: d, expected: text, stanza: { tag: 'message', attrs, content } }
+			})
+		}, from.auth.state.creds.me!.id)
+		await this.deliver(deliveries)
+	}
+
+	/** Each recipient decrypts with Baileys' own decryptMessageNode, concurrently, as separate sockets would. */
+	private async deliver(deliveries: Delivery[]): Promise<void> {
+		await Promise.all(
+			deliveries.map(async ({ to, stanza, expected }) => {
+				const { fullMessage, decrypt } = decryptMessageNode(stanza, to.pn, to.lid, to.repo, this.logger)
+				await decrypt()
+				const text = fullMessage.message?.conversation
+				if (fullMessage.messageStubType === proto.WebMessageInfo.StubType.CIPHERTEXT || text !== expected) {
+					this.failures.push(`${to.name} got ${JSON.stringify(text)} (${fullMessage.messageStubParameters?.join(', ') ?? 'no error'}) for ${JSON.stringify(expected)}`)
+				}
+				if (text !== undefined && text !== null) to.received.push(text)
+				this.delivered++
+			})
+		)
+	}
+
+	/** The 1:1 part of one round: every pair talks, Carol addresses Alice by phone number. */
+	async directRound(round: number): Promise<void> {
+		await this.sendDirect('alice-1', 'bob', text(round, 'alice-1 to bob'))
+		await this.sendDirect('bob-1', 'alice', text(round, 'bob-1 to alice'))
+		await this.sendDirect('carol-3', 'alice', text(round, 'carol-3 to alice by PN'), true)
+		await this.sendDirect('alice-2', 'carol', text(round, 'alice-2 to carol'))
+		await this.sendDirect('bob-1', 'carol', text(round, 'bob-1 to carol'))
+	}
+
+	/** The group part of one round: every device sends once. */
+	async groupRound(round: number): Promise<void> {
+		for (const d of this.devices) await this.sendGroup(d.name, text(round, `${d.name} to the group`))
+	}
+
+	/** Plaintexts received, by device: the same script gives the same record on any store. */
+	transcript(): Record<string, string[]> {
+		return Object.fromEntries(this.devices.map((d) => [d.name, [...d.received]]))
+	}
+}
+
+/** Message texts of varied length, the same on every run. */
+function text(round: number, what: string): string {
+	const filler = 'lorem ipsum dolor sit amet '.repeat((round * 7 + what.length) % 9)
+	return `round ${round}: ${what}. ${filler}`.trim()
+}

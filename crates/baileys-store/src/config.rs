@@ -1,0 +1,256 @@
+//! The one typed configuration, loaded from an optional TOML file and
+//! overridden from the environment.
+//!
+//! Every field has a default, so no file is needed: with nothing configured
+//! the service starts its own nats-server under `data_dir` (see
+//! `config/default.toml`, which lists every setting with its default).
+//!
+//! Environment overrides: `BSTORE__<SECTION>__<FIELD>=value` sets any field
+//! (`BSTORE__SESSIONS__WORKERS=2`); values are read as TOML when they parse
+//! (numbers, booleans) and as strings otherwise. Shorthands for the common
+//! ones: `BSTORE_CONFIG` (file path), `BSTORE_DATA_DIR`, `BSTORE_NATS_URL`
+//! (comma-separated), `BSTORE_NATS_SERVER_BIN`, `BSTORE_KEYS`,
+//! `BSTORE_KEY_FILE`, `BSTORE_LOG` (filter), `BSTORE_LOG_FORMAT`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use bstore_api::ApiConfig;
+use bstore_domain::Limits;
+use bstore_log::LogConfig;
+use bstore_session::SessionConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything the service can be told.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded nats-server keeps its store and where a generated
+    /// sealing key is kept. Default `data`.
+    pub data_dir: PathBuf,
+    /// The NATS connection.
+    pub nats: NatsConfig,
+    /// The private nats-server started when `nats.urls` is empty.
+    pub embedded: EmbeddedConfig,
+    /// Sealing keys.
+    pub keys: KeysConfig,
+    /// The event stream.
+    pub stream: LogConfig,
+    /// The request API.
+    pub api: ApiConfig,
+    /// Session actors.
+    pub sessions: SessionConfig,
+    /// Per-request limits.
+    pub limits: Limits,
+    /// Logs.
+    pub telemetry: TelemetryConfig,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs. Empty (the default) starts the embedded server.
+    pub urls: Vec<String>,
+    /// Token for servers that require one. User and password can be given
+    /// in the URLs (`nats://user:pass@host:4222`).
+    pub token: Option<String>,
+}
+
+/// How durable an acknowledged write is on the embedded server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sync {
+    /// fsync on every write before it is acknowledged: nothing acknowledged
+    /// is lost in a power cut, at about a quarter of the write throughput.
+    Always,
+    /// nats-server's default, fsync every 2 minutes: acknowledged writes
+    /// survive a crash of the process, but a power cut or kernel crash can
+    /// lose up to the last 2 minutes.
+    #[default]
+    Interval,
+}
+
+/// The private nats-server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Path of the nats-server binary. Default: `.tools/nats/bin/nats-server`
+    /// under the working directory (where `scripts/setup` installs it), then
+    /// `PATH`.
+    pub server_bin: Option<PathBuf>,
+    /// Loopback port for clients (bots connect here); -1 picks a free one.
+    /// Default 4222.
+    pub port: i32,
+    /// Durability of acknowledged writes. Default `interval`.
+    pub sync: Sync,
+    /// The server's `max_payload` in bytes. Default 8 MiB.
+    pub max_payload: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self { server_bin: None, port: 4222, sync: Sync::Interval, max_payload: 8 << 20 }
+    }
+}
+
+/// Where sealing keys come from. Never from the repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Keys as `id:base64` entries, comma-separated. Prefer the `BSTORE_KEYS`
+    /// variable or a key file over writing keys into a config file.
+    pub keys: Option<String>,
+    /// A file of `id:base64` lines.
+    pub file: Option<PathBuf>,
+    /// The id that seals new data. Default: the highest id.
+    pub current: Option<u32>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An `EnvFilter` directive. Default `info`.
+    pub filter: String,
+    /// `pretty` (default) or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: LogFormat::Pretty }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Loads the file (if any) and applies the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment, for tests.
+    pub fn load_from(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let from_env = env.iter().find(|(k, _)| k == "BSTORE_CONFIG").map(|(_, v)| PathBuf::from(v));
+        let mut table = match file.map(Path::to_path_buf).or(from_env) {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                text.parse::<toml::Table>().with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in &env {
+            apply_env(&mut table, name, value)?;
+        }
+        let mut cfg: Config = table.try_into().context("invalid configuration")?;
+        if cfg.data_dir.as_os_str().is_empty() {
+            cfg.data_dir = PathBuf::from("data");
+        }
+        Ok(cfg)
+    }
+}
+
+fn apply_env(table: &mut toml::Table, name: &str, value: &str) -> anyhow::Result<()> {
+    let set = |table: &mut toml::Table, path: &[&str], v: toml::Value| {
+        let (last, parents) = path.split_last().expect("non-empty path");
+        let mut t = table;
+        for p in parents {
+            t = t.entry(*p).or_insert_with(|| toml::Value::Table(Default::default())).as_table_mut().expect("a section is a table");
+        }
+        t.insert((*last).to_owned(), v);
+    };
+    let s = |v: &str| toml::Value::String(v.to_owned());
+    match name {
+        "BSTORE_DATA_DIR" => set(table, &["data_dir"], s(value)),
+        "BSTORE_NATS_URL" => {
+            let urls = value.split(',').map(str::trim).filter(|u| !u.is_empty()).map(s).collect();
+            set(table, &["nats", "urls"], toml::Value::Array(urls));
+        }
+        "BSTORE_NATS_SERVER_BIN" => set(table, &["embedded", "server_bin"], s(value)),
+        "BSTORE_KEYS" => set(table, &["keys", "keys"], s(value)),
+        "BSTORE_KEY_FILE" => set(table, &["keys", "file"], s(value)),
+        "BSTORE_LOG" => set(table, &["telemetry", "filter"], s(value)),
+        "BSTORE_LOG_FORMAT" => set(table, &["telemetry", "format"], s(value)),
+        _ => {
+            let Some(rest) = name.strip_prefix("BSTORE__") else { return Ok(()) };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                anyhow::bail!("bad override variable {name}");
+            }
+            let parsed = format!("v = {value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| s(value));
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            set(table, &path, parsed);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn nothing_configured_means_embedded_defaults() {
+        let cfg = Config::load_from(None, env(&[])).unwrap();
+        assert!(cfg.nats.urls.is_empty());
+        assert_eq!(cfg.data_dir, PathBuf::from("data"));
+        assert_eq!(cfg.api.prefix, "bstore");
+        assert_eq!(cfg.embedded.port, 4222);
+    }
+
+    #[test]
+    fn environment_overrides_any_field() {
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("BSTORE_NATS_URL", "nats://127.0.0.1:1, nats://127.0.0.1:2"),
+                ("BSTORE__SESSIONS__WORKERS", "3"),
+                ("BSTORE__STREAM__STORAGE", "memory"),
+                ("BSTORE__EMBEDDED__SYNC", "always"),
+                ("BSTORE__API__PREFIX", "bots.v1"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.nats.urls, vec!["nats://127.0.0.1:1", "nats://127.0.0.1:2"]);
+        assert_eq!(cfg.sessions.workers, 3);
+        assert_eq!(cfg.stream.storage, bstore_log::Storage::Memory);
+        assert_eq!(cfg.embedded.sync, Sync::Always);
+        assert_eq!(cfg.api.prefix, "bots.v1");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_not_ignored() {
+        let err = Config::load_from(None, env(&[("BSTORE__SESSIONS__WORKRES", "3")])).unwrap_err();
+        assert!(format!("{err:#}").contains("workres"), "{err:#}");
+    }
+
+    #[test]
+    fn the_shipped_default_file_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
+        let from_file = Config::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(from_file, Config::load_from(None, env(&[])).unwrap());
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/example.toml");
+        Config::load_from(Some(&path), env(&[])).unwrap();
+    }
+}

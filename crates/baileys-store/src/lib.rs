@@ -1,0 +1,139 @@
+//! baileys-store: the service, put together.
+//!
+//! [`run`] takes a loaded [`Config`] and a shutdown future, as mini-redis's
+//! `server::run` does, so the binary, the tests and the benchmarks all start
+//! it the same way. `main.rs` only parses arguments, loads the config, sets
+//! up logging and passes a signal future.
+
+pub mod config;
+pub mod embedded;
+pub mod keys;
+pub mod telemetry;
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use bstore_codec::Codec;
+use bstore_log::EventLog;
+use bstore_session::Sessions;
+
+pub use config::Config;
+
+/// Headroom left under the server's `max_payload` for headers.
+const HEADER_ROOM: usize = 8 << 10;
+
+/// Runs the service until `shutdown` resolves. Must be called inside an actix
+/// system (`actix::System::new().block_on(run(..))`).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let embedded = if cfg.nats.urls.is_empty() {
+        let server = embedded::EmbeddedNats::start(&cfg.embedded, &cfg.data_dir.join("nats")).await?;
+        tracing::info!(url = %server.url, data_dir = %cfg.data_dir.display(), "started the embedded nats-server; bots connect here");
+        std::fs::write(cfg.data_dir.join("nats.url"), format!("{}\n", server.url))?;
+        Some(server)
+    } else {
+        None
+    };
+    let urls = match &embedded {
+        Some(server) => vec![server.url.clone()],
+        None => cfg.nats.urls.clone(),
+    };
+    let result = serve(cfg, urls, embedded.is_some(), shutdown).await;
+    if let Some(server) = embedded {
+        server.stop().await;
+    }
+    result
+}
+
+async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
+    tracing::info!(keys = ?keyring.ids(), current = keyring.current(), "sealing keyring loaded");
+    let client = connect(&cfg, &urls).await?;
+    let max_payload = client.server_info().max_payload;
+    if max_payload < cfg.api.max_request_bytes + HEADER_ROOM {
+        let lowered = max_payload.saturating_sub(HEADER_ROOM);
+        tracing::warn!(
+            max_payload,
+            configured = cfg.api.max_request_bytes,
+            lowered,
+            "the NATS server's max_payload is below the request limit; lowering the limit (set max_payload to 8MB on the server for Baileys' largest calls)"
+        );
+        cfg.api.max_request_bytes = lowered;
+    }
+    let log = EventLog::open(client.clone(), cfg.stream.clone(), Codec::new(keyring)).await.context("opening the event stream")?;
+    let sessions = Sessions::start(log, cfg.limits, cfg.sessions.clone());
+    let api = bstore_api::ApiConfig { max_reply_bytes: max_payload.saturating_sub(HEADER_ROOM), ..cfg.api.clone() };
+    bstore_api::serve(client.clone(), api, sessions, shutdown).await?;
+    // Replies already handed to the client are written out before exit.
+    let _ = client.flush().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn connect(cfg: &Config, urls: &[String]) -> anyhow::Result<async_nats::Client> {
+    let addrs = urls
+        .iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad NATS URL {u:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("baileys-store")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                other => tracing::info!(event = %other, "NATS event"),
+            }
+        });
+    if let Some(token) = &cfg.nats.token {
+        opts = opts.token(token.clone());
+    }
+    let client = opts.connect(addrs).await.context("connecting to NATS")?;
+    // With retry_on_initial_connect the client returns at once; wait for the
+    // first connection so that server_info() is real.
+    let start = std::time::Instant::now();
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            anyhow::bail!("could not reach NATS at {urls:?} within 30 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(client)
+}
+
+/// Prints a session's audit history as JSON lines: sequence, time, request
+/// id, and which keys were written or deleted — never a value.
+pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Result<()> {
+    use bstore_domain::Change;
+    let embedded = cfg.nats.urls.is_empty();
+    let urls = if embedded {
+        let file = cfg.data_dir.join("nats.url");
+        let url = std::fs::read_to_string(&file)
+            .with_context(|| format!("no NATS URL configured and no running embedded server ({} missing)", file.display()))?;
+        vec![url.trim().to_owned()]
+    } else {
+        cfg.nats.urls.clone()
+    };
+    let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
+    let client = connect(&cfg, &urls).await?;
+    let log = EventLog::open(client, cfg.stream.clone(), Codec::new(keyring)).await?;
+    log.replay(&key, 0, |seq, event| {
+        let mut line = serde_json::json!({ "seq": seq, "at_ms": event.at_ms, "kind": event.kind(), "rid": event.rid });
+        match &event.change {
+            Change::CredsPut { creds } => line["creds_bytes"] = creds.len().into(),
+            Change::KeysChanged { keys } => {
+                let mut types = serde_json::Map::new();
+                for (ty, ids) in keys {
+                    let set: Vec<&str> = ids.iter().filter(|(_, v)| v.is_some()).map(|(id, _)| id.as_str()).collect();
+                    let deleted: Vec<&str> = ids.iter().filter(|(_, v)| v.is_none()).map(|(id, _)| id.as_str()).collect();
+                    types.insert(ty.to_string(), serde_json::json!({ "set": set, "deleted": deleted }));
+                }
+                line["keys"] = types.into();
+            }
+            Change::SessionDeleted => {}
+        }
+        println!("{line}");
+    })
+    .await?;
+    Ok(())
+}

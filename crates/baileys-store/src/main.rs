@@ -1,0 +1,83 @@
+//! The `baileys-store` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use baileys_store::{Config, telemetry};
+use clap::{Parser, Subcommand};
+
+/// Auth-state store for fleets of Baileys bots.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Default: none, or $BSTORE_CONFIG.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve requests until SIGINT or SIGTERM. With no NATS URL configured it
+    /// starts its own nats-server under the data dir.
+    Serve,
+    /// Print a new random sealing key entry (`id:base64`) for BSTORE_KEYS or a key file.
+    GenKey {
+        /// The key id; use one higher than every key in use to rotate.
+        #[arg(long, default_value_t = 1)]
+        id: u32,
+    },
+    /// Print the audit history of one session as JSON lines: what changed, when, by which request (never the values).
+    History {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Session id.
+        #[arg(long)]
+        session: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baileys-store: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::GenKey { id } => {
+            println!("{}", bstore_codec::Keyring::format_entry(id, &bstore_codec::Keyring::generate_key()));
+            Ok(())
+        }
+        Cmd::Serve => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            actix::System::new().block_on(baileys_store::run(cfg, shutdown_signal()))
+        }
+        Cmd::History { tenant, session } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
+            actix::System::new().block_on(baileys_store::history(cfg, key))
+        }
+    }
+    .context("failed")
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,176 @@
+//! A Rust client of the protocol, used by the benchmarks, the tests and the
+//! command-line tools. It speaks only `docs/protocol.md`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use bstore_domain::SessionInfo;
+
+/// What a request can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The service answered with a coded error.
+    #[error("service error {code}: {message}")]
+    Service {
+        /// The stable code (`Nats-Service-Error-Code`).
+        code: u16,
+        /// The text (`Nats-Service-Error`).
+        message: String,
+    },
+    /// No reply in time.
+    #[error("no reply within the time-out")]
+    TimedOut,
+    /// No instance of the service is subscribed.
+    #[error("no responders: the service is not running")]
+    NoResponders,
+    /// Transport or decoding failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ClientError {
+    /// The service's code, if the service answered.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Self::Service { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// One session's handle.
+#[derive(Clone)]
+pub struct SessionClient {
+    nc: async_nats::Client,
+    base: String,
+    timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct KeysGetBody<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    ids: &'a [&'a str],
+}
+
+#[derive(Serialize)]
+struct KeysSetBody<'a> {
+    rid: &'a str,
+    data: &'a BTreeMap<String, BTreeMap<String, Option<ByteBuf>>>,
+}
+
+#[derive(Serialize)]
+struct CredsPutBody<'a> {
+    rid: &'a str,
+    creds: &'a serde_bytes::Bytes,
+}
+
+#[derive(Serialize)]
+struct RidBody<'a> {
+    rid: &'a str,
+}
+
+#[derive(Deserialize)]
+struct SeqReply {
+    seq: u64,
+}
+
+#[derive(Deserialize)]
+struct CredsReply {
+    creds: Option<ByteBuf>,
+}
+
+#[derive(Deserialize)]
+struct KeysReply {
+    values: HashMap<String, ByteBuf>,
+}
+
+/// Key changes for [`SessionClient::keys_set`]: type → id → value (`None` deletes).
+pub type KeyData = BTreeMap<String, BTreeMap<String, Option<ByteBuf>>>;
+
+impl SessionClient {
+    /// A client for `<prefix>.<tenant>.<session>.*`. Ids are not validated
+    /// here, so tests can send bad ones.
+    pub fn new(nc: async_nats::Client, prefix: &str, tenant: &str, session: &str) -> Self {
+        Self { nc, base: format!("{prefix}.{tenant}.{session}"), timeout: Duration::from_secs(10) }
+    }
+
+    /// Sets the per-request time-out.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends a raw body to `op` and returns the raw reply body.
+    pub async fn raw(&self, op: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
+        let subject = format!("{}.{op}", self.base);
+        let req = async_nats::Request::new().payload(body.into()).timeout(Some(self.timeout));
+        let msg = self.nc.send_request(subject, req).await.map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut,
+            async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders,
+            _ => ClientError::Other(e.to_string()),
+        })?;
+        if let Some(headers) = &msg.headers {
+            if let Some(code) = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE) {
+                let code = code.as_str().parse().unwrap_or(500);
+                let message = headers.get(async_nats::service::NATS_SERVICE_ERROR).map(|m| m.as_str().to_owned()).unwrap_or_default();
+                return Err(ClientError::Service { code, message });
+            }
+        }
+        Ok(msg.payload)
+    }
+
+    async fn call<T: for<'de> Deserialize<'de>>(&self, op: &str, body: &impl Serialize) -> Result<T, ClientError> {
+        let body = rmp_serde::to_vec_named(body).map_err(|e| ClientError::Other(e.to_string()))?;
+        let reply = self.raw(op, body).await?;
+        rmp_serde::from_slice(&reply).map_err(|e| ClientError::Other(format!("undecodable reply: {e}")))
+    }
+
+    /// `creds.get`.
+    pub async fn creds_get(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        let r: CredsReply = self.call("creds.get", &BTreeMap::<String, ()>::new()).await?;
+        Ok(r.creds.map(ByteBuf::into_vec))
+    }
+
+    /// `creds.put`; returns the sequence.
+    pub async fn creds_put(&self, rid: &str, creds: &[u8]) -> Result<u64, ClientError> {
+        let r: SeqReply = self.call("creds.put", &CredsPutBody { rid, creds: serde_bytes::Bytes::new(creds) }).await?;
+        Ok(r.seq)
+    }
+
+    /// `keys.get`: the found ids and their values.
+    pub async fn keys_get(&self, ty: &str, ids: &[&str]) -> Result<HashMap<String, Vec<u8>>, ClientError> {
+        let r: KeysReply = self.call("keys.get", &KeysGetBody { ty, ids }).await?;
+        Ok(r.values.into_iter().map(|(k, v)| (k, v.into_vec())).collect())
+    }
+
+    /// `keys.set`; returns the sequence.
+    pub async fn keys_set(&self, rid: &str, data: &KeyData) -> Result<u64, ClientError> {
+        let r: SeqReply = self.call("keys.set", &KeysSetBody { rid, data }).await?;
+        Ok(r.seq)
+    }
+
+    /// `session.delete`; returns the sequence.
+    pub async fn delete(&self, rid: &str) -> Result<u64, ClientError> {
+        let r: SeqReply = self.call("session.delete", &RidBody { rid }).await?;
+        Ok(r.seq)
+    }
+
+    /// `session.info`.
+    pub async fn info(&self) -> Result<SessionInfo, ClientError> {
+        self.call("session.info", &BTreeMap::<String, ()>::new()).await
+    }
+}
+
+/// Builds [`KeyData`] from `(type, id, value)` triples.
+pub fn key_data<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str, Option<&'a [u8]>)>) -> KeyData {
+    let mut data = KeyData::new();
+    for (ty, id, value) in entries {
+        data.entry(ty.to_owned()).or_default().insert(id.to_owned(), value.map(|v| ByteBuf::from(v.to_vec())));
+    }
+    data
+}
