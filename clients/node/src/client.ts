@@ -12,7 +12,7 @@ export interface StoreOptions {
 	prefix?: string
 	/** How long to wait for one reply, per attempt. Default 5000 ms. */
 	timeoutMs?: number
-	/** Extra attempts after a time-out, "no responders", 409, 503 or 504. Default 3. */
+	/** Extra attempts after a time-out, "no responders", 409, 503 or 504. Default 5 (about 3 s of pauses). */
 	retries?: number
 	/** First pause before a retry; doubles each time up to `maxRetryDelayMs`. Default 100 ms. */
 	retryDelayMs?: number
@@ -98,7 +98,7 @@ export class BaileysStoreClient {
 		}
 		this.subjectBase = `${prefix}.${options.tenant}.${options.session}`
 		this.timeoutMs = options.timeoutMs ?? 5000
-		this.retries = options.retries ?? 3
+		this.retries = options.retries ?? 5
 		this.retryDelayMs = options.retryDelayMs ?? 100
 		this.maxRetryDelayMs = options.maxRetryDelayMs ?? 2000
 		this.maxRequestBytes = options.maxRequestBytes ?? 4 * MiB
@@ -128,7 +128,7 @@ export class BaileysStoreClient {
 		if (unique.length === 0) return {}
 		const chunks: string[][] = []
 		for (let i = 0; i < unique.length; i += this.maxIdsPerGet) chunks.push(unique.slice(i, i + this.maxIdsPerGet))
-		const replies = await Promise.all(chunks.map((chunk) => this.request('keys.get', { type, ids: chunk })))
+		const replies = (await Promise.all(chunks.map((chunk) => this.getChunk(type, chunk)))).flat()
 		const out: Record<string, Uint8Array> = {}
 		for (const reply of replies) {
 			const values = reply.values
@@ -139,6 +139,18 @@ export class BaileysStoreClient {
 			}
 		}
 		return out
+	}
+
+	private async getChunk(type: string, ids: string[]): Promise<Record<string, unknown>[]> {
+		try {
+			return [await this.request('keys.get', { type, ids })]
+		} catch (err) {
+			// The service answers 413 when the values would not fit in one NATS message: ask for halves.
+			if (!(err instanceof BaileysStoreError && err.code === 413 && ids.length > 1)) throw err
+			const half = Math.ceil(ids.length / 2)
+			const parts = await Promise.all([this.getChunk(type, ids.slice(0, half)), this.getChunk(type, ids.slice(half))])
+			return parts.flat()
+		}
 	}
 
 	/** Writes and deletes (`null`) keys of any number of types in one atomic request. */

@@ -132,6 +132,17 @@ describe('request layer', () => {
 		await rejectsWith(new BaileysStoreClient(fakeNats([{ error: 'x' }]).nc, opts).getCreds(), 'BAD_REPLY')
 	})
 
+	it('asks for halves when the reply would be too large (413)', async () => {
+		const { nc, sent } = fakeNats((s) =>
+			s.body.ids.length > 2 ? { error: 413, message: 'reply too large' } : { values: Object.fromEntries(s.body.ids.map((id: string) => [id, new Uint8Array([1])])), seq: 1 }
+		)
+		const got = await new BaileysStoreClient(nc, opts).getKeys('app-state-sync-version', ['a', 'b', 'c', 'd', 'e'])
+		assert.deepEqual(Object.keys(got).sort(), ['a', 'b', 'c', 'd', 'e'])
+		assert.deepEqual(sent.map((s) => s.body.ids.length), [5, 3, 2, 2, 1])
+		const one = fakeNats([{ error: 413 }])
+		await rejectsWith(new BaileysStoreClient(one.nc, opts).getKeys('session', ['a.0']), 413)
+	})
+
 	it('splits large gets and sends no request for nothing', async () => {
 		const { nc, sent } = fakeNats((s) => ({ values: Object.fromEntries(s.body.ids.map((id: string) => [id, new Uint8Array([1])])), seq: 1 }))
 		const store = new BaileysStoreClient(nc, { ...opts, maxIdsPerGet: 2 })

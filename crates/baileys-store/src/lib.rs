@@ -64,7 +64,7 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     let api = bstore_api::ApiConfig { max_reply_bytes: max_payload.saturating_sub(HEADER_ROOM), ..cfg.api.clone() };
     bstore_api::serve(client.clone(), api, sessions, shutdown).await?;
     // Replies already handed to the client are written out before exit.
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -107,7 +107,17 @@ impl SessionClient {
 
     /// Sends a raw body to `op` and returns the raw reply body.
     pub async fn raw(&self, op: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
-        let subject = format!("{}.{op}", self.base);
+        self.send(format!("{}.{op}", self.base), body).await
+    }
+
+    /// Sends an empty request to `<prefix>.<tail>`, whatever the tail holds;
+    /// for tests of malformed subjects.
+    pub async fn raw_subject(&self, tail: &str) -> Result<Bytes, ClientError> {
+        let prefix = self.base.rsplitn(3, '.').nth(2).unwrap_or_default();
+        self.send(format!("{prefix}.{tail}"), Vec::new()).await
+    }
+
+    async fn send(&self, subject: String, body: Vec<u8>) -> Result<Bytes, ClientError> {
         let req = async_nats::Request::new().payload(body.into()).timeout(Some(self.timeout));
         let msg = self.nc.send_request(subject, req).await.map_err(|e| match e.kind() {
             async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut,

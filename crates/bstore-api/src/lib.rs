@@ -90,9 +90,12 @@ pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Session
         }
     }
     tracing::info!(in_flight = in_flight.len(), "shutting down: no new requests, finishing those in flight");
-    let _ = endpoint.stop().await;
-    while in_flight.join_next().await.is_some() {}
-    let _ = service.stop().await;
+    // Each step is bounded: with NATS unreachable, unsubscribing or a reply
+    // can wait forever, and a shutdown must not.
+    let bounded = |secs| std::time::Duration::from_secs(secs);
+    let _ = tokio::time::timeout(bounded(2), endpoint.stop()).await;
+    let _ = tokio::time::timeout(bounded(15), async { while in_flight.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(bounded(2), service.stop()).await;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 // Starts a real nats-server (JetStream) and the baileys-store service for tests and the benchmark.
 import { type ChildProcess, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { delimiter, dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -67,7 +67,8 @@ export class NatsServer {
 		const child = spawn(
 			findNatsServer(),
 			['-c', join(dir, 'nats.conf'), '-js', '-a', '127.0.0.1', '-p', '-1', '-m', '-1', '-sd', join(dir, 'js'), '--ports_file_dir', dir],
-			{ stdio: ['ignore', 'ignore', 'inherit'] }
+			// Its log goes to a file: the test runner's output stays readable.
+			{ stdio: ['ignore', 'ignore', openSync(join(dir, 'nats.log'), 'a')] }
 		)
 		const portsFile = join(dir, `nats-server_${child.pid}.ports`)
 		const ports = await waitFor('nats-server ports file', 10_000, async () =>
@@ -78,6 +79,11 @@ export class NatsServer {
 			return res.ok ? true : undefined
 		})
 		return new NatsServer(ports.nats[0]!, child, dir)
+	}
+
+	/** CPU seconds the nats-server process has used. */
+	cpuSeconds(): number {
+		return this.child.pid ? procCpuSeconds(this.child.pid) : 0
 	}
 
 	connect(): Promise<NatsConnection> {
@@ -144,20 +150,24 @@ export class Service {
 		this.child = undefined
 	}
 
-	/** CPU seconds (user + system) the running service process has used, from /proc/<pid>/stat. */
+	/** CPU seconds the running service process has used. */
 	cpuSeconds(): number {
-		if (!this.child?.pid) return 0
-		const stat = readFileSync(`/proc/${this.child.pid}/stat`, 'utf8')
-		// Fields after the command name, which is in parentheses and may hold spaces.
-		const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-		const ticksPerSecond = 100 // USER_HZ on Linux
-		return (Number(fields[11]) + Number(fields[12])) / ticksPerSecond
+		return this.child?.pid ? procCpuSeconds(this.child.pid) : 0
 	}
 
 	async dispose(): Promise<void> {
 		await this.stop()
 		rmSync(this.dataDir, { recursive: true, force: true })
 	}
+}
+
+/** CPU seconds (user + system) a process has used, from /proc/<pid>/stat. */
+export function procCpuSeconds(pid: number): number {
+	const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+	// Fields after the command name, which is in parentheses and may hold spaces: utime and stime are 14 and 15.
+	const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+	const ticksPerSecond = 100 // USER_HZ on Linux
+	return (Number(fields[11]) + Number(fields[12])) / ticksPerSecond
 }
 
 /** A fresh temporary directory, e.g. for useMultiFileAuthState. */

@@ -117,6 +117,8 @@ export class World {
 	/** The server's pre-key bundles, by LID device jid. */
 	private readonly bundles = new Map<string, Bundle>()
 	readonly failures: string[] = []
+	/** Messages sent, and messages decrypted by a recipient device. */
+	sent = 0
 	delivered = 0
 	private seq = 0
 
@@ -209,6 +211,7 @@ export class World {
 		const targets = this.devices.filter((d) => d.account === to || (d.account === from.account && d !== from))
 		const chat = viaPhoneNumber ? `${to.pnUser}@s.whatsapp.net` : `${to.lidUser}@lid`
 		const id = this.stanzaId()
+		this.sent++
 		const deliveries = await from.keys.transaction(async () => {
 			const jids = targets.map((d) => (viaPhoneNumber && d.account === to ? d.pn : d.lid))
 			await this.assertSessions(from, jids)
@@ -231,6 +234,7 @@ export class World {
 		const from = this.device(fromName)
 		const members = this.devices.filter((d) => d !== from)
 		const id = this.stanzaId()
+		this.sent++
 		const deliveries = await from.keys.transaction(async () => {
 			const memory = (await from.keys.get('sender-key-memory', [GROUP]))[GROUP] ?? {}
 			const { ciphertext, senderKeyDistributionMessage } = await from.repo.encryptGroupMessage({

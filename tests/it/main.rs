@@ -1,0 +1,7 @@
+//! The one integration-test binary. Every test here runs against real
+//! servers started by `bstore-testkit` and the real `baileys-store` binary.
+
+mod bad_input;
+mod faults;
+mod harness;
+mod spine;

@@ -1,0 +1,149 @@
+//! The spine end to end: keys.set over NATS to a session actor, one event in
+//! JetStream, served back by keys.get, surviving restarts.
+
+use bstore_api::client::{SessionClient, key_data};
+use bstore_testkit::{ServiceProcess, TempDir, wait_for};
+
+use crate::harness::{Stack, connect, rid, service_bin};
+
+#[tokio::test]
+async fn keys_set_then_get_returns_the_bytes_written_across_types() {
+    let stack = Stack::start().await;
+    let s = stack.session("acme", "bot-1");
+    let session_record = vec![7u8; 3000];
+    let seq = s
+        .keys_set(&rid(), &key_data([
+            ("pre-key", "1", Some(&b"\x00\x01pk1"[..])),
+            ("pre-key", "2", Some(&b"pk2"[..])),
+            ("session", "123.0", Some(&session_record[..])),
+            ("future-type", "x", Some(&b"unknown types round-trip"[..])),
+        ]))
+        .await
+        .unwrap();
+    assert!(seq > 0);
+
+    let got = s.keys_get("pre-key", &["1", "2", "3"]).await.unwrap();
+    assert_eq!(got.len(), 2, "missing ids are left out");
+    assert_eq!(got["1"], b"\x00\x01pk1");
+    assert_eq!(s.keys_get("session", &["123.0"]).await.unwrap()["123.0"], session_record);
+    assert_eq!(s.keys_get("future-type", &["x"]).await.unwrap()["x"], b"unknown types round-trip");
+
+    // One call with a delete and a write applies both.
+    s.keys_set(&rid(), &key_data([("pre-key", "1", None), ("pre-key", "4", Some(&b"pk4"[..]))])).await.unwrap();
+    let got = s.keys_get("pre-key", &["1", "2", "4"]).await.unwrap();
+    assert_eq!(got.keys().map(String::as_str).collect::<std::collections::BTreeSet<_>>(), ["2", "4"].into());
+
+    let info = s.info().await.unwrap();
+    assert_eq!(info.keys["pre-key"], 2);
+    assert_eq!(info.keys["session"], 1);
+    assert_eq!(info.events, 2, "two keys.set calls, two events");
+    assert!(!info.creds);
+}
+
+#[tokio::test]
+async fn creds_round_trip_and_delete_forgets_the_session() {
+    let stack = Stack::start().await;
+    let s = stack.session("acme", "bot-2");
+    assert_eq!(s.creds_get().await.unwrap(), None);
+    s.creds_put(&rid(), b"creds v1").await.unwrap();
+    s.creds_put(&rid(), b"creds v2").await.unwrap();
+    assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"creds v2"[..]));
+    s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"x"[..]))])).await.unwrap();
+    s.delete(&rid()).await.unwrap();
+    assert_eq!(s.creds_get().await.unwrap(), None);
+    assert!(s.keys_get("pre-key", &["1"]).await.unwrap().is_empty());
+    assert!(!s.info().await.unwrap().exists);
+    // Another session of the same tenant was never touched.
+    assert_eq!(stack.session("acme", "bot-3").creds_get().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_retried_request_id_is_applied_once() {
+    let stack = Stack::start().await;
+    let s = stack.session("t", "s");
+    let id = rid();
+    let first = s.keys_set(&id, &key_data([("pre-key", "1", Some(&b"a"[..]))])).await.unwrap();
+    // A different write under the same id is a retry of the first, not a new write.
+    let again = s.keys_set(&id, &key_data([("pre-key", "1", Some(&b"b"[..]))])).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(s.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"a");
+    assert_eq!(s.info().await.unwrap().events, 1);
+}
+
+#[tokio::test]
+async fn state_survives_a_service_restart() {
+    let mut stack = Stack::start().await;
+    let s = stack.session("t", "restart");
+    s.creds_put(&rid(), b"creds").await.unwrap();
+    s.keys_set(&rid(), &key_data([("sender-key", "g@g.us::u::0", Some(&[9u8; 28_000][..]))])).await.unwrap();
+    stack.service.restart();
+    assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"creds"[..]));
+    assert_eq!(s.keys_get("sender-key", &["g@g.us::u::0"]).await.unwrap()["g@g.us::u::0"], vec![9u8; 28_000]);
+}
+
+#[tokio::test]
+async fn a_large_baileys_call_fits() {
+    // 812 pre-keys in one call, as Baileys v7 uploads them, and a 1.3 MB
+    // app-state version.
+    let stack = Stack::start().await;
+    let s = stack.session("t", "big");
+    let ids: Vec<String> = (1..=812).map(|i| i.to_string()).collect();
+    let value = vec![1u8; 160];
+    let big = vec![2u8; 1_300_000];
+    let mut entries: Vec<(&str, &str, Option<&[u8]>)> = ids.iter().map(|i| ("pre-key", i.as_str(), Some(&value[..]))).collect();
+    entries.push(("app-state-sync-version", "regular_high", Some(&big[..])));
+    s.keys_set(&rid(), &key_data(entries)).await.unwrap();
+    let all: Vec<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(s.keys_get("pre-key", &all).await.unwrap().len(), 812);
+    assert_eq!(s.keys_get("app-state-sync-version", &["regular_high"]).await.unwrap()["regular_high"].len(), 1_300_000);
+}
+
+#[tokio::test]
+async fn the_micro_service_answers_ping_and_stats() {
+    let stack = Stack::start().await;
+    stack.session("t", "s").info().await.unwrap();
+    let ping = stack.nc.request("$SRV.PING.baileys-store", "".into()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "baileys-store");
+    let stats = stack.nc.request("$SRV.STATS.baileys-store", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[tokio::test]
+async fn with_no_configuration_it_runs_its_own_nats_server_and_keeps_data_across_restarts() {
+    let dir = TempDir::new("embedded");
+    let data = dir.path().join("data");
+    let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
+    let env = [("BSTORE_DATA_DIR", data.to_str().unwrap()), ("BSTORE__EMBEDDED__PORT", "-1"), ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap())];
+    let mut service = ServiceProcess::start(service_bin(), &env, &dir.path().join("logs"));
+    assert!(service.log_text().contains("GENERATED A NEW SEALING KEY"), "the generated key is announced");
+    let key_file = data.join("sealing.keys");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the key file is private to its owner");
+
+    let url = std::fs::read_to_string(data.join("nats.url")).unwrap();
+    let s = SessionClient::new(connect(url.trim()).await, "bstore", "t", "s");
+    s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"written"[..]))])).await.unwrap();
+
+    service.restart();
+    assert!(!service.log_text().split("serving requests").nth(1).unwrap().contains("GENERATED"), "the key is reused");
+    let url = wait_for(10, "nats.url", || std::fs::read_to_string(data.join("nats.url")).ok());
+    let s = SessionClient::new(connect(url.trim()).await, "bstore", "t", "s");
+    assert_eq!(s.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"written");
+}
+
+#[tokio::test]
+async fn external_servers_without_a_key_are_refused() {
+    let nats = bstore_testkit::NatsServer::start();
+    let dir = TempDir::new("nokey");
+    let out = std::process::Command::new(service_bin())
+        .arg("serve")
+        .env("BSTORE_NATS_URL", nats.url())
+        .env("BSTORE_DATA_DIR", dir.path())
+        .env_remove("BSTORE_KEYS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sealing key configured"), "{}", String::from_utf8_lossy(&out.stderr));
+}
