@@ -147,3 +147,19 @@ async fn external_servers_without_a_key_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sealing key configured"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_shipped_nats_server_configurations_are_valid() {
+    let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
+    let deploy = bstore_testkit::repo_root().join("deploy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(deploy).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "conf") {
+            let out = std::process::Command::new(&bin).arg("-c").arg(&path).arg("-t").output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4);
+}
