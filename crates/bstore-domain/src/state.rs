@@ -61,6 +61,38 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// Rebuilds a state from its parts, as a projection stored them: the
+    /// sequence it is current as of, the creds, every key, and the session's
+    /// metadata. The byte count is derived, not trusted. Empty key types are
+    /// dropped so the result equals the state the events would have built.
+    pub fn from_parts(
+        seq: u64,
+        creds: Option<Bytes>,
+        keys: impl IntoIterator<Item = (KeyType, KeyId, Bytes)>,
+        updated_at_ms: Option<u64>,
+        events: u64,
+    ) -> Self {
+        let mut map: HashMap<KeyType, HashMap<KeyId, Bytes>> = HashMap::new();
+        let mut bytes = creds.as_ref().map_or(0, |c| c.len() as u64);
+        for (ty, id, value) in keys {
+            bytes += value.len() as u64;
+            if let Some(old) = map.entry(ty).or_default().insert(id, value) {
+                bytes -= old.len() as u64;
+            }
+        }
+        Self { seq, creds, keys: map, bytes, updated_at_ms, events }
+    }
+
+    /// When the last event was decided (ms since the epoch), if any.
+    pub fn updated_at_ms(&self) -> Option<u64> {
+        self.updated_at_ms
+    }
+
+    /// Events applied since the session was last deleted or created.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
     /// The stream sequence of the last applied event.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -333,6 +365,22 @@ mod tests {
         let g = given(vec![Command::PutCreds { creds: b("c") }]);
         assert_eq!(g.when(Command::PutCreds { creds: b("c") }), Ok(None));
         assert!(g.when(Command::PutCreds { creds: b("d") }).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_state_rebuilt_from_its_parts_equals_the_original() {
+        let Given(s) = given(vec![
+            Command::PutCreds { creds: b("creds") },
+            Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("session", "u.1", Some("xyz"))]) },
+            Command::SetKeys { keys: set(&[("pre-key", "1", None), ("pre-key", "2", Some("bb"))]) },
+        ]);
+        let parts: Vec<_> = s.iter_keys().map(|(t, i, v)| (t.clone(), i.clone(), v.clone())).collect();
+        let rebuilt = SessionState::from_parts(s.seq(), s.creds().cloned(), parts, s.updated_at_ms(), s.events());
+        assert_eq!(rebuilt, s);
+        assert_eq!(rebuilt.info().bytes, 5 + 3 + 2);
+        let empty = SessionState::from_parts(7, None, Vec::new(), Some(1), 0);
+        assert!(!empty.info().exists);
+        assert_eq!(empty.seq(), 7);
     }
 
     #[test]
