@@ -163,3 +163,33 @@ fn the_shipped_nats_server_configurations_are_valid() {
     }
     assert!(checked >= 4);
 }
+
+#[tokio::test]
+async fn history_lists_every_change_in_order_without_values() {
+    let stack = Stack::start().await;
+    let s = stack.session("acme", "audited");
+    s.creds_put("r-creds", b"SECRET-CREDS").await.unwrap();
+    s.keys_set("r-keys", &key_data([("pre-key", "1", Some(&b"SECRET-KEY"[..])), ("pre-key", "2", Some(&b"x"[..]))])).await.unwrap();
+    s.keys_set("r-del", &key_data([("pre-key", "1", None)])).await.unwrap();
+    s.delete("r-logout").await.unwrap();
+
+    let out = std::process::Command::new(service_bin())
+        .args(["history", "--tenant", "acme", "--session", "audited"])
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", crate::harness::KEY1)
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("SECRET"), "history must not print values: {text}");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["creds_put", "keys_changed", "keys_changed", "session_deleted"]);
+    let rids: Vec<&str> = lines.iter().map(|l| l["rid"].as_str().unwrap()).collect();
+    assert_eq!(rids, ["r-creds", "r-keys", "r-del", "r-logout"]);
+    assert_eq!(lines[1]["keys"]["pre-key"]["set"], serde_json::json!(["1", "2"]));
+    assert_eq!(lines[2]["keys"]["pre-key"]["deleted"], serde_json::json!(["1"]));
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in log order: {seqs:?}");
+}
