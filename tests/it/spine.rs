@@ -193,3 +193,23 @@ async fn history_lists_every_change_in_order_without_values() {
     let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in log order: {seqs:?}");
 }
+
+#[tokio::test]
+async fn sessions_past_the_bound_and_idle_sessions_stop_and_come_back_intact() {
+    let mut stack = Stack::start_with(&[("BSTORE__SESSIONS__MAX_ACTIVE", "2"), ("BSTORE__SESSIONS__IDLE_TIMEOUT_SECS", "1")]).await;
+    let names = ["a", "b", "c", "d"];
+    for n in names {
+        stack.session("t", n).keys_set(&rid(), &key_data([("pre-key", "1", Some(n.as_bytes()))])).await.unwrap();
+    }
+    // Four sessions through a bound of two: the least recently used were stopped...
+    assert!(stack.service.log_text().contains("passivating least recently used session"));
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    assert!(stack.service.log_text().contains("stopping idle session"), "idle sessions stop");
+    // ...and every one of them reloads from the log with its data.
+    for n in names {
+        assert_eq!(stack.session("t", n).keys_get("pre-key", &["1"]).await.unwrap()["1"], n.as_bytes());
+    }
+    let status = stack.service.terminate().unwrap();
+    assert!(status.success(), "SIGTERM is a clean shutdown: {status}");
+    assert!(stack.service.log_text().contains("stopped"));
+}
