@@ -11,6 +11,7 @@
 
 pub mod client;
 mod codes;
+mod metrics;
 mod wire;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 pub use codes::ErrorCode;
+pub use metrics::Metrics;
 
 /// The service name announced on `$SRV.INFO`.
 pub const SERVICE_NAME: &str = "baileys-store";
@@ -56,9 +58,12 @@ pub struct StartError(String);
 /// Serves requests until `shutdown` resolves, then stops taking new ones and
 /// waits for those in flight to be answered.
 pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Sessions, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let for_stats = metrics.clone();
     let service = client
         .service_builder()
         .description("Baileys auth-state store: creds and Signal keys over an event log")
+        .stats_handler(move |_endpoint, _stats| for_stats.snapshot())
         .queue_group(&cfg.queue_group)
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
@@ -83,8 +88,8 @@ pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Session
             () = &mut shutdown => break,
             next = endpoint.next() => {
                 let Some(request) = next else { break };
-                let (cfg, sessions) = (cfg.clone(), sessions.clone());
-                in_flight.spawn(async move { wire::handle(&cfg, &sessions, request).await });
+                let (cfg, sessions, metrics) = (cfg.clone(), sessions.clone(), metrics.clone());
+                in_flight.spawn(async move { wire::handle(&cfg, &sessions, &metrics, request).await });
             }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }

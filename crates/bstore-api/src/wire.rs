@@ -9,10 +9,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::metrics::Metrics;
 use crate::{ApiConfig, ErrorCode, service_error};
 
 /// The ops of protocol version 1.
-const OPS: [&str; 6] = ["creds.get", "creds.put", "keys.get", "keys.set", "session.delete", "session.info"];
+pub(crate) const OPS: [&str; 6] = ["creds.get", "creds.put", "keys.get", "keys.set", "session.delete", "session.info"];
 
 /// A refused request: its code and a message for humans.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,10 +168,13 @@ pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
 }
 
 /// Answers one request.
-pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, request: NatsRequest) {
+pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, metrics: &Metrics, request: NatsRequest) {
+    let started = std::time::Instant::now();
     let subject = request.message.subject.as_str();
+    let mut known_op = None;
     let result = async {
         let (key, op) = parse_subject(&cfg.prefix, subject)?;
+        known_op = Some(op);
         let body = &request.message.payload;
         if body.len() > cfg.max_request_bytes {
             return Err(Refusal(ErrorCode::TooLarge, format!("body is {} bytes, over the limit of {}", body.len(), cfg.max_request_bytes)));
@@ -187,6 +191,7 @@ pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, request: NatsRe
         }
         Ok(body)
     });
+    metrics.record(known_op, result.as_ref().err().map(|r| r.0), started.elapsed());
     let response = match result {
         Ok(body) => Ok(body.into()),
         Err(Refusal(code, message)) => {
