@@ -10,6 +10,7 @@
 //! **Architecture invariant:** this crate depends on nothing that can block,
 //! allocate a socket or read a clock. Time is passed in by the caller.
 
+pub mod delta;
 mod error;
 mod event;
 mod ids;
