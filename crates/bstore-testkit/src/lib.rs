@@ -1,18 +1,23 @@
-//! Real servers for tests, started on free loopback ports with their own
+//! Real servers for tests (nats-server, redis-server, a MongoDB-compatible
+//! server, the service itself), started on free loopback ports with their own
 //! directories and removed on drop — the way async-nats's own tests run
 //! nats-server. Nothing here imitates a server.
 //!
 //! Binaries are found through environment variables first (set by
 //! `.ci/run`), then the project's `.tools/` folder, then `PATH`.
 
+mod mongo;
 mod nats;
 mod process;
+mod redis;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub use mongo::MongoServer;
 pub use nats::NatsServer;
 pub use process::ServiceProcess;
+pub use redis::RedisServer;
 
 /// A directory removed (with its contents) on drop.
 pub struct TempDir(PathBuf);
@@ -64,6 +69,13 @@ pub fn find_bin(env_var: &str, local: &str, name: &str) -> PathBuf {
         }
     }
     panic!("{name} not found: run scripts/setup (or set {env_var})");
+}
+
+/// A loopback port that was free a moment ago: bound to port 0, then
+/// released for the server to take.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener.local_addr().expect("local address").port()
 }
 
 /// Sends SIGTERM to a process.
