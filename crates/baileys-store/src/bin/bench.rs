@@ -1,59 +1,116 @@
 //! `bstore-bench`: request latency and throughput of baileys-store over NATS,
-//! beside the floors it is built on, measured in one run on one machine.
+//! beside the floors it is built on, measured in one run on one machine;
+//! then the capacity of a service process holding many sessions.
 //!
 //! With no `--nats-url` it starts everything itself: the service in this
-//! process (on its embedded nats-server, in a temporary data dir, in-memory
-//! stream unless `--file-storage`) and the clients on another thread. It is
-//! a benchmark, not a test: it prints figures and asserts nothing.
+//! process (on its embedded nats-server, in a temporary data dir) and the
+//! clients on another thread; a redis-server for the Redis floor; and, for
+//! the capacity section, `baileys-store serve` as its own process. It is a
+//! benchmark, not a test: it prints figures and asserts nothing.
+//! docs/benchmarks.md explains every row.
 //!
 //! ```text
-//! cargo run --release --bin bstore-bench -- --seconds 5 --concurrency 1,64
+//! cargo build --release --bin baileys-store --bin bstore-bench
+//! target/release/bstore-bench                          # about 4 minutes
+//! target/release/bstore-bench --sections capacity --capacity-sessions 1000,10000
 //! ```
+
+#[path = "bench/capacity.rs"]
+mod capacity;
+#[path = "bench/floors.rs"]
+mod floors;
+#[path = "bench/stats.rs"]
+mod stats;
+#[path = "bench/values.rs"]
+mod values;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use bstore_api::client::{SessionClient, key_data};
+use bstore_api::client::{KeyData, SessionClient, key_data};
 use clap::Parser;
 use futures_util::StreamExt;
+use serde_bytes::ByteBuf;
+
+use stats::{Outcome, closed_loop, open_loop, print_header, print_row};
+use values::{pre_key, sender_key_record, session_record, stamped};
 
 #[derive(Parser, Clone)]
-#[command(about = "Latency and throughput of keys.set / keys.get over NATS, with the floors beside them")]
+#[command(about = "Latency and throughput of keys.set / keys.get over NATS with the floors beside them, and capacity")]
 struct Args {
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 5.0)]
+    /// Sections to run: floors, latency, sizes, rate, capacity.
+    #[arg(long, value_delimiter = ',', default_value = "floors,latency,sizes,rate,capacity")]
+    sections: Vec<String>,
+    /// Seconds per closed-loop row.
+    #[arg(long, default_value_t = 1.5)]
     seconds: f64,
-    /// Concurrent clients, comma-separated; each client works on its own session.
-    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    /// Concurrent clients (closed loop), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
-    /// Bytes per value written (a Baileys session record is about 3 KB).
+    /// Numbers of sessions the requests are spread over, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,100,10000")]
+    sessions: Vec<usize>,
+    /// Bytes of a Signal session value (the latency section's value).
     #[arg(long, default_value_t = 3000)]
     value_bytes: usize,
-    /// Distinct key ids per session that writes rotate over.
-    #[arg(long, default_value_t = 50)]
+    /// Key ids per session that writes and reads rotate over.
+    #[arg(long, default_value_t = 4)]
     ids: usize,
-    /// Use a running service and its NATS instead of starting one.
+    /// Open-loop request rate per second (the rate section).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Seconds per open-loop row.
+    #[arg(long, default_value_t = 5.0)]
+    rate_seconds: f64,
+    /// Sessions of realistic size for the capacity section, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    capacity_sessions: Vec<usize>,
+    /// Cold-load samples per kind of session.
+    #[arg(long, default_value_t = 3)]
+    cold_samples: usize,
+    /// Group messages for the event-log bytes measurement.
+    #[arg(long, default_value_t = 20)]
+    group_messages: usize,
+    /// The service binary for the capacity section (default: next to this one).
+    #[arg(long)]
+    service_bin: Option<PathBuf>,
+    /// Use a running service and its NATS instead of starting one (latency sections only).
     #[arg(long)]
     nats_url: Option<String>,
-    /// Keep the started service's stream on disk rather than in memory.
+    /// Use a running Redis for the Redis floor instead of starting redis-server.
     #[arg(long)]
-    file_storage: bool,
+    redis_url: Option<String>,
+    /// The redis-server binary started for the Redis floor.
+    #[arg(long, default_value = "redis-server")]
+    redis_server_bin: String,
+    /// Keep the started service's stream (and the floor stream) in memory instead of on disk.
+    #[arg(long)]
+    memory_storage: bool,
+}
+
+impl Args {
+    fn has(&self, section: &str) -> bool {
+        self.sections.iter().any(|s| s == section)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scratch = std::env::temp_dir().join(format!("bstore-bench-{}", std::process::id()));
-    let (url, service) = match &args.nats_url {
-        Some(url) => (url.clone(), None),
-        None => {
-            let (url, handle) = start_service(&scratch, args.file_storage)?;
-            (url, Some(handle))
+    std::fs::create_dir_all(&scratch)?;
+    let needs_service = ["floors", "latency", "sizes", "rate"].iter().any(|s| args.has(s));
+    let (url, service) = match (&args.nats_url, needs_service) {
+        (Some(url), _) => (Some(url.clone()), None),
+        (None, true) => {
+            let (url, handle) = start_service(&scratch, args.memory_storage)?;
+            (Some(url), Some(handle))
         }
+        (None, false) => (None, None),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(bench(args, url));
+    let result = rt.block_on(bench(args, url, scratch.clone()));
     if let Some((stop, thread)) = service {
         let _ = stop.send(());
         let _ = thread.join();
@@ -66,13 +123,15 @@ type ServiceHandle = (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<
 
 /// Runs the service on its own thread (an actix system) on the embedded
 /// default, and returns the NATS URL it announced.
-fn start_service(dir: &std::path::Path, file_storage: bool) -> anyhow::Result<(String, ServiceHandle)> {
+fn start_service(dir: &std::path::Path, memory: bool) -> anyhow::Result<(String, ServiceHandle)> {
     let mut cfg = baileys_store::Config::load_from(None, Vec::new())?;
     cfg.data_dir = dir.to_path_buf();
     cfg.embedded.port = -1;
-    if !file_storage {
+    if memory {
         cfg.stream.storage = bstore_log::Storage::Memory;
     }
+    // Every session of the largest row stays resident.
+    cfg.sessions.max_active = 100_000;
     cfg.telemetry.filter = "warn".into();
     baileys_store::telemetry::init(&cfg.telemetry)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -96,74 +155,52 @@ fn start_service(dir: &std::path::Path, file_storage: bool) -> anyhow::Result<(S
     Ok((url, (stop, thread)))
 }
 
-async fn bench(args: Args, url: String) -> anyhow::Result<()> {
-    let nc = async_nats::connect(&url).await.context("connecting")?;
-    wait_for_service(&nc).await?;
-    let secs = Duration::from_secs_f64(args.seconds);
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map_or("?".into(), |s| s.trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    format!("{} CPUs ({model}), {:.1} GiB", std::thread::available_parallelism().map_or(1, |n| n.get()), mem_kib / 1048576.0)
+}
+
+fn rid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+async fn bench(args: Args, url: Option<String>, scratch: PathBuf) -> anyhow::Result<()> {
     println!("# baileys-store request benchmark");
-    println!("value {} B, {} ids per session, {:.1} s per row, {} CPUs", args.value_bytes, args.ids, args.seconds, std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!();
-    println!("{:<34} {:>5} {:>10} {:>10} {:>10} {:>10}", "operation", "conc", "p50 µs", "p99 µs", "p999 µs", "req/s");
-
-    // Floors first: what NATS itself costs on this machine in this run.
-    let echo = spawn_echo(&nc).await?;
-    let js = async_nats::jetstream::new(nc.clone());
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: "BENCH_FLOOR".into(),
-        subjects: vec!["bench-floor.>".into()],
-        storage: if args.file_storage { async_nats::jetstream::stream::StorageType::File } else { async_nats::jetstream::stream::StorageType::Memory },
-        ..Default::default()
-    })
-    .await?;
-    let payload = bytes::Bytes::from(vec![7u8; args.value_bytes]);
-    for &c in &args.concurrency {
-        let nc2 = nc.clone();
-        let p = payload.clone();
-        let r = run(c, secs, move |_, _| {
-            let (nc, p) = (nc2.clone(), p.clone());
-            async move { nc.request("bench-echo", p).await.map(|_| ()).map_err(|e| e.to_string()) }
-        })
-        .await;
-        print_row("floor: NATS request-reply", c, &r);
-        let js2 = js.clone();
-        let p = payload.clone();
-        let r = run(c, secs, move |client, _| {
-            let (js, p) = (js2.clone(), p.clone());
-            async move {
-                let ack = js.publish(format!("bench-floor.{client}"), p).await.map_err(|e| e.to_string())?;
-                ack.await.map(|_| ()).map_err(|e| e.to_string())
-            }
-        })
-        .await;
-        print_row("floor: JetStream publish + ack", c, &r);
+    println!("{}; {:.1} s per closed-loop row; stream storage: {}", machine(), args.seconds, if args.memory_storage { "memory" } else { "file" });
+    if let Some(url) = &url {
+        let nc = async_nats::connect(url).await.context("connecting")?;
+        wait_for_service(&nc).await?;
+        if args.has("floors") {
+            floors(&args, &nc, &scratch).await?;
+        }
+        if args.has("latency") {
+            latency(&args, &nc).await?;
+        }
+        if args.has("sizes") {
+            sizes(&args, &nc).await?;
+        }
+        if args.has("rate") {
+            rate(&args, &nc).await?;
+        }
     }
-    echo.abort();
-
-    let value = Arc::new(vec![3u8; args.value_bytes]);
-    for &c in &args.concurrency {
-        let sessions: Arc<Vec<SessionClient>> = Arc::new((0..c).map(|i| SessionClient::new(nc.clone(), "bstore", "bench", &format!("c{c}-s{i}"))).collect());
-        let ids = args.ids;
-        let (s2, v2) = (sessions.clone(), value.clone());
-        let set = run(c, secs, move |client, n| {
-            let (s, v) = (s2[client].clone(), v2.clone());
-            async move {
-                let id = format!("{}.0", n % ids);
-                let rid = uuid::Uuid::new_v4().simple().to_string();
-                s.keys_set(&rid, &key_data([("session", id.as_str(), Some(&v[..]))])).await.map(|_| ()).map_err(|e| e.to_string())
-            }
-        })
-        .await;
-        print_row("keys.set (1 value)", c, &set);
-        let s2 = sessions.clone();
-        let get = run(c, secs, move |client, n| {
-            let s = s2[client].clone();
-            async move {
-                let id = format!("{}.0", n % ids);
-                s.keys_get("session", &[id.as_str()]).await.map(|_| ()).map_err(|e| e.to_string())
-            }
-        })
-        .await;
-        print_row("keys.get (1 value)", c, &get);
+    if args.has("capacity") {
+        let bin = match &args.service_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?.with_file_name("baileys-store"),
+        };
+        if bin.exists() {
+            let cargs = capacity::CapacityArgs { service_bin: bin, sessions: args.capacity_sessions.clone(), cold_samples: args.cold_samples, group_messages: args.group_messages };
+            capacity::run(&cargs, &scratch).await?;
+        } else {
+            println!("\ncapacity: skipped, {} not found (cargo build --release --bin baileys-store)", bin.display());
+        }
     }
     Ok(())
 }
@@ -178,75 +215,246 @@ async fn wait_for_service(nc: &async_nats::Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn spawn_echo(nc: &async_nats::Client) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut sub = nc.subscribe("bench-echo").await?;
-    nc.flush().await?;
-    let nc = nc.clone();
-    Ok(tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                let _ = nc.publish(reply, m.payload).await;
+/// Bare NATS request-reply, bare JetStream publish + ack, bare Redis round trips.
+async fn floors(args: &Args, nc: &async_nats::Client, scratch: &std::path::Path) -> anyhow::Result<()> {
+    let secs = Duration::from_secs_f64(args.seconds);
+    println!();
+    println!("## floors ({} B payloads)", args.value_bytes);
+    print_header();
+    let echo = floors::spawn_echo(nc).await?;
+    let js = async_nats::jetstream::new(nc.clone());
+    let _ = js.delete_stream("BENCH_FLOOR").await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH_FLOOR".into(),
+        subjects: vec!["bench-floor.>".into()],
+        storage: if args.memory_storage { async_nats::jetstream::stream::StorageType::Memory } else { async_nats::jetstream::stream::StorageType::File },
+        ..Default::default()
+    })
+    .await?;
+    let redis_server = match &args.redis_url {
+        Some(_) => None,
+        None => match floors::RedisServer::start(&args.redis_server_bin, scratch) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                println!("(Redis floor skipped: {e:#})");
+                None
             }
-        }
-    }))
-}
-
-struct Outcome {
-    latencies: Vec<Duration>,
-    errors: usize,
-    elapsed: Duration,
-}
-
-/// Runs `c` closed-loop clients for `secs`; client `i` calls `op(i, n)` for
-/// its n-th request.
-async fn run<F, Fut>(c: usize, secs: Duration, op: F) -> Outcome
-where
-    F: Fn(usize, usize) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = Result<(), String>> + Send,
-{
-    let start = Instant::now();
-    let deadline = start + secs;
-    let mut tasks = Vec::new();
-    for client in 0..c {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errors, mut n) = (Vec::new(), 0usize, 0usize);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match op(client, n).await {
-                    Ok(()) => lat.push(t.elapsed()),
-                    Err(e) => {
-                        errors += 1;
-                        if errors == 1 {
-                            eprintln!("client {client}: {e}");
+        },
+    };
+    let redis_addr = args.redis_url.as_deref().map(floors::redis_addr).or_else(|| redis_server.as_ref().map(|r| r.addr.clone()));
+    let payload = bytes::Bytes::from(session_record(1, args.value_bytes));
+    for &c in &args.concurrency {
+        let cs = c.to_string();
+        let (nc2, p) = (nc.clone(), payload.clone());
+        let r = closed_loop(c, secs, move |_, _| {
+            let (nc, p) = (nc2.clone(), p.clone());
+            async move { nc.request("bench-echo", p).await.map(|_| ()).map_err(err) }
+        })
+        .await;
+        print_row("floor: NATS request-reply", &cs, "-", &r);
+        let (js2, p) = (js.clone(), payload.clone());
+        let r = closed_loop(c, secs, move |client, _| {
+            let (js, p) = (js2.clone(), p.clone());
+            async move {
+                let ack = js.publish(format!("bench-floor.{client}"), p).await.map_err(err)?;
+                ack.await.map(|_| ()).map_err(err)
+            }
+        })
+        .await;
+        print_row("floor: JetStream publish + ack", &cs, "-", &r);
+        if let Some(addr) = &redis_addr {
+            for (name, set) in [("floor: Redis PING round trip", false), ("floor: Redis SET round trip", true)] {
+                let mut conns = Vec::new();
+                for _ in 0..c {
+                    conns.push(Arc::new(tokio::sync::Mutex::new(floors::Resp::connect(addr).await?)));
+                }
+                let conns = Arc::new(conns);
+                let p = payload.clone();
+                let r = closed_loop(c, secs, move |client, n| {
+                    let (conns, p) = (conns.clone(), p.clone());
+                    async move {
+                        let mut conn = conns[client].lock().await;
+                        if set {
+                            let key = format!("bench:{client}:{}", n % 4);
+                            conn.call(&[b"SET", key.as_bytes(), &p]).await
+                        } else {
+                            conn.call(&[b"PING"]).await
                         }
                     }
-                }
-                n += 1;
+                })
+                .await;
+                print_row(name, &cs, "-", &r);
             }
-            (lat, errors)
-        }));
+        }
     }
-    let mut out = Outcome { latencies: Vec::new(), errors: 0, elapsed: Duration::ZERO };
-    for t in tasks {
-        let (lat, errors) = t.await.expect("client task");
-        out.latencies.extend(lat);
-        out.errors += errors;
-    }
-    out.elapsed = start.elapsed();
-    out.latencies.sort_unstable();
-    out
+    echo.abort();
+    let _ = js.delete_stream("BENCH_FLOOR").await;
+    drop(redis_server);
+    Ok(())
 }
 
-fn print_row(name: &str, c: usize, o: &Outcome) {
-    let pct = |p: f64| -> f64 {
-        if o.latencies.is_empty() {
-            return f64::NAN;
+/// Writes `ids` values of `template` into each of `n` sessions, untimed, so
+/// that reads find them and writes replace them.
+async fn prefill(sessions: &Arc<Vec<SessionClient>>, ty: &'static str, ids: &Arc<Vec<String>>, template: &Arc<Vec<u8>>) -> anyhow::Result<()> {
+    let failed = futures_util::stream::iter(0..sessions.len())
+        .map(|i| {
+            let (sessions, ids, template) = (sessions.clone(), ids.clone(), template.clone());
+            async move {
+                let mut data = KeyData::new();
+                let of = data.entry(ty.into()).or_default();
+                for (k, id) in ids.iter().enumerate() {
+                    of.insert(id.clone(), Some(ByteBuf::from(stamped(&template, (i * 1000 + k) as u64))));
+                }
+                sessions[i].keys_set(&rid(), &data).await
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    anyhow::ensure!(failed == 0, "{failed} sessions failed to fill");
+    Ok(())
+}
+
+fn clients(nc: &async_nats::Client, tenant: &str, n: usize) -> Arc<Vec<SessionClient>> {
+    Arc::new((0..n).map(|i| SessionClient::new(nc.clone(), "bstore", tenant, &format!("s{i}"))).collect())
+}
+
+/// One `keys.set` row and one `keys.get` row of `ty` values, closed loop.
+/// Request n of client i goes to session (i + n·c) mod S: every session is
+/// visited in turn, and with S ≥ c no two clients share a session at once.
+#[allow(clippy::too_many_arguments)]
+async fn set_get_rows(
+    label: &str,
+    secs: Duration,
+    c: usize,
+    sessions: &Arc<Vec<SessionClient>>,
+    ty: &'static str,
+    ids: &Arc<Vec<String>>,
+    template: &Arc<Vec<u8>>,
+    per_call: usize,
+) -> (Outcome, Outcome) {
+    let s_n = sessions.len();
+    let (s2, i2, t2) = (sessions.clone(), ids.clone(), template.clone());
+    let set = closed_loop(c, secs, move |client, n| {
+        let (s, ids, t) = (s2.clone(), i2.clone(), t2.clone());
+        async move {
+            let session = &s[(client + n * c) % s_n];
+            let mut data = KeyData::new();
+            let of = data.entry(ty.into()).or_default();
+            for k in 0..per_call {
+                let id = &ids[(n * per_call + k) % ids.len()];
+                of.insert(id.clone(), Some(ByteBuf::from(stamped(&t, (n * 1_000_003 + client * 7919 + k) as u64 + 1))));
+            }
+            session.keys_set(&rid(), &data).await.map(|_| ()).map_err(err)
         }
-        let i = ((o.latencies.len() as f64 * p).ceil() as usize).clamp(1, o.latencies.len()) - 1;
-        o.latencies[i].as_secs_f64() * 1e6
-    };
-    let rate = o.latencies.len() as f64 / o.elapsed.as_secs_f64();
-    let errors = if o.errors > 0 { format!("  ({} errors)", o.errors) } else { String::new() };
-    println!("{name:<34} {c:>5} {:>10.0} {:>10.0} {:>10.0} {rate:>10.0}{errors}", pct(0.50), pct(0.99), pct(0.999));
+    })
+    .await;
+    let (s2, i2) = (sessions.clone(), ids.clone());
+    let get = closed_loop(c, secs, move |client, n| {
+        let (s, ids) = (s2.clone(), i2.clone());
+        async move {
+            let session = &s[(client + n * c) % s_n];
+            let want: Vec<&str> = (0..per_call).map(|k| ids[(n * per_call + k) % ids.len()].as_str()).collect();
+            let got = session.keys_get(ty, &want).await.map_err(err)?;
+            if got.len() != want.len() {
+                return Err(format!("asked {} ids, got {}", want.len(), got.len()));
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let _ = label;
+    (set, get)
+}
+
+/// keys.set / keys.get of one 3 KB Signal session value, over 1, 100 and
+/// 10,000 sessions, at 1, 16 and 64 concurrent clients.
+async fn latency(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
+    let secs = Duration::from_secs_f64(args.seconds);
+    println!();
+    println!("## keys.set / keys.get of one {} B session value (closed loop; every write changes the value)", args.value_bytes);
+    print_header();
+    let template = Arc::new(session_record(2, args.value_bytes));
+    let ids: Arc<Vec<String>> = Arc::new((0..args.ids).map(|i| format!("{}.0", 100_000_000 + i)).collect());
+    for &s_n in &args.sessions {
+        let sessions = clients(nc, &format!("lat{s_n}"), s_n);
+        let t = Instant::now();
+        prefill(&sessions, "session", &ids, &template).await?;
+        eprintln!("filled {s_n} sessions in {:.1} s", t.elapsed().as_secs_f64());
+        for &c in &args.concurrency {
+            let (set, get) = set_get_rows("latency", secs, c, &sessions, "session", &ids, &template, 1).await;
+            print_row("keys.set (1 session value)", &c.to_string(), &s_n.to_string(), &set);
+            print_row("keys.get (1 session value)", &c.to_string(), &s_n.to_string(), &get);
+        }
+    }
+    Ok(())
+}
+
+/// Other value sizes from real traffic: sender keys at 28 KB and at the
+/// 446 KB plateau, and the first pre-key upload (812 values in one call).
+async fn sizes(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
+    let secs = Duration::from_secs_f64(args.seconds);
+    println!();
+    println!("## other sizes from Baileys traffic (100 sessions, closed loop)");
+    print_header();
+    let conc: Vec<usize> = args.concurrency.iter().copied().filter(|&c| c <= 16).collect();
+    let cases: [(&str, &'static str, Vec<u8>, usize, usize); 3] = [
+        ("sender-key 28 KB", "sender-key", sender_key_record(3, 28_000), 1, 4),
+        ("sender-key 446 KB", "sender-key", sender_key_record(4, 446_000), 1, 4),
+        ("pre-key x812 in one call (~69 KB)", "pre-key", pre_key(5), 812, 812),
+    ];
+    for (i, (label, ty, template, per_call, n_ids)) in cases.into_iter().enumerate() {
+        let sessions = clients(nc, &format!("size{i}"), 100);
+        let template = Arc::new(template);
+        let ids: Arc<Vec<String>> = Arc::new(if ty == "pre-key" {
+            (1..=n_ids).map(|i| i.to_string()).collect()
+        } else {
+            (0..n_ids).map(|i| format!("120363000000000001@g.us::10000000000000{i}::1")).collect()
+        });
+        prefill(&sessions, ty, &ids, &template).await?;
+        for &c in &conc {
+            let (set, get) = set_get_rows(label, secs, c, &sessions, ty, &ids, &template, per_call).await;
+            print_row(&format!("keys.set ({label})"), &c.to_string(), "100", &set);
+            print_row(&format!("keys.get ({label})"), &c.to_string(), "100", &get);
+        }
+    }
+    Ok(())
+}
+
+/// Open loop at a fixed rate: latency from the scheduled send time.
+async fn rate(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
+    let secs = Duration::from_secs_f64(args.rate_seconds);
+    println!();
+    println!("## open loop at {:.0} requests/s, {:.0} s per row, one {} B session value per request", args.rate, args.rate_seconds, args.value_bytes);
+    println!("latency from the scheduled send time (no coordinated omission); req/s is the rate achieved");
+    print_header();
+    let template = Arc::new(session_record(6, args.value_bytes));
+    let ids: Arc<Vec<String>> = Arc::new((0..args.ids).map(|i| format!("{}.0", 100_000_000 + i)).collect());
+    for &s_n in args.sessions.iter().filter(|&&s| s >= 100) {
+        let sessions = clients(nc, &format!("rate{s_n}"), s_n);
+        prefill(&sessions, "session", &ids, &template).await?;
+        let (s2, i2, t2) = (sessions.clone(), ids.clone(), template.clone());
+        let set = open_loop(args.rate, secs, move |k| {
+            let (s, ids, t) = (s2.clone(), i2.clone(), t2.clone());
+            async move {
+                let id = ids[(k / s_n) % ids.len()].as_str();
+                let v = stamped(&t, k as u64 + 1);
+                s[k % s_n].keys_set(&rid(), &key_data([("session", id, Some(&v[..]))])).await.map(|_| ()).map_err(err)
+            }
+        })
+        .await;
+        print_row("keys.set (open loop)", "-", &s_n.to_string(), &set);
+        let (s2, i2) = (sessions.clone(), ids.clone());
+        let get = open_loop(args.rate, secs, move |k| {
+            let (s, ids) = (s2.clone(), i2.clone());
+            async move {
+                let id = ids[(k / s_n) % ids.len()].as_str();
+                s[k % s_n].keys_get("session", &[id]).await.map(|_| ()).map_err(err)
+            }
+        })
+        .await;
+        print_row("keys.get (open loop)", "-", &s_n.to_string(), &get);
+    }
+    Ok(())
 }
