@@ -1,0 +1,270 @@
+//! The loop: pull a batch from the durable consumer, write it, then ack.
+//!
+//! Events are acknowledged only after Mongo accepted the whole batch and the
+//! checkpoint; while Mongo fails the batch is retried with a growing pause
+//! (and JetStream is told the events are still in progress), so nothing is
+//! skipped and the lag simply grows. An event redelivered after a lost ack
+//! is written again and changes nothing.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use bstore_codec::Codec;
+use bstore_domain::SessionKey;
+use bstore_log::LogConfig;
+use futures_util::StreamExt;
+
+use crate::store::{LoggedEvent, Store};
+use crate::{MongoConfig, MongoError};
+
+/// How far the materializer is behind the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    /// The stream's last sequence.
+    pub last_seq: u64,
+    /// Every event up to this sequence is applied and acknowledged (the
+    /// consumer's ack floor).
+    pub applied_seq: u64,
+}
+
+impl Lag {
+    /// Sequences not yet applied.
+    pub fn events(&self) -> u64 {
+        self.last_seq.saturating_sub(self.applied_seq)
+    }
+}
+
+/// Asks JetStream how far `consumer` is behind `stream`. Needs only NATS, so
+/// it answers while Mongo is down.
+pub async fn lag(js: &jetstream::Context, stream: &str, consumer: &str) -> Result<Lag, MongoError> {
+    let mut s = js.get_stream(stream).await.map_err(nats)?;
+    let last_seq = s.info().await.map_err(nats)?.state.last_sequence;
+    let applied_seq = match s.get_consumer::<consumer::pull::Config>(consumer).await {
+        Ok(mut c) => c.info().await.map_err(nats)?.ack_floor.stream_sequence,
+        Err(_) => 0,
+    };
+    Ok(Lag { last_seq, applied_seq })
+}
+
+/// The materializer. Run it with [`Materializer::run`]; ask its lag with
+/// [`Materializer::lag`].
+#[derive(Clone)]
+pub struct Materializer {
+    store: Store,
+    js: jetstream::Context,
+    log: LogConfig,
+    cfg: MongoConfig,
+    codec: Codec,
+    applied: Arc<AtomicU64>,
+}
+
+impl Materializer {
+    /// A materializer of the stream `log` describes into `store`.
+    pub fn new(client: async_nats::Client, log: LogConfig, cfg: MongoConfig, store: Store, codec: Codec) -> Self {
+        let mut js = jetstream::new(client);
+        js.set_timeout(log.request_timeout);
+        Self { store, js, log, cfg, codec, applied: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The Mongo side.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// How far behind the log it is.
+    pub async fn lag(&self) -> Result<Lag, MongoError> {
+        lag(&self.js, &self.log.stream, &self.cfg.consumer).await
+    }
+
+    /// The highest sequence this process has applied.
+    pub fn applied_seq(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Materializes until `shutdown` resolves. Mongo and NATS failures are
+    /// waited out, never returned.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = &mut shutdown => {}
+            _ = self.work(None) => {}
+        }
+        tracing::info!("materializer stopped");
+    }
+
+    /// Materializes until the lag is 0 once, then returns. For `rebuild`.
+    pub async fn drain(&self) -> Result<(), MongoError> {
+        self.work(Some(())).await
+    }
+
+    async fn work(&self, until_caught_up: Option<()>) -> Result<(), MongoError> {
+        let mut pause = Backoff::new(self.cfg.retry_max);
+        while let Err(e) = self.store.ensure_indexes().await {
+            tracing::warn!(error = %e, "creating the mongo indexes failed; retrying");
+            pause.wait().await;
+        }
+        let mut consumer = None;
+        let mut last_lag_log = Instant::now();
+        loop {
+            if last_lag_log.elapsed() >= self.cfg.lag_log_interval {
+                last_lag_log = Instant::now();
+                match self.lag().await {
+                    Ok(lag) => tracing::info!(lag = lag.events(), last_seq = lag.last_seq, applied_seq = lag.applied_seq, "materializer lag"),
+                    Err(e) => tracing::warn!(error = %e, "could not read the materializer lag"),
+                }
+            }
+            let c = match &consumer {
+                Some(c) => c,
+                None => match self.consumer().await {
+                    Ok(c) => consumer.insert(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach the event stream's consumer; retrying");
+                        pause.wait().await;
+                        continue;
+                    }
+                },
+            };
+            match self.step(c).await {
+                Ok(0) if until_caught_up.is_some() => {
+                    if self.lag().await?.events() == 0 {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => pause.reset(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fetching from the event stream failed; retrying");
+                    consumer = None;
+                    pause.wait().await;
+                }
+            }
+        }
+    }
+
+    /// The durable consumer, created when missing — from the checkpoint kept
+    /// in Mongo if there is one, so a lost consumer does not mean a replay of
+    /// the whole log.
+    async fn consumer(&self) -> Result<consumer::PullConsumer, MongoError> {
+        let stream = self.js.get_stream(&self.log.stream).await.map_err(nats)?;
+        if let Ok(c) = stream.get_consumer(&self.cfg.consumer).await {
+            return Ok(c);
+        }
+        let checkpoint = self.store.checkpoint(&self.cfg.consumer).await.unwrap_or(0);
+        let deliver_policy = match checkpoint {
+            0 => consumer::DeliverPolicy::All,
+            n => consumer::DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
+        };
+        tracing::info!(consumer = %self.cfg.consumer, from = checkpoint + 1, "creating the materializer's durable consumer");
+        let config = consumer::pull::Config {
+            durable_name: Some(self.cfg.consumer.clone()),
+            description: Some("baileys-store mongo materializer".into()),
+            filter_subject: format!("{}.>", self.log.subject_prefix),
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.cfg.ack_wait,
+            max_ack_pending: (self.cfg.batch_size.max(1) * 4) as i64,
+            max_batch: self.cfg.batch_size.max(1) as i64,
+            ..Default::default()
+        };
+        stream.get_or_create_consumer(&self.cfg.consumer, config).await.map_err(nats)
+    }
+
+    /// Fetches one batch, writes it (retrying until Mongo accepts it), and
+    /// acknowledges it. Returns how many messages came.
+    async fn step(&self, consumer: &consumer::PullConsumer) -> Result<usize, MongoError> {
+        let mut batch = consumer.batch().max_messages(self.cfg.batch_size.max(1)).expires(self.cfg.batch_wait).messages().await.map_err(nats)?;
+        let mut messages = Vec::new();
+        while let Some(m) = batch.next().await {
+            messages.push(m.map_err(nats)?);
+        }
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        let mut events = Vec::with_capacity(messages.len());
+        let mut good = Vec::with_capacity(messages.len());
+        for m in &messages {
+            match self.decode(m) {
+                Ok(e) => {
+                    events.push(e);
+                    good.push(m);
+                }
+                // Left unacknowledged: it comes back after the ack wait, the
+                // lag stays above 0, and the error repeats until an operator
+                // acts (a missing key in the keyring, typically).
+                Err(e) => tracing::error!(subject = %m.subject, error = %e, "cannot materialize an event; leaving it unacknowledged"),
+            }
+        }
+        let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+        let mut pause = Backoff::new(self.cfg.retry_max);
+        loop {
+            let written = async {
+                let applied = self.store.apply(&events).await?;
+                self.store.save_checkpoint(&self.cfg.consumer, max_seq).await?;
+                Ok::<_, MongoError>(applied)
+            }
+            .await;
+            match written {
+                Ok(applied) => {
+                    tracing::debug!(?applied, max_seq, "batch materialized");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, events = events.len(), "writing a batch to mongo failed; retrying");
+                    for m in &good {
+                        let _ = m.ack_with(AckKind::Progress).await;
+                    }
+                    pause.wait().await;
+                }
+            }
+        }
+        for m in good {
+            if let Err(e) = m.ack().await {
+                // The event will come again and change nothing.
+                tracing::debug!(error = %e, "ack lost");
+            }
+        }
+        self.applied.fetch_max(max_seq, Ordering::AcqRel);
+        Ok(messages.len())
+    }
+
+    fn decode(&self, m: &jetstream::Message) -> Result<LoggedEvent, MongoError> {
+        let seq = m.info().map_err(|e| MongoError::Unreadable(e.to_string()))?.stream_sequence;
+        let session = session_of(&self.log.subject_prefix, &m.subject)
+            .ok_or_else(|| MongoError::Unreadable(format!("subject {} names no session", m.subject)))?;
+        let event = self.codec.decode_event(&session, &m.payload).map_err(|e| MongoError::Unreadable(format!("event {seq} of {session}: {e}")))?;
+        Ok(LoggedEvent { seq, session, event })
+    }
+}
+
+/// The session a subject `<prefix>.<tenant>.<session>` belongs to.
+pub fn session_of(prefix: &str, subject: &str) -> Option<SessionKey> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (tenant, session) = rest.split_once('.')?;
+    SessionKey::parse(tenant, session).ok()
+}
+
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self { next: Duration::from_millis(100), max }
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+fn nats(e: impl std::fmt::Display) -> MongoError {
+    MongoError::Stream(e.to_string())
+}
