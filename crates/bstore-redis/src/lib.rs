@@ -186,21 +186,29 @@ impl RedisProjection {
     }
 
     /// Projects `event`, which the log stored at `after.seq()` right after
-    /// `prev`, leaving the session as `after`. Applies only when the hash is
-    /// exactly at `prev`.
+    /// `prev`, leaving the session as `after`: the keys the event touched
+    /// are written with their values in `after` (or deleted when absent).
+    /// Applies only when the hash is exactly at `prev`.
     pub async fn apply(&self, session: &SessionKey, prev: u64, after: &SessionState, event: &Event) -> Result<DeltaOutcome, RedisError> {
         let mut deleted: Vec<String> = Vec::new();
         let mut set: Vec<(String, Vec<u8>)> = Vec::new();
         let reset = match &event.change {
-            Change::CredsPut { creds } => {
-                set.push((CREDS.into(), self.codec.seal_value(session, None, creds)));
+            // Values are taken from the state after the event, not from the
+            // event, so the projection holds exactly what a load would see
+            // whatever form the event records a change in.
+            Change::CredsPut { .. } => {
+                if let Some(creds) = after.creds() {
+                    set.push((CREDS.into(), self.codec.seal_value(session, None, creds)));
+                }
                 false
             }
             Change::KeysChanged { keys } => {
                 for (ty, ids) in keys {
-                    for (id, value) in ids {
-                        match value {
-                            Some(v) => set.push((Self::field(ty, id), self.codec.seal_value(session, Some((ty, id)), v))),
+                    let values = after.get_keys(ty, ids.keys());
+                    let mut values = values.into_iter().peekable();
+                    for id in ids.keys() {
+                        match values.next_if(|(found, _)| found == id) {
+                            Some((_, v)) => set.push((Self::field(ty, id), self.codec.seal_value(session, Some((ty, id)), &v))),
                             None => deleted.push(Self::field(ty, id)),
                         }
                     }

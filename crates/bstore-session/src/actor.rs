@@ -1,4 +1,9 @@
 //! One session's actor.
+//!
+//! The state lives here between requests; a request moves it into its
+//! future, which loads it first if needed (see [`crate::load`]), and gives it
+//! back when done. After each append the log acknowledged, the actor hands
+//! the event to its [`Projector`], which updates Redis off the reply path.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -6,12 +11,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use bstore_domain::{Limits, SessionKey, SessionState};
 use bstore_log::{EventLog, LogError};
+use bstore_redis::RedisProjection;
 
+use crate::projector::Projector;
 use crate::{Op, Reply, Request, SessionConfig, SessionError};
 
-/// What every session actor shares: the log, the limits, the settings.
+/// What every session actor shares: the log, the Redis projection (if
+/// configured), the limits, the settings.
 pub(crate) struct Env {
     pub log: EventLog,
+    pub redis: Option<RedisProjection>,
     pub limits: Limits,
     pub cfg: SessionConfig,
 }
@@ -25,11 +34,14 @@ pub struct SessionActor {
     /// its future; the atomic response guarantees nobody looks meanwhile.
     state: Option<SessionState>,
     last_used: Instant,
+    /// The Redis projection queue, started with the actor when Redis is
+    /// configured.
+    projector: Option<Projector>,
 }
 
 impl SessionActor {
     pub(crate) fn new(key: SessionKey, env: Arc<Env>) -> Self {
-        Self { key, env, state: None, last_used: Instant::now() }
+        Self { key, env, state: None, last_used: Instant::now(), projector: None }
     }
 }
 
@@ -37,10 +49,21 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(redis) = &self.env.redis {
+            self.projector = Some(Projector::start(self.key.clone(), redis.clone()));
+            // A copy left behind by a Redis outage catches up even when no
+            // write comes to carry a snapshot.
+            ctx.run_interval(redis.config().catch_up_interval, |act, _| {
+                if let (Some(p), Some(st)) = (&act.projector, &act.state) {
+                    p.catch_up(st);
+                }
+            });
+        }
         let idle = self.env.cfg.idle_timeout();
         ctx.run_interval(idle / 4, move |act, ctx| {
             if act.last_used.elapsed() >= idle {
                 tracing::debug!(session = %act.key, "stopping idle session");
+                act.final_catch_up();
                 ctx.stop();
             }
         });
@@ -52,10 +75,21 @@ impl Actor for SessionActor {
 #[rtype(result = "()")]
 pub(crate) struct Passivate;
 
+impl SessionActor {
+    /// Last chance to bring a stale Redis copy up to date: the projection
+    /// task outlives the actor until its queue is drained.
+    fn final_catch_up(&self) {
+        if let (Some(p), Some(st)) = (&self.projector, &self.state) {
+            p.catch_up(st);
+        }
+    }
+}
+
 impl Handler<Passivate> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
+        self.final_catch_up();
         ctx.stop();
     }
 }
@@ -66,8 +100,8 @@ impl Handler<Request> for SessionActor {
     fn handle(&mut self, req: Request, _ctx: &mut Self::Context) -> Self::Result {
         self.last_used = Instant::now();
         let state = self.state.take();
-        let (env, key) = (self.env.clone(), self.key.clone());
-        let fut = async move { process(&env, &key, state, req).await };
+        let (env, key, projector) = (self.env.clone(), self.key.clone(), self.projector.clone());
+        let fut = async move { process(&env, &key, projector.as_ref(), state, req).await };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(state, reply), act, _| {
             act.state = state;
             act.last_used = Instant::now();
@@ -78,14 +112,20 @@ impl Handler<Request> for SessionActor {
 
 type Outcome = (Option<SessionState>, Result<Reply, SessionError>);
 
-async fn process(env: &Env, key: &SessionKey, state: Option<SessionState>, req: Request) -> Outcome {
+async fn process(env: &Env, key: &SessionKey, projector: Option<&Projector>, state: Option<SessionState>, req: Request) -> Outcome {
     if Instant::now() >= req.deadline {
         return (state, Err(SessionError::Timeout));
     }
     let mut st = match state {
         Some(st) => st,
-        None => match load(env, key).await {
-            Ok(st) => st,
+        None => match crate::load::load(&env.log, env.redis.as_ref(), key).await {
+            Ok(loaded) => {
+                tracing::debug!(session = %key, seq = loaded.state.seq(), source = ?loaded.source, "session loaded");
+                if let (Some(p), Some(mode)) = (projector, loaded.repair) {
+                    p.snapshot(&loaded.state, mode);
+                }
+                loaded.state
+            }
             Err(e) => return (None, Err(e)),
         },
     };
@@ -95,7 +135,7 @@ async fn process(env: &Env, key: &SessionKey, state: Option<SessionState>, req: 
             .map(|()| Reply::Keys { values: st.get_keys(&ty, &ids), seq: st.seq() })
             .map_err(SessionError::from),
         Op::Info => Ok(Reply::Info(st.info())),
-        Op::Write { cmd, rid } => write(env, key, &mut st, cmd, rid, req.deadline).await,
+        Op::Write { cmd, rid } => write(env, key, projector, &mut st, cmd, rid, req.deadline).await,
     };
     (Some(st), reply)
 }
@@ -107,6 +147,7 @@ async fn process(env: &Env, key: &SessionKey, state: Option<SessionState>, req: 
 async fn write(
     env: &Env,
     key: &SessionKey,
+    projector: Option<&Projector>,
     st: &mut SessionState,
     cmd: bstore_domain::Command,
     rid: Option<String>,
@@ -126,7 +167,11 @@ async fn write(
                 return Ok(Reply::Written { seq: appended.seq });
             }
             Ok(appended) => {
+                let prev = st.seq();
                 st.apply(appended.seq, &event);
+                if let Some(p) = projector {
+                    p.after_write(prev, st, &event);
+                }
                 return Ok(Reply::Written { seq: appended.seq });
             }
             Err(LogError::Conflict { expected }) => {
@@ -140,13 +185,6 @@ async fn write(
         }
     }
     Err(SessionError::Conflict)
-}
-
-async fn load(env: &Env, key: &SessionKey) -> Result<SessionState, SessionError> {
-    let mut st = SessionState::default();
-    catch_up(env, key, &mut st).await?;
-    tracing::debug!(session = %key, seq = st.seq(), "session loaded");
-    Ok(st)
 }
 
 /// Applies every event after the state's sequence.

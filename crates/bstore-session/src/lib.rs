@@ -11,11 +11,18 @@
 //! one that stopped. Actors stop themselves after an idle time; the log keeps
 //! everything, so stopping loses nothing.
 //!
+//! With Redis configured, a session loads from its Redis copy plus the log's
+//! tail ([`load`]), and each actor projects its writes into Redis through a
+//! queue of its own, off the reply path: a Redis outage slows cold loads by
+//! at most the Redis time-out and never fails or delays a write.
+//!
 //! **Architecture invariant:** a write is acknowledged only after the log
 //! acknowledged its event, and the state in memory changes only by applying
 //! an event the log stored.
 
 mod actor;
+pub mod load;
+mod projector;
 mod registry;
 
 use std::time::{Duration, Instant};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bstore_domain::{Limits, SessionKey};
 use bstore_log::EventLog;
+use bstore_redis::RedisProjection;
 
 use crate::actor::{Env, Passivate, SessionActor};
 use crate::{Reply, Request, SessionConfig, SessionError};
@@ -143,12 +144,18 @@ pub struct Sessions {
 impl Sessions {
     /// Starts the registry and its arbiters. Must run inside an actix system.
     pub fn start(log: EventLog, limits: Limits, cfg: SessionConfig) -> Self {
+        Self::start_with(log, None, limits, cfg)
+    }
+
+    /// Like [`Sessions::start`], with sessions loading from and projecting
+    /// into `redis` when it is given.
+    pub fn start_with(log: EventLog, redis: Option<RedisProjection>, limits: Limits, cfg: SessionConfig) -> Self {
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
         let timeout = cfg.request_timeout();
-        let env = Arc::new(Env { log, limits, cfg });
+        let env = Arc::new(Env { log, redis, limits, cfg });
         let arbiters = (0..workers).map(|_| Arbiter::new()).collect();
         let registry = Registry { env, actors: HashMap::new(), lru: BTreeMap::new(), tick: 0, arbiters, next_arbiter: 0 }.start();
         Self { registry, timeout }

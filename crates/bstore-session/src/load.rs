@@ -1,0 +1,87 @@
+//! Loading a session into memory: the Redis copy plus the log's tail after
+//! it, or the log alone.
+//!
+//! The Redis copy is a shortcut, never an authority. It is used only when it
+//! opens cleanly (every value is sealed for its own session, type and id)
+//! and its sequence is not past the session's last event in the log; then
+//! only the events after it are replayed. Otherwise — missing, unreachable,
+//! unreadable, or ahead of the log — the session loads from the log alone,
+//! with a warning for the suspicious cases, and the caller is told how to
+//! repair the copy.
+
+use bstore_domain::{SessionKey, SessionState};
+use bstore_log::EventLog;
+use bstore_redis::{RedisError, RedisProjection, SnapshotMode};
+
+use crate::SessionError;
+
+/// Where a loaded state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The Redis copy, plus `tail` events from the log after it.
+    Redis {
+        /// Events replayed after the copy's sequence.
+        tail: u64,
+    },
+    /// The log alone, from its first event.
+    Log,
+}
+
+/// A loaded session.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The state, current as of the log's last event of the session.
+    pub state: SessionState,
+    /// Where it came from.
+    pub source: Source,
+    /// How the Redis copy should be rewritten, if it is not current.
+    pub repair: Option<SnapshotMode>,
+}
+
+/// Loads `key` from `redis` (when configured) and the log.
+pub async fn load(log: &EventLog, redis: Option<&RedisProjection>, key: &SessionKey) -> Result<Loaded, SessionError> {
+    let Some(redis) = redis else {
+        return Ok(Loaded { state: from_log(log, key).await?, source: Source::Log, repair: None });
+    };
+    let (copy, last) = tokio::join!(redis.load(key), log.last_seq(key));
+    let last = last?;
+    let repair = match copy {
+        Ok(Some(mut state)) if state.seq() <= last => {
+            let mut tail = 0;
+            if state.seq() < last {
+                let from = state.seq();
+                log.replay(key, from, |seq, event| {
+                    state.apply(seq, &event);
+                    tail += 1;
+                })
+                .await?;
+            }
+            let repair = (tail > 0).then_some(SnapshotMode::Guarded);
+            return Ok(Loaded { state, source: Source::Redis { tail }, repair });
+        }
+        Ok(Some(state)) => {
+            tracing::warn!(session = %key, redis_seq = state.seq(), log_seq = last, "the redis copy is ahead of the log; ignoring it and loading from the log");
+            Some(SnapshotMode::Replace)
+        }
+        Ok(None) => (last > 0).then_some(SnapshotMode::Guarded),
+        Err(e @ RedisError::Unreadable { .. }) => {
+            tracing::warn!(session = %key, error = %e, "ignoring the unreadable redis copy; loading from the log");
+            Some(SnapshotMode::Replace)
+        }
+        Err(e @ RedisError::Unavailable(_)) => {
+            tracing::warn!(session = %key, error = %e, "redis unavailable; loading from the log");
+            Some(SnapshotMode::Guarded)
+        }
+    };
+    Ok(Loaded { state: from_log(log, key).await?, source: Source::Log, repair })
+}
+
+/// Replays every event of `key`.
+pub async fn from_log(log: &EventLog, key: &SessionKey) -> Result<SessionState, SessionError> {
+    let mut state = SessionState::default();
+    log.replay(key, 0, |seq, event| {
+        state.apply(seq, &event);
+    })
+    .await?;
+    Ok(state)
+}

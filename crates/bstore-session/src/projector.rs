@@ -1,0 +1,130 @@
+//! Keeps one session's Redis copy up to date without ever holding up a write.
+//!
+//! The actor hands each applied event to its [`Projector`] after the log has
+//! acknowledged it, and answers the client at once: the Redis write happens
+//! in a task of its own that works through a small queue, each call bounded
+//! by the Redis time-out. When a write fails, times out, finds a gap, or the
+//! queue is full, the session is marked *behind*; the actor then sends a
+//! whole snapshot of its state instead of the next delta (or on its
+//! catch-up timer when no write comes), and deltas queued before that
+//! snapshot are skipped because they could only find the same gap.
+//!
+//! Everything here is best effort by design: Redis is a cache of the log, so
+//! a projection that fails leaves a stale or missing copy — which a load
+//! detects by sequence and repairs — never a lost or refused write.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bstore_domain::{Event, SessionKey, SessionState};
+use bstore_redis::{DeltaOutcome, RedisProjection, SnapshotMode};
+use tokio::sync::mpsc;
+
+enum Job {
+    Delta { prev: u64, after: SessionState, event: Event },
+    Snapshot { state: SessionState, mode: SnapshotMode },
+}
+
+#[derive(Default)]
+struct Status {
+    /// The Redis copy is not known to be at the actor's sequence.
+    behind: AtomicBool,
+    /// A snapshot waits in the queue; no need to send another.
+    snapshot_queued: AtomicBool,
+}
+
+/// The actor's end of its projection queue. Cheap to clone; the task ends
+/// when every clone is dropped and the queue is drained.
+#[derive(Clone)]
+pub(crate) struct Projector {
+    tx: mpsc::Sender<Job>,
+    status: Arc<Status>,
+}
+
+impl Projector {
+    /// Starts the projection task of `key` on the current arbiter.
+    pub(crate) fn start(key: SessionKey, redis: RedisProjection) -> Self {
+        let (tx, rx) = mpsc::channel(redis.config().queue.max(1));
+        let status = Arc::new(Status::default());
+        actix::spawn(run(key, redis, rx, status.clone()));
+        Self { tx, status }
+    }
+
+    /// Whether the Redis copy needs a snapshot to catch up.
+    pub(crate) fn is_behind(&self) -> bool {
+        self.status.behind.load(Ordering::Acquire)
+    }
+
+    /// Called after the log stored `event` right after `prev`, leaving the
+    /// session as `after`. Never waits.
+    pub(crate) fn after_write(&self, prev: u64, after: &SessionState, event: &Event) {
+        if self.is_behind() && !self.status.snapshot_queued.load(Ordering::Acquire) {
+            self.snapshot(after, SnapshotMode::Guarded);
+            return;
+        }
+        let job = Job::Delta { prev, after: after.clone(), event: event.clone() };
+        if self.tx.try_send(job).is_err() {
+            self.status.behind.store(true, Ordering::Release);
+        }
+    }
+
+    /// Queues a snapshot of `state` unless one is already waiting (`Replace`
+    /// always goes). Never waits.
+    pub(crate) fn snapshot(&self, state: &SessionState, mode: SnapshotMode) {
+        if mode == SnapshotMode::Guarded && self.status.snapshot_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.status.snapshot_queued.store(true, Ordering::Release);
+        self.status.behind.store(true, Ordering::Release);
+        if self.tx.try_send(Job::Snapshot { state: state.clone(), mode }).is_err() {
+            // The queue is full: the timer tries again.
+            self.status.snapshot_queued.store(false, Ordering::Release);
+        }
+    }
+
+    /// Queues a snapshot if the copy is behind and none is waiting.
+    pub(crate) fn catch_up(&self, state: &SessionState) {
+        if self.is_behind() && !self.status.snapshot_queued.load(Ordering::Acquire) {
+            self.snapshot(state, SnapshotMode::Guarded);
+        }
+    }
+}
+
+async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job>, status: Arc<Status>) {
+    while let Some(job) = rx.recv().await {
+        match job {
+            Job::Delta { prev, after, event } => {
+                if status.behind.load(Ordering::Acquire) {
+                    continue;
+                }
+                match redis.apply(&key, prev, &after, &event).await {
+                    Ok(DeltaOutcome::Applied | DeltaOutcome::AlreadyNewer) => {}
+                    Ok(DeltaOutcome::Gap { stored }) => {
+                        tracing::debug!(session = %key, stored, prev, "redis copy has a gap; a snapshot will follow");
+                        status.behind.store(true, Ordering::Release);
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %key, error = %e, "redis projection failed; the session will catch up with a snapshot");
+                        status.behind.store(true, Ordering::Release);
+                    }
+                }
+            }
+            Job::Snapshot { state, mode } => {
+                let result = redis.write_snapshot(&key, &state, mode).await;
+                // Cleared only now, so writes during the snapshot queue
+                // deltas behind it rather than another snapshot.
+                status.snapshot_queued.store(false, Ordering::Release);
+                match result {
+                    Ok(written) => {
+                        tracing::debug!(session = %key, seq = state.seq(), written, ?mode, "redis copy caught up");
+                        status.behind.store(false, Ordering::Release);
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %key, error = %e, "redis snapshot failed; will retry");
+                        status.behind.store(true, Ordering::Release);
+                    }
+                }
+            }
+        }
+    }
+}
