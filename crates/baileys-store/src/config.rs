@@ -10,7 +10,8 @@
 //! (numbers, booleans) and as strings otherwise. Shorthands for the common
 //! ones: `BSTORE_CONFIG` (file path), `BSTORE_DATA_DIR`, `BSTORE_NATS_URL`
 //! (comma-separated), `BSTORE_NATS_SERVER_BIN`, `BSTORE_KEYS`,
-//! `BSTORE_KEY_FILE`, `BSTORE_LOG` (filter), `BSTORE_LOG_FORMAT`.
+//! `BSTORE_KEY_FILE`, `BSTORE_LOG` (filter), `BSTORE_LOG_FORMAT`,
+//! `BSTORE_REDIS_URL`, `BSTORE_MONGO_URL`.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,8 @@ use anyhow::Context as _;
 use bstore_api::ApiConfig;
 use bstore_domain::Limits;
 use bstore_log::LogConfig;
+use bstore_mongo::MongoConfig;
+use bstore_redis::RedisConfig;
 use bstore_session::SessionConfig;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +45,10 @@ pub struct Config {
     pub sessions: SessionConfig,
     /// Per-request limits.
     pub limits: Limits,
+    /// The Redis projection (off without a URL).
+    pub redis: RedisConfig,
+    /// The Mongo materializer (off without a URL).
+    pub mongo: MongoConfig,
     /// Logs.
     pub telemetry: TelemetryConfig,
 }
@@ -183,6 +190,8 @@ fn apply_env(table: &mut toml::Table, name: &str, value: &str) -> anyhow::Result
         "BSTORE_KEY_FILE" => set(table, &["keys", "file"], s(value)),
         "BSTORE_LOG" => set(table, &["telemetry", "filter"], s(value)),
         "BSTORE_LOG_FORMAT" => set(table, &["telemetry", "format"], s(value)),
+        "BSTORE_REDIS_URL" => set(table, &["redis", "url"], s(value)),
+        "BSTORE_MONGO_URL" => set(table, &["mongo", "url"], s(value)),
         _ => {
             let Some(rest) = name.strip_prefix("BSTORE__") else { return Ok(()) };
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
@@ -212,6 +221,26 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("data"));
         assert_eq!(cfg.api.prefix, "bstore");
         assert_eq!(cfg.embedded.port, 4222);
+        assert_eq!(cfg.redis.url, None, "the Redis projection is off by default");
+        assert_eq!(cfg.mongo.url, None, "the Mongo materializer is off by default");
+    }
+
+    #[test]
+    fn projection_urls_have_shorthands() {
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("BSTORE_REDIS_URL", "redis://127.0.0.1:6390/"),
+                ("BSTORE_MONGO_URL", "mongodb://127.0.0.1:27018/?retryWrites=false"),
+                ("BSTORE__REDIS__TTL_SECS", "3600"),
+                ("BSTORE__MONGO__BATCH_SIZE", "50"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.url.as_deref(), Some("redis://127.0.0.1:6390/"));
+        assert_eq!(cfg.mongo.url.as_deref(), Some("mongodb://127.0.0.1:27018/?retryWrites=false"));
+        assert_eq!(cfg.redis.ttl_secs, 3600);
+        assert_eq!(cfg.mongo.batch_size, 50);
     }
 
     #[test]

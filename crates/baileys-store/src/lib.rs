@@ -8,6 +8,7 @@
 pub mod config;
 pub mod embedded;
 pub mod keys;
+pub mod projections;
 pub mod telemetry;
 
 use std::future::Future;
@@ -59,10 +60,17 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
         );
         cfg.api.max_request_bytes = lowered;
     }
-    let log = EventLog::open(client.clone(), cfg.stream.clone(), Codec::new(keyring)).await.context("opening the event stream")?;
-    let sessions = Sessions::start(log, cfg.limits, cfg.sessions.clone());
+    let codec = Codec::new(keyring);
+    let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
+    let redis = projections::redis_projection(&cfg, &codec)?;
+    let materializer = projections::start_materializer(&cfg, &client, &codec).await?;
+    let sessions = Sessions::start_with(log, redis, cfg.limits, cfg.sessions.clone());
     let api = bstore_api::ApiConfig { max_reply_bytes: max_payload.saturating_sub(HEADER_ROOM), ..cfg.api.clone() };
-    bstore_api::serve(client.clone(), api, sessions, shutdown).await?;
+    let served = bstore_api::serve(client.clone(), api, sessions, shutdown).await;
+    if let Some(m) = materializer {
+        m.stop().await;
+    }
+    served?;
     // Replies already handed to the client are written out before exit.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
     tracing::info!("stopped");
@@ -101,10 +109,9 @@ async fn connect(cfg: &Config, urls: &[String]) -> anyhow::Result<async_nats::Cl
     Ok(client)
 }
 
-/// Prints a session's audit history as JSON lines: sequence, time, request
-/// id, and which keys were written or deleted — never a value.
-pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Result<()> {
-    use bstore_domain::Change;
+/// For the command-line tools: a NATS connection (to the configured servers,
+/// or to the running embedded one) and the codec.
+pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Client, Codec)> {
     let embedded = cfg.nats.urls.is_empty();
     let urls = if embedded {
         let file = cfg.data_dir.join("nats.url");
@@ -115,8 +122,16 @@ pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Res
         cfg.nats.urls.clone()
     };
     let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
-    let client = connect(&cfg, &urls).await?;
-    let log = EventLog::open(client, cfg.stream.clone(), Codec::new(keyring)).await?;
+    let client = connect(cfg, &urls).await?;
+    Ok((client, Codec::new(keyring)))
+}
+
+/// Prints a session's audit history as JSON lines: sequence, time, request
+/// id, and which keys were written or deleted — never a value.
+pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Result<()> {
+    use bstore_domain::Change;
+    let (client, codec) = connect_tool(&cfg).await?;
+    let log = EventLog::open(client, cfg.stream.clone(), codec).await?;
     log.replay(&key, 0, |seq, event| {
         let mut line = serde_json::json!({ "seq": seq, "at_ms": event.at_ms, "kind": event.kind(), "rid": event.rid });
         match &event.change {

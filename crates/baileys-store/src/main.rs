@@ -38,6 +38,23 @@ enum Cmd {
         #[arg(long)]
         session: String,
     },
+    /// Run the Mongo materializer alone (no request serving) until SIGINT or SIGTERM.
+    Materialize,
+    /// Write a projection again from the log alone (Redis: every session's hash; Mongo: drop and replay).
+    Rebuild {
+        /// Which projection.
+        #[arg(value_enum)]
+        target: baileys_store::projections::Target,
+    },
+    /// Replay the log and compare it with Redis and Mongo (those configured); print every difference and exit non-zero on any.
+    Verify {
+        /// Only this tenant's session (with --session).
+        #[arg(long, requires = "session")]
+        tenant: Option<String>,
+        /// Only this session (with --tenant).
+        #[arg(long, requires = "tenant")]
+        session: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +84,27 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&cfg.telemetry)?;
             let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
             actix::System::new().block_on(baileys_store::history(cfg, key))
+        }
+        Cmd::Materialize => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            actix::System::new().block_on(baileys_store::projections::materialize(cfg, shutdown_signal()))
+        }
+        Cmd::Rebuild { target } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            actix::System::new().block_on(baileys_store::projections::rebuild(cfg, target))
+        }
+        Cmd::Verify { tenant, session } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let only = match (tenant, session) {
+                (Some(t), Some(s)) => Some(bstore_domain::SessionKey::parse(&t, &s)?),
+                _ => None,
+            };
+            let diffs = actix::System::new().block_on(baileys_store::projections::verify(cfg, only))?;
+            anyhow::ensure!(diffs == 0, "{diffs} differences between the log and the projections");
+            Ok(())
         }
     }
     .context("failed")

@@ -1,0 +1,270 @@
+//! The projections from the service's side: starting them in `serve`, the
+//! stand-alone materializer, and the `rebuild` and `verify` tools.
+//!
+//! Both projections are caches of the log and can be dropped at any time:
+//! `rebuild` writes one again from the log alone, and `verify` replays the
+//! log and reports every way a projection differs from it — never a value,
+//! only where they differ.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use bstore_codec::Codec;
+use bstore_domain::{SessionKey, SessionState};
+use bstore_log::{EventLog, LogConfig};
+use bstore_mongo::{Materializer, Store, StoredSession};
+use bstore_redis::{RedisError, RedisProjection, SnapshotMode};
+use futures_util::StreamExt;
+
+use crate::Config;
+
+/// The Redis projection if a URL is configured; says at start-up which.
+pub fn redis_projection(cfg: &Config, codec: &Codec) -> anyhow::Result<Option<RedisProjection>> {
+    if cfg.redis.url.is_none() {
+        tracing::info!("redis projection off (no redis url configured): sessions load from the log alone");
+        return Ok(None);
+    }
+    let redis = RedisProjection::new(cfg.redis.clone(), codec.clone()).context("configuring the redis projection")?;
+    tracing::info!(ttl_secs = cfg.redis.ttl_secs, prefix = %cfg.redis.key_prefix, "redis projection on");
+    Ok(Some(redis))
+}
+
+/// A materializer running on a thread of its own inside `serve`.
+pub struct RunningMaterializer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::sync::oneshot::Receiver<()>,
+    arbiter: actix::Arbiter,
+}
+
+impl RunningMaterializer {
+    /// Stops it (the batch in flight is left unacknowledged and comes back).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.done).await;
+        self.arbiter.stop();
+    }
+}
+
+/// Starts the Mongo materializer inside `serve` if a URL is configured; says
+/// at start-up which.
+pub async fn start_materializer(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> anyhow::Result<Option<RunningMaterializer>> {
+    if cfg.mongo.url.is_none() {
+        tracing::info!("mongo materializer off (no mongo url configured)");
+        return Ok(None);
+    }
+    let store = Store::connect(&cfg.mongo, codec.clone()).await.context("configuring the mongo materializer")?;
+    let m = Materializer::new(client.clone(), cfg.stream.clone(), cfg.mongo.clone(), store, codec.clone());
+    tracing::info!(database = %cfg.mongo.database, consumer = %cfg.mongo.consumer, "mongo materializer on");
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (finished, done) = tokio::sync::oneshot::channel();
+    // Its own thread: decoding and sealing a large backlog must not slow
+    // the request path.
+    let arbiter = actix::Arbiter::new();
+    arbiter.spawn(async move {
+        m.run(async {
+            let _ = stopped.await;
+        })
+        .await;
+        let _ = finished.send(());
+    });
+    Ok(Some(RunningMaterializer { stop, done, arbiter }))
+}
+
+/// `baileys-store materialize`: the materializer alone, until `shutdown`.
+pub async fn materialize(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    anyhow::ensure!(cfg.mongo.url.is_some(), "no mongo url configured (set BSTORE_MONGO_URL or mongo.url)");
+    let (client, codec) = crate::connect_tool(&cfg).await?;
+    EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
+    let store = Store::connect(&cfg.mongo, codec.clone()).await?;
+    tracing::info!(database = %cfg.mongo.database, consumer = %cfg.mongo.consumer, "materializing");
+    Materializer::new(client, cfg.stream.clone(), cfg.mongo.clone(), store, codec).run(shutdown).await;
+    Ok(())
+}
+
+/// Every session with at least one event in the log.
+pub async fn log_sessions(client: &async_nats::Client, log: &LogConfig) -> anyhow::Result<Vec<SessionKey>> {
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(&log.stream).await.context("opening the event stream")?;
+    let mut subjects = stream.info_with_subjects(format!("{}.>", log.subject_prefix)).await?;
+    let mut out = Vec::new();
+    while let Some(item) = subjects.next().await {
+        let (subject, _) = item?;
+        match bstore_mongo::session_of(&log.subject_prefix, &subject) {
+            Some(key) => out.push(key),
+            None => tracing::warn!(%subject, "a subject in the event stream names no session"),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Which projection `rebuild` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// The Redis hashes.
+    Redis,
+    /// The Mongo collections.
+    Mongo,
+}
+
+/// `baileys-store rebuild`: writes a projection again from the log alone.
+pub async fn rebuild(cfg: Config, target: Target) -> anyhow::Result<()> {
+    let (client, codec) = crate::connect_tool(&cfg).await?;
+    let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
+    match target {
+        Target::Redis => {
+            anyhow::ensure!(cfg.redis.url.is_some(), "no redis url configured (set BSTORE_REDIS_URL or redis.url)");
+            let redis = RedisProjection::new(cfg.redis.clone(), codec)?;
+            let sessions = log_sessions(&client, &cfg.stream).await?;
+            for key in &sessions {
+                let state = bstore_session::load::from_log(&log, key).await?;
+                redis.write_snapshot(key, &state, SnapshotMode::Replace).await?;
+            }
+            let wanted: BTreeSet<&SessionKey> = sessions.iter().collect();
+            let mut removed = 0;
+            for key in redis.sessions().await? {
+                if !wanted.contains(&key) {
+                    redis.remove(&key).await?;
+                    removed += 1;
+                }
+            }
+            println!("rebuilt redis: {} sessions written from the log, {removed} without events removed", sessions.len());
+        }
+        Target::Mongo => {
+            anyhow::ensure!(cfg.mongo.url.is_some(), "no mongo url configured (set BSTORE_MONGO_URL or mongo.url)");
+            let store = Store::connect(&cfg.mongo, codec.clone()).await?;
+            store.drop_all().await?;
+            let js = jetstream::new(client.clone());
+            let stream = js.get_stream(&cfg.stream.stream).await?;
+            // A materializer running elsewhere finds its consumer gone and
+            // makes it again from the (now empty) checkpoint: it replays too,
+            // which is harmless because every write is guarded.
+            let _ = stream.delete_consumer(&cfg.mongo.consumer).await;
+            let m = Materializer::new(client, cfg.stream.clone(), cfg.mongo.clone(), store, codec);
+            m.drain().await?;
+            println!("rebuilt mongo up to sequence {}", m.lag().await?.last_seq);
+        }
+    }
+    Ok(())
+}
+
+/// `baileys-store verify`: replays the log and compares each configured
+/// projection with it. Prints every difference; returns how many.
+pub async fn verify(cfg: Config, only: Option<SessionKey>) -> anyhow::Result<usize> {
+    let (client, codec) = crate::connect_tool(&cfg).await?;
+    let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
+    let sessions = match &only {
+        Some(key) => vec![key.clone()],
+        None => log_sessions(&client, &cfg.stream).await?,
+    };
+    let redis = cfg.redis.url.as_ref().map(|_| RedisProjection::new(cfg.redis.clone(), codec.clone())).transpose()?;
+    let mongo = match &cfg.mongo.url {
+        Some(_) => Some(Store::connect(&cfg.mongo, codec.clone()).await?),
+        None => None,
+    };
+    anyhow::ensure!(redis.is_some() || mongo.is_some(), "neither redis nor mongo is configured: nothing to verify");
+    let mut diffs = Diffs::default();
+    for key in &sessions {
+        let truth = bstore_session::load::from_log(&log, key).await?;
+        if let Some(redis) = &redis {
+            match redis.load(key).await {
+                Ok(Some(copy)) => compare_redis(&mut diffs, key, &truth, &copy),
+                Ok(None) if truth.seq() == 0 => {}
+                Ok(None) if redis.config().ttl_secs > 0 => {} // expired by the cache policy
+                Ok(None) => diffs.add("redis", key, format!("missing (the log is at {})", truth.seq())),
+                Err(e @ RedisError::Unreadable { .. }) => diffs.add("redis", key, e.to_string()),
+                Err(e) => return Err(e).context("reading redis"),
+            }
+        }
+        if let Some(mongo) = &mongo {
+            match mongo.read_session(key).await {
+                Ok(Some(stored)) => compare_mongo(&mut diffs, key, &truth, &stored),
+                Ok(None) => diffs.add("mongo", key, format!("missing (the log is at {})", truth.seq())),
+                Err(bstore_mongo::MongoError::Unreadable(e)) => diffs.add("mongo", key, format!("unreadable: {e}")),
+                Err(e) => return Err(e).context("reading mongo"),
+            }
+        }
+    }
+    if only.is_none() {
+        let known: BTreeSet<&SessionKey> = sessions.iter().collect();
+        if let Some(redis) = &redis {
+            for key in redis.sessions().await? {
+                if !known.contains(&key) {
+                    diffs.add("redis", &key, "holds a session the log has no event of".into());
+                }
+            }
+        }
+        if let Some(mongo) = &mongo {
+            for key in mongo.sessions().await? {
+                if !known.contains(&key) {
+                    diffs.add("mongo", &key, "holds a session the log has no event of".into());
+                }
+            }
+        }
+    }
+    let against: Vec<&str> = [redis.as_ref().map(|_| "redis"), mongo.as_ref().map(|_| "mongo")].into_iter().flatten().collect();
+    println!("verified {} sessions against {}: {} differences", sessions.len(), against.join(" and "), diffs.0);
+    Ok(diffs.0)
+}
+
+#[derive(Default)]
+struct Diffs(usize);
+
+impl Diffs {
+    fn add(&mut self, projection: &str, key: &SessionKey, what: String) {
+        self.0 += 1;
+        println!("DIFF {projection} {key}: {what}");
+    }
+}
+
+fn keys_of(state: &SessionState) -> BTreeMap<(String, String), &[u8]> {
+    state.iter_keys().map(|(t, i, v)| ((t.to_string(), i.to_string()), v.as_ref())).collect()
+}
+
+fn compare_keys(diffs: &mut Diffs, projection: &str, key: &SessionKey, truth: &BTreeMap<(String, String), &[u8]>, copy: &BTreeMap<(String, String), &[u8]>) {
+    for ((t, i), v) in truth {
+        match copy.get(&(t.clone(), i.clone())) {
+            None => diffs.add(projection, key, format!("key {t}/{i} missing")),
+            Some(c) if c != v => diffs.add(projection, key, format!("key {t}/{i} holds another value")),
+            Some(_) => {}
+        }
+    }
+    for (t, i) in copy.keys() {
+        if !truth.contains_key(&(t.clone(), i.clone())) {
+            diffs.add(projection, key, format!("key {t}/{i} present but absent (or deleted) in the log"));
+        }
+    }
+}
+
+fn compare_redis(diffs: &mut Diffs, key: &SessionKey, truth: &SessionState, copy: &SessionState) {
+    if copy.seq() != truth.seq() {
+        diffs.add("redis", key, format!("at sequence {}, the log at {}", copy.seq(), truth.seq()));
+    }
+    if copy.creds() != truth.creds() {
+        diffs.add("redis", key, "creds differ".into());
+    }
+    if copy.updated_at_ms() != truth.updated_at_ms() || copy.events() != truth.events() {
+        diffs.add("redis", key, "session metadata (updated_at_ms, events) differs".into());
+    }
+    compare_keys(diffs, "redis", key, &keys_of(truth), &keys_of(copy));
+}
+
+fn compare_mongo(diffs: &mut Diffs, key: &SessionKey, truth: &SessionState, stored: &StoredSession) {
+    if stored.seq != truth.seq() {
+        diffs.add("mongo", key, format!("at sequence {}, the log at {}", stored.seq, truth.seq()));
+    }
+    if stored.creds.as_deref() != truth.creds().map(|c| c.as_ref()) {
+        diffs.add("mongo", key, "creds differ".into());
+    }
+    if stored.updated_at_ms != truth.updated_at_ms() {
+        diffs.add("mongo", key, "updated_at_ms differs".into());
+    }
+    let counts: BTreeMap<String, u64> = truth.info().keys;
+    if stored.counts != counts {
+        diffs.add("mongo", key, format!("counts per type {:?}, the log {:?}", stored.counts, counts));
+    }
+    let copy: BTreeMap<(String, String), &[u8]> = stored.keys.iter().map(|(k, v)| (k.clone(), v.as_slice())).collect();
+    compare_keys(diffs, "mongo", key, &keys_of(truth), &copy);
+}
