@@ -133,7 +133,7 @@ impl Store {
     /// applied to the existing TTL indexes.
     pub async fn ensure_indexes(&self) -> Result<(), MongoError> {
         let by_session = IndexModel::builder()
-            .keys(doc! { "sid": 1, "type": 1 })
+            .keys(doc! { "sid": 1, "deleted": 1, "type": 1 })
             .options(IndexOptions::builder().name("by_session".to_string()).build())
             .build();
         self.keys.create_index(by_session).await.map_err(unavailable)?;
