@@ -1,0 +1,228 @@
+//! `bstore-bench-projections`: what the projections buy and cost.
+//!
+//! 1. Cold load of one session with `--keys` keys: from its Redis copy (plus
+//!    the log's tail, here empty) versus from the log alone, the median of
+//!    `--runs` loads each, for the keys written one per event and a hundred
+//!    per event.
+//! 2. The Mongo materializer: throughput draining a backlog of `--backlog`
+//!    events, then its lag while a steady `--rate` events/s are appended for
+//!    `--seconds`.
+//!
+//! It starts its own nats-server, redis-server and Mongo-compatible server
+//! (`scripts/setup --test` installs them) on free ports, and drives the
+//! library directly (the event log, the loader, the materializer), so the
+//! figures are those of the projections, not of the request path. It is a
+//! benchmark, not a test: it prints figures and asserts nothing. The Mongo
+//! figures are those of the test server (SecantusDB, written in Python):
+//! they bound the materializer's own overhead from below, not MongoDB's.
+//!
+//! ```text
+//! cargo build --release --bin bstore-bench-projections
+//! target/release/bstore-bench-projections
+//! ```
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bstore_codec::{Codec, Keyring};
+use bstore_domain::{Change, Event, KeyChanges, KeyId, KeyType, SessionKey};
+use bstore_log::{EventLog, LogConfig};
+use bstore_mongo::{Materializer, MongoConfig, Store};
+use bstore_redis::{RedisConfig, RedisProjection, SnapshotMode};
+use bstore_session::load::{self, Source};
+use bstore_testkit::{MongoServer, NatsServer, RedisServer};
+use bytes::Bytes;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Cold loads from Redis versus the log; Mongo materializer throughput and lag")]
+struct Args {
+    /// Keys in the session loaded cold.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Bytes of each key's value.
+    #[arg(long, default_value_t = 600)]
+    value_bytes: usize,
+    /// Cold loads per row; the median is printed.
+    #[arg(long, default_value_t = 9)]
+    runs: usize,
+    /// Events in the backlog the materializer drains.
+    #[arg(long, default_value_t = 5000)]
+    backlog: usize,
+    /// Sessions the materializer's events are spread over.
+    #[arg(long, default_value_t = 50)]
+    sessions: usize,
+    /// Events per second appended during the steady phase.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// Seconds of the steady phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Sections to run: load, mongo.
+    #[arg(long, value_delimiter = ',', default_value = "load,mongo")]
+    sections: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.context("connecting to nats")?;
+    let codec = Codec::new(Keyring::new([(1, Keyring::generate_key())], None)?);
+    let log = EventLog::open(client.clone(), LogConfig::default(), codec.clone()).await?;
+    if args.sections.iter().any(|s| s == "load") {
+        cold_loads(&args, &log, &codec).await?;
+    }
+    if args.sections.iter().any(|s| s == "mongo") {
+        materializer(&args, &client, &log, &codec).await?;
+    }
+    Ok(())
+}
+
+fn value(n: usize, len: usize) -> Bytes {
+    let mut v = vec![0u8; len];
+    for (i, b) in v.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(31) ^ n.wrapping_mul(7)) as u8;
+    }
+    Bytes::from(v)
+}
+
+fn event(entries: impl IntoIterator<Item = (String, Bytes)>) -> Event {
+    let mut keys = KeyChanges::new();
+    for (id, v) in entries {
+        keys.entry(KeyType::parse("session").unwrap()).or_default().insert(KeyId::parse(&id).unwrap(), Some(v));
+    }
+    Event { v: 1, at_ms: 1, rid: None, change: Change::KeysChanged { keys } }
+}
+
+async fn cold_loads(args: &Args, log: &EventLog, codec: &Codec) -> anyhow::Result<()> {
+    let redis_server = RedisServer::start();
+    let redis = RedisProjection::new(RedisConfig { url: Some(redis_server.url()), ..Default::default() }, codec.clone())?;
+    println!("## Cold load of a session with {} keys of {} B (median of {} loads)\n", args.keys, args.value_bytes, args.runs);
+    println!("| keys per event | events in the log | from redis | from the log alone | speed-up |");
+    println!("|---:|---:|---:|---:|---:|");
+    for per_event in [1usize, 100] {
+        let key = SessionKey::parse("bench", &format!("cold-{per_event}"))?;
+        let mut seq = 0;
+        let mut events = 0;
+        for chunk in (0..args.keys).collect::<Vec<_>>().chunks(per_event) {
+            let e = event(chunk.iter().map(|&i| (format!("{i}.0"), value(i, args.value_bytes))));
+            seq = log.append(&key, seq, &e).await?.seq;
+            events += 1;
+        }
+        let state = load::from_log(log, &key).await?;
+        redis.write_snapshot(&key, &state, SnapshotMode::Replace).await?;
+        let mut from_redis = Vec::new();
+        let mut from_log = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            let loaded = load::load(log, Some(&redis), &key).await?;
+            from_redis.push(t.elapsed());
+            anyhow::ensure!(loaded.source == Source::Redis { tail: 0 } && loaded.state == state, "the redis copy was not used");
+            let t = Instant::now();
+            let loaded = load::load(log, None, &key).await?;
+            from_log.push(t.elapsed());
+            anyhow::ensure!(loaded.state == state, "the log gave another state");
+        }
+        let (r, l) = (median(&mut from_redis), median(&mut from_log));
+        println!("| {per_event} | {events} | {} | {} | {:.1}x |", ms(r), ms(l), l.as_secs_f64() / r.as_secs_f64());
+    }
+    println!();
+    Ok(())
+}
+
+async fn materializer(args: &Args, client: &async_nats::Client, log: &EventLog, codec: &Codec) -> anyhow::Result<()> {
+    let mongo = MongoServer::start();
+    let cfg = MongoConfig { url: Some(mongo.url()), ..Default::default() };
+    let store = Store::connect(&cfg, codec.clone()).await?;
+    store.ensure_indexes().await?;
+    let m = Materializer::new(client.clone(), LogConfig::default(), cfg.clone(), store, codec.clone());
+    let sessions: Vec<SessionKey> = (0..args.sessions.max(1)).map(|i| SessionKey::parse("bench", &format!("m{i}")).unwrap()).collect();
+    let mut last: HashMap<SessionKey, u64> = HashMap::new();
+    let mut n = 0usize;
+    let mut append = async |n: usize| -> anyhow::Result<()> {
+        let key = &sessions[n % sessions.len()];
+        // Two keys per event: a new pre-key and the session record rewritten.
+        let e = event([(format!("pk{n}"), value(n, 100)), ("peer.0".to_string(), value(n, args.value_bytes))]);
+        let prev = last.get(key).copied().unwrap_or(0);
+        let seq = log.append(key, prev, &e).await?.seq;
+        last.insert(key.clone(), seq);
+        Ok(())
+    };
+
+    println!("## Mongo materializer (batch size {}, test server)\n", cfg.batch_size);
+    // The backlog includes what the load section wrote, if it ran.
+    for _ in 0..args.backlog {
+        append(n).await?;
+        n += 1;
+    }
+    let backlog = m.lag().await?.events();
+    let t = Instant::now();
+    m.drain().await?;
+    let took = t.elapsed();
+    println!("| phase | events | seconds | events/s |");
+    println!("|---|---:|---:|---:|");
+    println!("| drain a backlog | {backlog} | {:.2} | {:.0} |", took.as_secs_f64(), backlog as f64 / took.as_secs_f64());
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(m.clone().run(async {
+        let _ = stopped.await;
+    }));
+    let start_applied = m.lag().await?.applied_seq;
+    let start = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let mut next = Instant::now();
+    let mut lags = Vec::new();
+    let mut last_sample = Instant::now();
+    let mut written = 0u64;
+    while start.elapsed() < Duration::from_secs(args.seconds) {
+        append(n).await?;
+        n += 1;
+        written += 1;
+        next += period;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        if last_sample.elapsed() >= Duration::from_millis(100) {
+            last_sample = Instant::now();
+            lags.push(m.lag().await?.events());
+        }
+    }
+    let window = start.elapsed();
+    let end = m.lag().await?;
+    let t = Instant::now();
+    while m.lag().await?.events() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let catch_up = t.elapsed();
+    let _ = stop.send(());
+    runner.await?;
+    let applied = end.applied_seq - start_applied;
+    println!(
+        "| steady load | {written} written, {applied} applied | {:.2} | {:.0} written, {:.0} applied |",
+        window.as_secs_f64(),
+        written as f64 / window.as_secs_f64(),
+        applied as f64 / window.as_secs_f64()
+    );
+    lags.sort_unstable();
+    let pct = |p: f64| lags.get(((lags.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0);
+    println!(
+        "\nLag under the steady load, in events (sampled every 100 ms): median {}, p95 {}, max {}; {} behind when the load stopped, caught up {} ms later.",
+        pct(0.5),
+        pct(0.95),
+        lags.last().copied().unwrap_or(0),
+        end.events(),
+        catch_up.as_millis()
+    );
+    Ok(())
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
