@@ -220,6 +220,7 @@ async function startRedis(): Promise<{ url: string; child: ChildProcess; dir: st
 	const deadline = Date.now() + 10_000
 	for (;;) {
 		const probe = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
+		probe.on('error', () => {}) // not up yet: the loop tries again
 		try {
 			await probe.connect()
 			await probe.ping()

@@ -88,6 +88,50 @@ struct Args {
     /// Keep the started service's stream (and the floor stream) in memory instead of on disk.
     #[arg(long)]
     memory_storage: bool,
+    /// Raise the event stream's consumer limit to this before loading many
+    /// sessions (0: leave it). Every session load creates an ordered consumer
+    /// that the server keeps for 30 s, and nats-server 2.15 limits a stream
+    /// to 1,000 consumers by default: without this, loading more than ~1,000
+    /// sessions within 30 s fails with 503 (see docs/benchmarks.md).
+    #[arg(long, default_value_t = 100_000)]
+    stream_max_consumers: i64,
+    /// Also report the CPU per request of these processes (e.g. the
+    /// service and nats-server pids when they run on their own), as
+    /// `name=pid`, after each open-loop row. This process is always reported.
+    #[arg(long, value_delimiter = ',')]
+    watch: Vec<String>,
+}
+
+/// CPU of watched processes over one row.
+struct Watch(Vec<(String, u32)>);
+
+impl Watch {
+    fn new(args: &Args) -> Self {
+        let mut v = vec![("bench".to_owned(), std::process::id())];
+        for w in &args.watch {
+            if let Some((name, pid)) = w.split_once('=').and_then(|(n, p)| p.parse().ok().map(|p| (n.to_owned(), p))) {
+                v.push((name, pid));
+            }
+        }
+        Self(v)
+    }
+
+    fn snapshot(&self) -> Vec<(f64, f64)> {
+        self.0.iter().map(|(_, pid)| capacity::cpu_split(*pid)).collect()
+    }
+
+    /// Prints µs of user and system CPU per completed request, by process.
+    fn print(&self, before: &[(f64, f64)], requests: usize) {
+        let after = self.snapshot();
+        let n = requests.max(1) as f64;
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .zip(before.iter().zip(after))
+            .map(|((name, _), (b, a))| format!("{name} {:.0}+{:.0}", (a.0 - b.0) / n * 1e6, (a.1 - b.1) / n * 1e6))
+            .collect();
+        println!("{:<44} CPU µs per request (user+system): {}", "", parts.join(", "));
+    }
 }
 
 impl Args {
@@ -177,6 +221,7 @@ async fn bench(args: Args, url: Option<String>, scratch: PathBuf) -> anyhow::Res
     if let Some(url) = &url {
         let nc = async_nats::connect(url).await.context("connecting")?;
         wait_for_service(&nc).await?;
+        raise_consumer_limit(&nc, args.stream_max_consumers).await?;
         if args.has("floors") {
             floors(&args, &nc, &scratch).await?;
         }
@@ -196,12 +241,33 @@ async fn bench(args: Args, url: Option<String>, scratch: PathBuf) -> anyhow::Res
             None => std::env::current_exe()?.with_file_name("baileys-store"),
         };
         if bin.exists() {
-            let cargs = capacity::CapacityArgs { service_bin: bin, sessions: args.capacity_sessions.clone(), cold_samples: args.cold_samples, group_messages: args.group_messages };
+            let cargs = capacity::CapacityArgs {
+                service_bin: bin,
+                sessions: args.capacity_sessions.clone(),
+                cold_samples: args.cold_samples,
+                group_messages: args.group_messages,
+                stream_max_consumers: args.stream_max_consumers,
+            };
             capacity::run(&cargs, &scratch).await?;
         } else {
             println!("\ncapacity: skipped, {} not found (cargo build --release --bin baileys-store)", bin.display());
         }
     }
+    Ok(())
+}
+
+/// Sets the event stream's `max_consumers` (see `--stream-max-consumers`).
+pub async fn raise_consumer_limit(nc: &async_nats::Client, limit: i64) -> anyhow::Result<()> {
+    if limit <= 0 {
+        return Ok(());
+    }
+    let js = async_nats::jetstream::new(nc.clone());
+    let mut stream = js.get_stream("BSTORE_EVENTS").await.context("the service's event stream")?;
+    let mut config = stream.info().await?.config.clone();
+    let before = config.max_consumers;
+    config.max_consumers = limit as i32;
+    js.update_stream(config).await.context("raising the stream's consumer limit")?;
+    println!("(event stream max_consumers raised from {before} to {limit} for this run)");
     Ok(())
 }
 
@@ -434,7 +500,9 @@ async fn rate(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
     for &s_n in args.sessions.iter().filter(|&&s| s >= 100) {
         let sessions = clients(nc, &format!("rate{s_n}"), s_n);
         prefill(&sessions, "session", &ids, &template).await?;
+        let watch = Watch::new(args);
         let (s2, i2, t2) = (sessions.clone(), ids.clone(), template.clone());
+        let cpu0 = watch.snapshot();
         let set = open_loop(args.rate, secs, move |k| {
             let (s, ids, t) = (s2.clone(), i2.clone(), t2.clone());
             async move {
@@ -445,7 +513,9 @@ async fn rate(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
         })
         .await;
         print_row("keys.set (open loop)", "-", &s_n.to_string(), &set);
+        watch.print(&cpu0, set.latencies.len());
         let (s2, i2) = (sessions.clone(), ids.clone());
+        let cpu0 = watch.snapshot();
         let get = open_loop(args.rate, secs, move |k| {
             let (s, ids) = (s2.clone(), i2.clone());
             async move {
@@ -455,6 +525,7 @@ async fn rate(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
         })
         .await;
         print_row("keys.get (open loop)", "-", &s_n.to_string(), &get);
+        watch.print(&cpu0, get.latencies.len());
     }
     Ok(())
 }

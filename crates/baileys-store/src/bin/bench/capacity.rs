@@ -73,11 +73,17 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 
 /// User + system CPU seconds of a process.
 pub fn cpu_secs(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system CPU seconds of a process, from /proc/<pid>/stat.
+pub fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return (0.0, 0.0) };
     let f: Vec<&str> = rest.split(' ').collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 async fn wait_ready(nc: &async_nats::Client, child: &mut ServiceProc) -> anyhow::Result<()> {
@@ -122,6 +128,7 @@ pub struct CapacityArgs {
     pub sessions: Vec<usize>,
     pub cold_samples: usize,
     pub group_messages: usize,
+    pub stream_max_consumers: i64,
 }
 
 pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
@@ -141,6 +148,7 @@ pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
         let mut svc = ServiceProc::start(&args.service_bin, &nats.url, &key, &dir.join("svc"), n * 2 + 1000)?;
         let outcome = async {
             wait_ready(&nc, &mut svc).await?;
+            crate::raise_consumer_limit(&nc, args.stream_max_consumers).await?;
             let pid = svc.pid();
             let (rss0, _) = memory_kib(pid);
             let cpu0 = cpu_secs(pid);
