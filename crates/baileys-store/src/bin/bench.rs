@@ -85,6 +85,10 @@ struct Args {
     /// The redis-server binary started for the Redis floor.
     #[arg(long, default_value = "redis-server")]
     redis_server_bin: String,
+    /// Run the service with its Redis projection on (`[redis] url` set to the
+    /// Redis of the floor: started here, or --redis-url).
+    #[arg(long)]
+    redis_projection: bool,
     /// Keep the started service's stream (and the floor stream) in memory instead of on disk.
     #[arg(long)]
     memory_storage: bool,
@@ -145,20 +149,35 @@ fn main() -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("bstore-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let needs_service = ["floors", "latency", "sizes", "rate"].iter().any(|s| args.has(s));
+    // One Redis for the floor and, when asked, the projections.
+    let redis_server = match (&args.redis_url, args.has("floors") || args.redis_projection) {
+        (None, true) => match floors::RedisServer::start(&args.redis_server_bin, &scratch) {
+            Ok(r) => Some(r),
+            Err(e) if !args.redis_projection => {
+                println!("(Redis floor skipped: {e:#})");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        _ => None,
+    };
+    let redis_addr = args.redis_url.as_deref().map(floors::redis_addr).or_else(|| redis_server.as_ref().map(|r| r.addr.clone()));
+    let projection_url = if args.redis_projection { redis_addr.as_ref().map(|a| format!("redis://{a}/")) } else { None };
     let (url, service) = match (&args.nats_url, needs_service) {
         (Some(url), _) => (Some(url.clone()), None),
         (None, true) => {
-            let (url, handle) = start_service(&scratch, args.memory_storage)?;
+            let (url, handle) = start_service(&scratch, args.memory_storage, projection_url.clone())?;
             (Some(url), Some(handle))
         }
         (None, false) => (None, None),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(bench(args, url, scratch.clone()));
+    let result = rt.block_on(bench(args, url, redis_addr, projection_url, scratch.clone()));
     if let Some((stop, thread)) = service {
         let _ = stop.send(());
         let _ = thread.join();
     }
+    drop(redis_server);
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
@@ -167,8 +186,9 @@ type ServiceHandle = (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<
 
 /// Runs the service on its own thread (an actix system) on the embedded
 /// default, and returns the NATS URL it announced.
-fn start_service(dir: &std::path::Path, memory: bool) -> anyhow::Result<(String, ServiceHandle)> {
+fn start_service(dir: &std::path::Path, memory: bool, redis: Option<String>) -> anyhow::Result<(String, ServiceHandle)> {
     let mut cfg = baileys_store::Config::load_from(None, Vec::new())?;
+    cfg.redis.url = redis;
     cfg.data_dir = dir.to_path_buf();
     cfg.embedded.port = -1;
     if memory {
@@ -215,15 +235,21 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-async fn bench(args: Args, url: Option<String>, scratch: PathBuf) -> anyhow::Result<()> {
+async fn bench(args: Args, url: Option<String>, redis_addr: Option<String>, projection: Option<String>, scratch: PathBuf) -> anyhow::Result<()> {
     println!("# baileys-store request benchmark");
-    println!("{}; {:.1} s per closed-loop row; stream storage: {}", machine(), args.seconds, if args.memory_storage { "memory" } else { "file" });
+    println!(
+        "{}; {:.1} s per closed-loop row; stream storage: {}; Redis projection: {}",
+        machine(),
+        args.seconds,
+        if args.memory_storage { "memory" } else { "file" },
+        if projection.is_some() { "on" } else { "off" }
+    );
     if let Some(url) = &url {
         let nc = async_nats::connect(url).await.context("connecting")?;
         wait_for_service(&nc).await?;
         raise_consumer_limit(&nc, args.stream_max_consumers).await?;
         if args.has("floors") {
-            floors(&args, &nc, &scratch).await?;
+            floors(&args, &nc, redis_addr.as_deref()).await?;
         }
         if args.has("latency") {
             latency(&args, &nc).await?;
@@ -247,6 +273,7 @@ async fn bench(args: Args, url: Option<String>, scratch: PathBuf) -> anyhow::Res
                 cold_samples: args.cold_samples,
                 group_messages: args.group_messages,
                 stream_max_consumers: args.stream_max_consumers,
+                redis_url: projection.clone(),
             };
             capacity::run(&cargs, &scratch).await?;
         } else {
@@ -282,7 +309,7 @@ async fn wait_for_service(nc: &async_nats::Client) -> anyhow::Result<()> {
 }
 
 /// Bare NATS request-reply, bare JetStream publish + ack, bare Redis round trips.
-async fn floors(args: &Args, nc: &async_nats::Client, scratch: &std::path::Path) -> anyhow::Result<()> {
+async fn floors(args: &Args, nc: &async_nats::Client, redis_addr: Option<&str>) -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64(args.seconds);
     println!();
     println!("## floors ({} B payloads)", args.value_bytes);
@@ -297,17 +324,6 @@ async fn floors(args: &Args, nc: &async_nats::Client, scratch: &std::path::Path)
         ..Default::default()
     })
     .await?;
-    let redis_server = match &args.redis_url {
-        Some(_) => None,
-        None => match floors::RedisServer::start(&args.redis_server_bin, scratch) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                println!("(Redis floor skipped: {e:#})");
-                None
-            }
-        },
-    };
-    let redis_addr = args.redis_url.as_deref().map(floors::redis_addr).or_else(|| redis_server.as_ref().map(|r| r.addr.clone()));
     let payload = bytes::Bytes::from(session_record(1, args.value_bytes));
     for &c in &args.concurrency {
         let cs = c.to_string();
@@ -328,7 +344,7 @@ async fn floors(args: &Args, nc: &async_nats::Client, scratch: &std::path::Path)
         })
         .await;
         print_row("floor: JetStream publish + ack", &cs, "-", &r);
-        if let Some(addr) = &redis_addr {
+        if let Some(addr) = redis_addr {
             for (name, set) in [("floor: Redis PING round trip", false), ("floor: Redis SET round trip", true)] {
                 let mut conns = Vec::new();
                 for _ in 0..c {
@@ -355,7 +371,6 @@ async fn floors(args: &Args, nc: &async_nats::Client, scratch: &std::path::Path)
     }
     echo.abort();
     let _ = js.delete_stream("BENCH_FLOOR").await;
-    drop(redis_server);
     Ok(())
 }
 

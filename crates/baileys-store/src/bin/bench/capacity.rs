@@ -24,8 +24,12 @@ struct ServiceProc {
 }
 
 impl ServiceProc {
-    fn start(bin: &Path, url: &str, key: &str, data: &Path, max_active: usize) -> anyhow::Result<Self> {
-        let child = Command::new(bin)
+    fn start(bin: &Path, url: &str, key: &str, data: &Path, max_active: usize, redis: Option<&str>) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
+        if let Some(redis) = redis {
+            cmd.env("BSTORE_REDIS_URL", redis);
+        }
+        let child = cmd
             .arg("serve")
             .env("BSTORE_NATS_URL", url)
             .env("BSTORE_KEYS", key)
@@ -129,12 +133,14 @@ pub struct CapacityArgs {
     pub cold_samples: usize,
     pub group_messages: usize,
     pub stream_max_consumers: i64,
+    /// The Redis projection's URL, when it is on.
+    pub redis_url: Option<String>,
 }
 
 pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
     let key = bstore_codec::Keyring::format_entry(1, &bstore_codec::Keyring::generate_key());
     println!();
-    println!("## capacity (service as its own process: {})", args.service_bin.display());
+    println!("## capacity (service as its own process: {}; Redis projection {})", args.service_bin.display(), if args.redis_url.is_some() { "on" } else { "off" });
     println!("each session: creds 1.1 KB, 812 pre-keys (~85 B), 50 Signal sessions (3 KB) = ~222 KB of values; file storage");
     println!();
     println!("{:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>12} {:>12}", "sessions", "load s", "load CPU s", "RSS MiB", "peak MiB", "RSS KiB/sess", "idle CPU %", "get p50 µs");
@@ -145,7 +151,7 @@ pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
         ecfg.port = -1;
         let nats = baileys_store::embedded::EmbeddedNats::start(&ecfg, &dir.join("nats")).await?;
         let nc = async_nats::connect(&nats.url).await?;
-        let mut svc = ServiceProc::start(&args.service_bin, &nats.url, &key, &dir.join("svc"), n * 2 + 1000)?;
+        let mut svc = ServiceProc::start(&args.service_bin, &nats.url, &key, &dir.join("svc"), n * 2 + 1000, args.redis_url.as_deref())?;
         let outcome = async {
             wait_ready(&nc, &mut svc).await?;
             crate::raise_consumer_limit(&nc, args.stream_max_consumers).await?;
@@ -245,7 +251,7 @@ async fn cold_and_log(
             names.push((kind, k, 189 + rewrites, s));
         }
     }
-    let old = std::mem::replace(svc, ServiceProc::start(bin, url, key, &dir.join("svc"), resident * 2 + 1000)?);
+    let old = std::mem::replace(svc, ServiceProc::start(bin, url, key, &dir.join("svc"), resident * 2 + 1000, args.redis_url.as_deref())?);
     old.stop();
     wait_ready(nc, svc).await?;
     println!();
