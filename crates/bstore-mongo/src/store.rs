@@ -201,7 +201,8 @@ impl Store {
         // tombstone at the deletion's sequence.
         let mut key_ops: BTreeMap<(String, KeyType, KeyId), KeyOp> = BTreeMap::new();
         let mut wipes: Vec<(String, u64, u64)> = Vec::new();
-        let mut keys_touched: BTreeSet<String> = BTreeSet::new();
+        // Sessions whose counts per type must be recomputed.
+        let mut recount: BTreeSet<String> = BTreeSet::new();
         for e in &events {
             let id = sid(&e.session);
             let acc = accs.entry(id.clone()).or_default();
@@ -222,7 +223,6 @@ impl Store {
                             key_ops.insert((id.clone(), ty.clone(), kid.clone()), op);
                         }
                     }
-                    keys_touched.insert(id.clone());
                 }
                 Change::SessionDeleted => {
                     if !fresh_for_session && e.seq < acc.reset_seq {
@@ -234,7 +234,34 @@ impl Store {
                         }
                     }
                     wipes.push((id.clone(), e.seq, e.event.at_ms));
-                    keys_touched.insert(id.clone());
+                    recount.insert(id.clone());
+                }
+            }
+        }
+
+        // Counts change only where a key appears or disappears. Most
+        // writes rewrite a live key (a Signal session after each message),
+        // so the documents' state before the batch decides which sessions
+        // need the (per-session) recount, and most batches need none.
+        if !key_ops.is_empty() {
+            let ids: Vec<String> = key_ops.keys().map(|(s, t, i)| key_doc_id(s, t, i)).collect();
+            let mut before: HashMap<String, (u64, bool)> = HashMap::new();
+            for chunk in ids.chunks(1000) {
+                let mut cursor = self.keys.find(doc! { "_id": { "$in": chunk } }).projection(doc! { "seq": 1, "deleted": 1 }).await.map_err(unavailable)?;
+                while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+                    if let Ok(id) = d.get_str("_id") {
+                        before.insert(id.to_owned(), (int(&d, "seq"), d.get_bool("deleted").unwrap_or(false)));
+                    }
+                }
+            }
+            for ((s, t, i), op) in &key_ops {
+                let was_live = match before.get(&key_doc_id(s, t, i)) {
+                    Some(&(seq, _)) if seq >= op.seq => continue,
+                    Some(&(_, deleted)) => !deleted,
+                    None => false,
+                };
+                if was_live != op.value.is_some() {
+                    recount.insert(s.clone());
                 }
             }
         }
@@ -283,10 +310,10 @@ impl Store {
 
         // Counts are recomputed from the key documents rather than kept by
         // increments, which a repeated or reordered event would skew.
-        if !keys_touched.is_empty() {
-            let mut counts: BTreeMap<String, Document> = keys_touched.iter().map(|s| (s.clone(), Document::new())).collect();
+        if !recount.is_empty() {
+            let mut counts: BTreeMap<String, Document> = recount.iter().map(|s| (s.clone(), Document::new())).collect();
             let pipeline = vec![
-                doc! { "$match": { "sid": { "$in": keys_touched.iter().cloned().collect::<Vec<_>>() }, "deleted": false } },
+                doc! { "$match": { "sid": { "$in": recount.iter().cloned().collect::<Vec<_>>() }, "deleted": false } },
                 doc! { "$group": { "_id": { "sid": "$sid", "type": "$type" }, "n": { "$sum": 1 } } },
             ];
             let mut cursor = self.keys.aggregate(pipeline).await.map_err(unavailable)?;
@@ -352,10 +379,10 @@ impl Store {
         let mut out = Vec::new();
         let mut cursor = self.sessions.find(doc! {}).projection(doc! { "tenant": 1, "session": 1 }).await.map_err(unavailable)?;
         while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-            if let (Ok(t), Ok(s)) = (d.get_str("tenant"), d.get_str("session")) {
-                if let Ok(key) = SessionKey::parse(t, s) {
-                    out.push(key);
-                }
+            if let (Ok(t), Ok(s)) = (d.get_str("tenant"), d.get_str("session"))
+                && let Ok(key) = SessionKey::parse(t, s)
+            {
+                out.push(key);
             }
         }
         out.sort();
