@@ -2,11 +2,13 @@
 //!
 //! 1. Cold load of one session with `--keys` keys: from its Redis copy (plus
 //!    the log's tail, here empty) versus from the log alone, the median of
-//!    `--runs` loads each, for the keys written one per event and a hundred
-//!    per event.
+//!    `--runs` loads each, for the keys written a hundred per event, one per
+//!    event, and one per event `--rewrites` times over (a long-lived bot).
 //! 2. The Mongo materializer: throughput draining a backlog of `--backlog`
 //!    events, then its lag while a steady `--rate` events/s are appended for
-//!    `--seconds`.
+//!    `--seconds`. The events are shaped like a bot's traffic over
+//!    `--sessions` sessions: each rewrites one peer's Signal session, every
+//!    twentieth per session also replaces a pre-key.
 //!
 //! It starts its own nats-server, redis-server and Mongo-compatible server
 //! (`scripts/setup --test` installs them) on free ports, and drives the
@@ -44,6 +46,9 @@ struct Args {
     /// Bytes of each key's value.
     #[arg(long, default_value_t = 600)]
     value_bytes: usize,
+    /// Times each key is written in the long-history row.
+    #[arg(long, default_value_t = 10)]
+    rewrites: usize,
     /// Cold loads per row; the median is printed.
     #[arg(long, default_value_t = 9)]
     runs: usize,
@@ -89,9 +94,13 @@ fn value(n: usize, len: usize) -> Bytes {
 }
 
 fn event(entries: impl IntoIterator<Item = (String, Bytes)>) -> Event {
+    keys_event(entries.into_iter().map(|(id, v)| ("session", id, Some(v))))
+}
+
+fn keys_event<'a>(entries: impl IntoIterator<Item = (&'a str, String, Option<Bytes>)>) -> Event {
     let mut keys = KeyChanges::new();
-    for (id, v) in entries {
-        keys.entry(KeyType::parse("session").unwrap()).or_default().insert(KeyId::parse(&id).unwrap(), Some(v));
+    for (ty, id, v) in entries {
+        keys.entry(KeyType::parse(ty).unwrap()).or_default().insert(KeyId::parse(&id).unwrap(), v);
     }
     Event { v: 1, at_ms: 1, rid: None, change: Change::KeysChanged { keys } }
 }
@@ -100,16 +109,20 @@ async fn cold_loads(args: &Args, log: &EventLog, codec: &Codec) -> anyhow::Resul
     let redis_server = RedisServer::start();
     let redis = RedisProjection::new(RedisConfig { url: Some(redis_server.url()), ..Default::default() }, codec.clone())?;
     println!("## Cold load of a session with {} keys of {} B (median of {} loads)\n", args.keys, args.value_bytes, args.runs);
-    println!("| keys per event | events in the log | from redis | from the log alone | speed-up |");
-    println!("|---:|---:|---:|---:|---:|");
-    for per_event in [1usize, 100] {
-        let key = SessionKey::parse("bench", &format!("cold-{per_event}"))?;
+    println!("| keys per event | writes per key | events in the log | from redis | from the log alone | speed-up |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    // A long-lived bot rewrites its Signal sessions on every message, so its
+    // log holds many events per key: the last row.
+    for (per_event, rewrites) in [(100usize, 1usize), (1, 1), (1, args.rewrites.max(1))] {
+        let key = SessionKey::parse("bench", &format!("cold-{per_event}-{rewrites}"))?;
         let mut seq = 0;
         let mut events = 0;
-        for chunk in (0..args.keys).collect::<Vec<_>>().chunks(per_event) {
-            let e = event(chunk.iter().map(|&i| (format!("{i}.0"), value(i, args.value_bytes))));
-            seq = log.append(&key, seq, &e).await?.seq;
-            events += 1;
+        for round in 0..rewrites {
+            for chunk in (0..args.keys).collect::<Vec<_>>().chunks(per_event) {
+                let e = event(chunk.iter().map(|&i| (format!("{i}.0"), value(i + round, args.value_bytes))));
+                seq = log.append(&key, seq, &e).await?.seq;
+                events += 1;
+            }
         }
         let state = load::from_log(log, &key).await?;
         redis.write_snapshot(&key, &state, SnapshotMode::Replace).await?;
@@ -126,7 +139,7 @@ async fn cold_loads(args: &Args, log: &EventLog, codec: &Codec) -> anyhow::Resul
             anyhow::ensure!(loaded.state == state, "the log gave another state");
         }
         let (r, l) = (median(&mut from_redis), median(&mut from_log));
-        println!("| {per_event} | {events} | {} | {} | {:.1}x |", ms(r), ms(l), l.as_secs_f64() / r.as_secs_f64());
+        println!("| {per_event} | {rewrites} | {events} | {} | {} | {:.1}x |", ms(r), ms(l), l.as_secs_f64() / r.as_secs_f64());
     }
     println!();
     Ok(())
@@ -143,8 +156,18 @@ async fn materializer(args: &Args, client: &async_nats::Client, log: &EventLog, 
     let mut n = 0usize;
     let mut append = async |n: usize| -> anyhow::Result<()> {
         let key = &sessions[n % sessions.len()];
-        // Two keys per event: a new pre-key and the session record rewritten.
-        let e = event([(format!("pk{n}"), value(n, 100)), ("peer.0".to_string(), value(n, args.value_bytes))]);
+        // Like a bot's traffic: every event rewrites the Signal session of
+        // one of five peers; every twentieth also uses up a pre-key and
+        // uploads a new one.
+        let round = n / sessions.len();
+        let mut entries = vec![("session", format!("peer{}.0", round % 5), Some(value(n, args.value_bytes)))];
+        if round.is_multiple_of(20) {
+            entries.push(("pre-key", format!("{}", round / 20), Some(value(n, 100))));
+            if round >= 20 {
+                entries.push(("pre-key", format!("{}", round / 20 - 1), None));
+            }
+        }
+        let e = keys_event(entries);
         let prev = last.get(key).copied().unwrap_or(0);
         let seq = log.append(key, prev, &e).await?.seq;
         last.insert(key.clone(), seq);
