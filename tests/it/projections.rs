@@ -53,7 +53,8 @@ impl Projected {
     }
 
     fn session(&self, s: &str) -> SessionClient {
-        self.stack.session("t", s).with_timeout(Duration::from_secs(3))
+        // Generous: a cold start on a loaded 2-core machine can take seconds.
+        self.stack.session("t", s).with_timeout(Duration::from_secs(10))
     }
 
     fn redis_projection(&self) -> RedisProjection {
