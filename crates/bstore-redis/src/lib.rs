@@ -27,6 +27,8 @@
 
 mod config;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bstore_codec::Codec;
@@ -147,6 +149,10 @@ pub struct RedisProjection {
     codec: Codec,
     delta: Script,
     snapshot: Script,
+    /// Whether the last call reached Redis. While it did not, a snapshot
+    /// first pings, so an outage does not cost the sealing of whole
+    /// sessions that cannot be written anyway.
+    reachable: Arc<AtomicBool>,
 }
 
 impl RedisProjection {
@@ -162,7 +168,7 @@ impl RedisProjection {
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg).map_err(unavailable)?;
         let script = |body: &str| Script::new(&format!("local CHUNK = {CHUNK}\n{STORED_SEQ}{CHUNKED}{body}"));
-        Ok(Self { conn, delta: script(DELTA), snapshot: script(SNAPSHOT), cfg, codec })
+        Ok(Self { conn, delta: script(DELTA), snapshot: script(SNAPSHOT), cfg, codec, reachable: Arc::new(AtomicBool::new(true)) })
     }
 
     /// The settings in force.
@@ -245,6 +251,10 @@ impl RedisProjection {
     /// Writes `state` whole. Returns whether it was written ([`SnapshotMode::Guarded`]
     /// skips a hash that is already as new or newer).
     pub async fn write_snapshot(&self, session: &SessionKey, state: &SessionState, mode: SnapshotMode) -> Result<bool, RedisError> {
+        if !self.reachable.load(Ordering::Acquire) {
+            let mut conn = self.conn.clone();
+            let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        }
         let mut inv = self.snapshot.key(self.key(session));
         inv.arg(state.seq()).arg(self.cfg.ttl_secs).arg(if mode == SnapshotMode::Replace { "1" } else { "0" });
         inv.arg(SEQ).arg(state.seq());
@@ -350,10 +360,12 @@ impl RedisProjection {
     }
 
     async fn bounded<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
-        match tokio::time::timeout(self.cfg.timeout, fut).await {
+        let result = match tokio::time::timeout(self.cfg.timeout, fut).await {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(RedisError::Unavailable(format!("no answer within {:?}", self.cfg.timeout))),
-        }
+        };
+        self.reachable.store(!matches!(result, Err(RedisError::Unavailable(_))), Ordering::Release);
+        result
     }
 }
 

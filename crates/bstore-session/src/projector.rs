@@ -14,7 +14,8 @@
 //! detects by sequence and repairs — never a lost or refused write.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use bstore_domain::{Event, SessionKey, SessionState};
 use bstore_redis::{DeltaOutcome, RedisProjection, SnapshotMode};
@@ -31,6 +32,8 @@ struct Status {
     behind: AtomicBool,
     /// A snapshot waits in the queue; no need to send another.
     snapshot_queued: AtomicBool,
+    /// Snapshots that failed in a row; the timer waits longer after each.
+    failures: AtomicU32,
 }
 
 /// The actor's end of its projection queue. Cheap to clone; the task ends
@@ -39,6 +42,10 @@ struct Status {
 pub(crate) struct Projector {
     tx: mpsc::Sender<Job>,
     status: Arc<Status>,
+    /// When the timer may next try a snapshot (backs off while Redis is
+    /// down, so thousands of behind sessions do not hammer it).
+    next_try: Arc<std::sync::Mutex<Instant>>,
+    interval: Duration,
 }
 
 impl Projector {
@@ -46,8 +53,9 @@ impl Projector {
     pub(crate) fn start(key: SessionKey, redis: RedisProjection) -> Self {
         let (tx, rx) = mpsc::channel(redis.config().queue.max(1));
         let status = Arc::new(Status::default());
+        let interval = redis.config().catch_up_interval;
         actix::spawn(run(key, redis, rx, status.clone()));
-        Self { tx, status }
+        Self { tx, status, next_try: Arc::new(std::sync::Mutex::new(Instant::now())), interval }
     }
 
     /// Whether the Redis copy needs a snapshot to catch up.
@@ -82,11 +90,20 @@ impl Projector {
         }
     }
 
-    /// Queues a snapshot if the copy is behind and none is waiting.
+    /// Queues a snapshot if the copy is behind, none is waiting, and the
+    /// back-off after failed snapshots has passed. For the timer.
     pub(crate) fn catch_up(&self, state: &SessionState) {
-        if self.is_behind() && !self.status.snapshot_queued.load(Ordering::Acquire) {
-            self.snapshot(state, SnapshotMode::Guarded);
+        if !self.is_behind() || self.status.snapshot_queued.load(Ordering::Acquire) {
+            return;
         }
+        let mut next = self.next_try.lock().expect("not poisoned");
+        if Instant::now() < *next {
+            return;
+        }
+        let failures = self.status.failures.load(Ordering::Acquire).min(5);
+        *next = Instant::now() + (self.interval * 2u32.pow(failures)).min(Duration::from_secs(30));
+        drop(next);
+        self.snapshot(state, SnapshotMode::Guarded);
     }
 }
 
@@ -118,10 +135,12 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
                     Ok(written) => {
                         tracing::debug!(session = %key, seq = state.seq(), written, ?mode, "redis copy caught up");
                         status.behind.store(false, Ordering::Release);
+                        status.failures.store(0, Ordering::Release);
                     }
                     Err(e) => {
                         tracing::warn!(session = %key, error = %e, "redis snapshot failed; will retry");
                         status.behind.store(true, Ordering::Release);
+                        status.failures.fetch_add(1, Ordering::AcqRel);
                     }
                 }
             }
