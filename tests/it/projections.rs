@@ -188,6 +188,12 @@ async fn redis_stopped_during_writes_refuses_none_and_catches_up_after() {
 
     p.redis.as_mut().unwrap().stop();
     let during = load.acked();
+    // A second session written only while Redis is down: no later write
+    // carries its catch-up, the actor's timer must.
+    let quiet = p.session("r2");
+    for i in 0..3u8 {
+        quiet.keys_set(&rid(), &key_data([("pre-key", "1", Some(&[i][..]))])).await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let written_while_down = load.acked() - during;
     // Started again empty (no persistence), as after losing a cache node.
