@@ -74,10 +74,10 @@ pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Session
         .add(format!("{}.>", cfg.prefix))
         .await
         .map_err(|e| StartError(e.to_string()))?;
-    // One round trip so the subscription is known to the server before the
-    // caller announces readiness.
-    client.flush().await.map_err(|e| StartError(e.to_string()))?;
-    let _ = client.server_info();
+    // `flush` only writes out the SUB; a message through the server to
+    // ourselves proves the server has processed it, so a request sent after
+    // "serving requests" is logged finds the endpoint.
+    round_trip(&client).await.map_err(|e| StartError(format!("confirming the subscription: {e}")))?;
     tracing::info!(subject = %format!("{}.>", cfg.prefix), "serving requests");
 
     let cfg = std::sync::Arc::new(cfg);
@@ -102,6 +102,17 @@ pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Session
     let _ = tokio::time::timeout(bounded(15), async { while in_flight.join_next().await.is_some() {} }).await;
     let _ = tokio::time::timeout(bounded(2), service.stop()).await;
     Ok(())
+}
+
+/// Publishes to a fresh inbox and waits for the message to come back.
+async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), sub.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err("no echo from the server within 10 s".into()),
+    }
 }
 
 /// The error answer for `code`, in the micro-service convention.
