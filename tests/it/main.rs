@@ -2,6 +2,7 @@
 //! servers started by `bstore-testkit` and the real `baileys-store` binary.
 
 mod bad_input;
+mod deltas;
 mod faults;
 mod harness;
 mod projections;

@@ -451,3 +451,30 @@ async fn verify_reports_tampering_and_rebuild_repairs_both_projections() {
     let out = p.verify_eventually(30).await;
     assert!(out.contains("verified 1 sessions against redis and mongo: 0 differences"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patched_values_reach_redis_and_mongo_whole_even_when_mongo_lost_the_base() {
+    let p = Projected::start(true, true, true).await;
+    let s = p.session("patched");
+    let id = "g@g.us::u::0";
+    for n in 800..806 {
+        s.keys_set(&rid(), &key_data([("sender-key", id, Some(&crate::deltas::sender_key_record(n)[..]))])).await.unwrap();
+    }
+    let out = p.verify_eventually(30).await;
+    assert!(out.contains("0 differences"), "{out}");
+
+    // Mongo loses the key's document; the next patch must be materialized
+    // from the log instead.
+    let store = p.mongo_store().await;
+    let keys = store.database().collection::<Document>("keys");
+    let ty = bstore_domain::KeyType::parse("sender-key").unwrap();
+    let doc_id = bstore_mongo::key_doc_id(&bstore_mongo::sid(&sk("patched")), &ty, &bstore_domain::KeyId::parse(id).unwrap());
+    let gone = keys.delete_one(doc! { "_id": doc_id }).await.unwrap();
+    assert_eq!(gone.deleted_count, 1);
+    s.keys_set(&rid(), &key_data([("sender-key", id, Some(&crate::deltas::sender_key_record(806)[..]))])).await.unwrap();
+    let out = p.verify_eventually(30).await;
+    assert!(out.contains("0 differences"), "{out}");
+    assert!(p.stack.service.log_text().contains("patch base not in mongo"), "the fallback was taken");
+    let stored = store.read_session(&sk("patched")).await.unwrap().unwrap();
+    assert_eq!(stored.keys[&("sender-key".to_string(), id.to_string())], crate::deltas::sender_key_record(806));
+}

@@ -136,12 +136,17 @@ pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Res
         let mut line = serde_json::json!({ "seq": seq, "at_ms": event.at_ms, "kind": event.kind(), "rid": event.rid });
         match &event.change {
             Change::CredsPut { creds } => line["creds_bytes"] = creds.len().into(),
-            Change::KeysChanged { keys } => {
+            Change::KeysChanged { keys, patched } => {
                 let mut types = serde_json::Map::new();
                 for (ty, ids) in keys {
                     let set: Vec<&str> = ids.iter().filter(|(_, v)| v.is_some()).map(|(id, _)| id.as_str()).collect();
                     let deleted: Vec<&str> = ids.iter().filter(|(_, v)| v.is_none()).map(|(id, _)| id.as_str()).collect();
                     types.insert(ty.to_string(), serde_json::json!({ "set": set, "deleted": deleted }));
+                }
+                // Patched values were written too, recorded as a delta.
+                for (ty, ids) in patched {
+                    let entry = types.entry(ty.to_string()).or_insert_with(|| serde_json::json!({ "set": [], "deleted": [] }));
+                    entry["patched"] = ids.keys().map(|id| id.as_str()).collect::<Vec<_>>().into();
                 }
                 line["keys"] = types.into();
             }

@@ -63,7 +63,7 @@ fn events_round_trip() {
     let mut keys = KeyChanges::new();
     keys.entry(KeyType::parse("pre-key").unwrap()).or_default().insert(KeyId::parse("1").unwrap(), Some(Bytes::from_static(b"\x00\x01")));
     keys.entry(KeyType::parse("pre-key").unwrap()).or_default().insert(KeyId::parse("2").unwrap(), None);
-    let ev = Event { v: 1, at_ms: 7, rid: Some("r".into()), change: Change::KeysChanged { keys } };
+    let ev = Event { v: 1, at_ms: 7, rid: Some("r".into()), change: Change::KeysChanged { keys, patched: Default::default() } };
     let blob = codec.encode_event(&s, &ev);
     assert_eq!(codec.decode_event(&s, &blob).unwrap(), ev);
 }

@@ -8,14 +8,23 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::delta::Delta;
 use crate::ids::{KeyId, KeyType};
 
 /// The schema version this build writes. Readers accept this one and every
 /// older one they know how to upgrade.
-pub const EVENT_SCHEMA_VERSION: u16 = 1;
+///
+/// - 1: whole values only.
+/// - 2: `KeysChanged` may also carry `patched` values (deltas against the
+///   previous value). A version-1 reader would ignore that field and lose
+///   those changes, which is why the version was raised.
+pub const EVENT_SCHEMA_VERSION: u16 = 2;
 
 /// The changes of one `keys.set`, by type then id. `None` deletes the key.
 pub type KeyChanges = BTreeMap<KeyType, BTreeMap<KeyId, Option<Bytes>>>;
+
+/// Values of one `keys.set` recorded as deltas against their previous value.
+pub type KeyPatches = BTreeMap<KeyType, BTreeMap<KeyId, Delta>>;
 
 /// One recorded change to a session, with its metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,9 +50,14 @@ pub enum Change {
         creds: Bytes,
     },
     /// Keys of one or more types were written or deleted, all together.
+    /// A key appears in `keys` or in `patched`, never in both.
     KeysChanged {
         /// Per type, per id: the new value, or `None` for a deletion.
         keys: KeyChanges,
+        /// Per type, per id: the new value as a delta against the key's
+        /// value before this event (which always exists).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        patched: KeyPatches,
     },
     /// The session was logged out: creds and every key are gone.
     SessionDeleted,
@@ -51,11 +65,24 @@ pub enum Change {
 
 impl Event {
     /// Checks that this build can interpret the event and upgrades older
-    /// schema versions in place. Version 1 is the only one so far.
+    /// schema versions in place.
     pub fn upgrade(self) -> Result<Self, u16> {
         match self.v {
-            1 => Ok(self),
+            // Version 1 is version 2 without patches: nothing to convert.
+            1 | 2 => Ok(self),
             other => Err(other),
+        }
+    }
+
+    /// Every key the event touches, with its type: written, patched or deleted.
+    pub fn touched_keys(&self) -> Vec<(&KeyType, &KeyId)> {
+        match &self.change {
+            Change::KeysChanged { keys, patched } => keys
+                .iter()
+                .flat_map(|(t, ids)| ids.keys().map(move |id| (t, id)))
+                .chain(patched.iter().flat_map(|(t, ids)| ids.keys().map(move |id| (t, id))))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 

@@ -18,7 +18,7 @@ mod limits;
 mod state;
 
 pub use error::DomainError;
-pub use event::{Change, Event, EVENT_SCHEMA_VERSION, KeyChanges};
+pub use event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
 pub use ids::{IdError, KeyId, KeyType, SessionKey, SessionId, TenantId, KNOWN_KEY_TYPES};
 pub use limits::Limits;
-pub use state::{Command, SessionInfo, SessionState};
+pub use state::{ApplyError, Command, SessionInfo, SessionState};

@@ -6,7 +6,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DomainError;
-use crate::event::{Change, Event, EVENT_SCHEMA_VERSION, KeyChanges};
+use crate::delta::{Delta, WrongBase};
+use crate::event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
 use crate::ids::{KeyId, KeyType};
 use crate::limits::Limits;
 
@@ -160,7 +161,8 @@ impl SessionState {
                 if keys.is_empty() {
                     return Ok(None);
                 }
-                Change::KeysChanged { keys }
+                let (keys, patched) = self.as_deltas(keys);
+                Change::KeysChanged { keys, patched }
             }
             Command::DeleteSession => {
                 if !self.info().exists {
@@ -189,12 +191,56 @@ impl SessionState {
         keys
     }
 
+    /// Moves the values that are cheaper to record as a delta against their
+    /// current value into the patched set. Only large values are tried:
+    /// computing a delta costs a pass over both versions.
+    fn as_deltas(&self, mut keys: KeyChanges) -> (KeyChanges, KeyPatches) {
+        let mut patched = KeyPatches::new();
+        for (ty, ids) in keys.iter_mut() {
+            let Some(current) = self.keys.get(ty) else { continue };
+            let mut moved = Vec::new();
+            for (id, value) in ids.iter() {
+                let (Some(new), Some(old)) = (value, current.get(id)) else { continue };
+                if new.len() < DELTA_MIN_BYTES {
+                    continue;
+                }
+                let delta = Delta::between(old, new);
+                if delta.encoded_len() * 2 <= new.len() {
+                    moved.push((id.clone(), delta));
+                }
+            }
+            for (id, delta) in moved {
+                ids.remove(&id);
+                patched.entry(ty.clone()).or_default().insert(id, delta);
+            }
+        }
+        keys.retain(|_, ids| !ids.is_empty());
+        (keys, patched)
+    }
+
     /// Records an event that the log stored at `seq`. Applying an event whose
     /// sequence is not newer than the state's changes nothing, so replays and
     /// duplicates are harmless. Returns whether the event was applied.
-    pub fn apply(&mut self, seq: u64, event: &Event) -> bool {
+    ///
+    /// The one failure is a patch that does not fit the value it patches,
+    /// which only a log inconsistent with this state can cause; the state is
+    /// then left exactly as it was.
+    pub fn apply(&mut self, seq: u64, event: &Event) -> Result<bool, ApplyError> {
         if seq <= self.seq {
-            return false;
+            return Ok(false);
+        }
+        // Patches are resolved before anything changes, so a bad one leaves
+        // the state untouched.
+        let mut resolved: Vec<(&KeyType, &KeyId, Bytes)> = Vec::new();
+        if let Change::KeysChanged { patched, .. } = &event.change {
+            for (ty, ids) in patched {
+                for (id, delta) in ids {
+                    let base = self.keys.get(ty).and_then(|m| m.get(id));
+                    let new = base.ok_or(WrongBase).and_then(|b| delta.apply(b));
+                    let new = new.map_err(|_| ApplyError { seq, key: format!("{ty}/{id}") })?;
+                    resolved.push((ty, id, new));
+                }
+            }
         }
         self.seq = seq;
         self.updated_at_ms = Some(event.at_ms);
@@ -204,7 +250,11 @@ impl SessionState {
                 let old = self.creds.replace(creds.clone()).map_or(0, |c| c.len());
                 self.bytes = self.bytes - old as u64 + creds.len() as u64;
             }
-            Change::KeysChanged { keys } => {
+            Change::KeysChanged { keys, .. } => {
+                for (ty, id, new) in resolved {
+                    let old = self.keys.entry(ty.clone()).or_default().insert(id.clone(), new.clone());
+                    self.bytes = self.bytes + new.len() as u64 - old.map_or(0, |v| v.len() as u64);
+                }
                 for (ty, ids) in keys {
                     let of_type = self.keys.entry(ty.clone()).or_default();
                     for (id, value) in ids {
@@ -229,8 +279,22 @@ impl SessionState {
                 self.events = 0;
             }
         }
-        true
+        Ok(true)
     }
+}
+
+/// Values at least this large are considered for recording as deltas.
+const DELTA_MIN_BYTES: usize = 1024;
+
+/// An event that cannot be applied to this state: it patches a value that
+/// is absent or not the one the patch was computed against.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {seq} patches {key}, but the session's value is not the one the patch was made against")]
+pub struct ApplyError {
+    /// The event's sequence.
+    pub seq: u64,
+    /// `type/id` of the key.
+    pub key: String,
 }
 
 fn limit(what: &'static str, max: usize, actual: usize) -> Result<(), DomainError> {
@@ -270,7 +334,7 @@ mod tests {
         let mut state = SessionState::default();
         for (n, cmd) in cmds.into_iter().enumerate() {
             if let Some(ev) = state.handle(cmd, &Limits::default(), 1000 + n as u64, None).unwrap() {
-                assert!(state.apply(state.seq() + 1, &ev));
+                assert!(state.apply(state.seq() + 1, &ev).unwrap());
             }
         }
         Given(state)
@@ -290,7 +354,7 @@ mod tests {
             .unwrap();
         assert_eq!(ev.v, EVENT_SCHEMA_VERSION);
         assert_eq!(ev.rid.as_deref(), Some("r1"));
-        let Change::KeysChanged { keys } = ev.change else { panic!("wrong change") };
+        let Change::KeysChanged { keys, .. } = ev.change else { panic!("wrong change") };
         assert_eq!(keys.len(), 2);
     }
 
@@ -300,7 +364,7 @@ mod tests {
         let none = g.when(Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "2", None)]) });
         assert_eq!(none, Ok(None));
         let some = g.when(Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "3", Some("c"))]) });
-        let Change::KeysChanged { keys } = some.unwrap().unwrap().change else { panic!() };
+        let Change::KeysChanged { keys, .. } = some.unwrap().unwrap().change else { panic!() };
         assert_eq!(keys[&t("pre-key")].len(), 1, "only the new key is recorded");
     }
 
@@ -311,7 +375,7 @@ mod tests {
             .handle(Command::SetKeys { keys: set(&[("pre-key", "1", None), ("session", "u.1", Some("xyz"))]) }, &Limits::default(), 5, None)
             .unwrap()
             .unwrap();
-        s.apply(2, &ev);
+        s.apply(2, &ev).unwrap();
         assert!(s.get_keys(&t("pre-key"), [&id("1")]).is_empty());
         assert_eq!(s.get_keys(&t("pre-key"), [&id("2")]), vec![(id("2"), b("bb"))]);
         assert_eq!(s.get_keys(&t("session"), [&id("u.1"), &id("missing")]), vec![(id("u.1"), b("xyz"))]);
@@ -338,9 +402,9 @@ mod tests {
     fn apply_is_idempotent_and_ignores_older_events() {
         let mut s = SessionState::default();
         let put = |v: &str| Event { v: 1, at_ms: 1, rid: None, change: Change::CredsPut { creds: b(v) } };
-        assert!(s.apply(5, &put("new")));
-        assert!(!s.apply(5, &put("new")), "same sequence twice");
-        assert!(!s.apply(3, &put("old")), "older event after a newer one");
+        assert!(s.apply(5, &put("new")).unwrap());
+        assert!(!s.apply(5, &put("new")).unwrap(), "same sequence twice");
+        assert!(!s.apply(3, &put("old")).unwrap(), "older event after a newer one");
         assert_eq!(s.creds(), Some(&b("new")));
         assert_eq!(s.seq(), 5);
     }
@@ -353,7 +417,7 @@ mod tests {
         ]);
         let mut s = g.0.clone();
         let ev = g.when(Command::DeleteSession).unwrap().unwrap();
-        s.apply(10, &ev);
+        s.apply(10, &ev).unwrap();
         assert_eq!(s.creds(), None);
         assert!(!s.info().exists);
         assert_eq!(s.info().bytes, 0);
@@ -381,6 +445,40 @@ mod tests {
         let empty = SessionState::from_parts(7, None, Vec::new(), Some(1), 0);
         assert!(!empty.info().exists);
         assert_eq!(empty.seq(), 7);
+    }
+
+    #[test]
+    fn a_large_value_rewritten_with_a_small_change_is_recorded_as_a_delta() {
+        let big: String = (0..4000).map(|i| format!("{i},")).collect();
+        let mut bigger = big.clone();
+        bigger.push_str("4000,");
+        let g = given(vec![Command::SetKeys { keys: set(&[("sender-key", "g::u::0", Some(&big)), ("pre-key", "1", Some("a"))]) }]);
+        let ev = g
+            .when(Command::SetKeys { keys: set(&[("sender-key", "g::u::0", Some(&bigger)), ("pre-key", "1", Some("b")), ("pre-key", "2", Some("c"))]) })
+            .unwrap()
+            .unwrap();
+        let Change::KeysChanged { keys, patched } = &ev.change else { panic!() };
+        assert_eq!(patched[&t("sender-key")].len(), 1, "the big value travels as a delta");
+        assert!(!keys.contains_key(&t("sender-key")), "and not whole as well");
+        assert_eq!(keys[&t("pre-key")].len(), 2, "small values stay whole");
+        let Given(mut s) = g;
+        let before = s.info().bytes;
+        assert!(s.apply(s.seq() + 1, &ev).unwrap());
+        assert_eq!(s.get_keys(&t("sender-key"), [&id("g::u::0")]), vec![(id("g::u::0"), b(&bigger))]);
+        assert_eq!(s.info().bytes, before + 5 + 1, "byte count follows the patched value");
+    }
+
+    #[test]
+    fn a_patch_that_does_not_fit_the_state_is_refused_and_changes_nothing() {
+        let big: String = (0..4000).map(|i| format!("{i};")).collect();
+        let g = given(vec![Command::SetKeys { keys: set(&[("sender-key", "k", Some(&big))]) }]);
+        let ev = g.when(Command::SetKeys { keys: set(&[("sender-key", "k", Some(&format!("{big}x"))), ("pre-key", "9", Some("new"))]) }).unwrap().unwrap();
+        // The same event against a state whose value differs.
+        let Given(mut other) = given(vec![Command::SetKeys { keys: set(&[("sender-key", "k", Some(&format!("{big}y")))]) }]);
+        let snapshot = other.clone();
+        let err = other.apply(other.seq() + 1, &ev).unwrap_err();
+        assert_eq!(err.key, "sender-key/k");
+        assert_eq!(other, snapshot, "nothing applied, not even the whole values");
     }
 
     #[test]

@@ -86,6 +86,12 @@ impl EventLog {
         Ok(Self { js, cfg, codec })
     }
 
+    /// A handle on a stream that already exists, without checking or
+    /// changing its settings: for readers such as the materializer.
+    pub fn attach(js: jetstream::Context, cfg: LogConfig, codec: Codec) -> Self {
+        Self { js, cfg, codec }
+    }
+
     /// The codec events are sealed with.
     pub fn codec(&self) -> &Codec {
         &self.codec

@@ -6,6 +6,7 @@
 //! skipped and the lag simply grows. An event redelivered after a lost ack
 //! is written again and changes nothing.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use bstore_codec::Codec;
-use bstore_domain::SessionKey;
-use bstore_log::LogConfig;
+use bstore_domain::delta::Delta;
+use bstore_domain::{Change, KeyId, KeyType, SessionKey, SessionState};
+use bstore_log::{EventLog, LogConfig};
+use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::store::{LoggedEvent, Store};
+use crate::store::{ID_SEP, LoggedEvent, Store, key_doc_id, sid};
 use crate::{MongoConfig, MongoError};
 
 /// How far the materializer is behind the log.
@@ -67,6 +70,96 @@ impl Materializer {
         let mut js = jetstream::new(client);
         js.set_timeout(log.request_timeout);
         Self { store, js, log, cfg, codec, applied: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Turns every patched value of `events` into the whole value it stands
+    /// for. The base of a patch is the key's value from an earlier event of
+    /// the same batch, else the value its Mongo document holds; a document
+    /// already at or past the event means the event was applied before (a
+    /// redelivery) and the patch is dropped. When the base is missing or is
+    /// not the one the patch was made against (the patch checks), the
+    /// session is replayed from the log up to the event — slow, and only
+    /// needed when Mongo lost or never had the previous value.
+    pub async fn resolve_patches(&self, events: &[LoggedEvent]) -> Result<Vec<LoggedEvent>, MongoError> {
+        let mut events: Vec<LoggedEvent> = events.to_vec();
+        events.sort_by_key(|e| e.seq);
+        let wanted: Vec<(SessionKey, KeyType, KeyId)> = events
+            .iter()
+            .flat_map(|e| match &e.event.change {
+                Change::KeysChanged { patched, .. } => patched
+                    .iter()
+                    .flat_map(|(t, ids)| ids.keys().map(move |i| (e.session.clone(), t.clone(), i.clone())))
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(events);
+        }
+        let stored = self.store.values_of(&wanted).await?;
+        // Values as of the event being resolved: what earlier events of the
+        // batch left, by document id (`None`: deleted).
+        let mut in_batch: HashMap<String, Option<Bytes>> = HashMap::new();
+        for e in &mut events {
+            let sid = sid(&e.session);
+            let Change::KeysChanged { keys, patched } = &mut e.event.change else {
+                if matches!(e.event.change, Change::SessionDeleted) {
+                    in_batch.retain(|id, _| !id.starts_with(&format!("{sid}{ID_SEP}")));
+                    let prefix = format!("{sid}{ID_SEP}");
+                    for id in stored.keys().filter(|id| id.starts_with(&prefix)) {
+                        in_batch.insert(id.clone(), None);
+                    }
+                }
+                continue;
+            };
+            for (ty, ids) in std::mem::take(patched) {
+                for (kid, delta) in ids {
+                    let doc_id = key_doc_id(&sid, &ty, &kid);
+                    if stored.get(&doc_id).is_some_and(|(seq, _)| *seq >= e.seq) && !in_batch.contains_key(&doc_id) {
+                        continue; // applied before: the guard would drop it anyway
+                    }
+                    let base = match in_batch.get(&doc_id) {
+                        Some(v) => v.clone(),
+                        None => stored.get(&doc_id).and_then(|(_, v)| v.clone()),
+                    };
+                    let new = match base.as_deref().map(|b| delta.apply(b)) {
+                        Some(Ok(new)) => new,
+                        _ => self.value_from_log(&e.session, e.seq, &ty, &kid, &delta).await?,
+                    };
+                    keys.entry(ty.clone()).or_default().insert(kid, Some(new));
+                }
+            }
+            for (ty, ids) in keys.iter() {
+                for (kid, value) in ids {
+                    in_batch.insert(key_doc_id(&sid, ty, kid), value.clone());
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// The value a patch at `seq` produces, computed from the session as the
+    /// log has it just before `seq`.
+    async fn value_from_log(&self, session: &SessionKey, seq: u64, ty: &KeyType, kid: &KeyId, delta: &Delta) -> Result<Bytes, MongoError> {
+        tracing::info!(%session, seq, key = %format!("{ty}/{kid}"), "patch base not in mongo; replaying the session from the log");
+        let log = EventLog::attach(self.js.clone(), self.log.clone(), self.codec.clone());
+        let mut state = SessionState::default();
+        let mut failed = None;
+        log.replay(session, 0, |s, event| {
+            if s < seq && failed.is_none() {
+                if let Err(e) = state.apply(s, &event) {
+                    failed = Some(e);
+                }
+            }
+        })
+        .await
+        .map_err(|e| MongoError::Stream(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(MongoError::Unreadable(e.to_string()));
+        }
+        let base = state.get_keys(ty, [kid]).pop().map(|(_, v)| v);
+        base.and_then(|b| delta.apply(&b).ok())
+            .ok_or_else(|| MongoError::Unreadable(format!("event {seq} of {session} patches {ty}/{kid}, which the log does not hold as patched")))
     }
 
     /// The Mongo side.
@@ -200,6 +293,7 @@ impl Materializer {
         let mut pause = Backoff::new(self.cfg.retry_max);
         loop {
             let written = async {
+                let events = self.resolve_patches(&events).await?;
                 let applied = self.store.apply(&events).await?;
                 self.store.save_checkpoint(&self.cfg.consumer, max_seq).await?;
                 Ok::<_, MongoError>(applied)

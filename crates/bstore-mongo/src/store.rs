@@ -37,6 +37,10 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::{MongoConfig, MongoError};
 
+/// A key's document as far as patching needs it: its sequence and, unless
+/// it is a tombstone, its opened value.
+pub type KeyValueAt = (u64, Option<Bytes>);
+
 /// Separates the parts of a key document's `_id`; it cannot occur in a key
 /// type or id.
 pub const ID_SEP: char = '\x1f';
@@ -162,6 +166,35 @@ impl Store {
         Ok(())
     }
 
+    /// The stored sequence and value of each of `wanted` keys that has a
+    /// document, by document id. Values are opened (and so checked to belong
+    /// to their session, type and id).
+    pub async fn values_of(&self, wanted: &[(SessionKey, KeyType, KeyId)]) -> Result<HashMap<String, KeyValueAt>, MongoError> {
+        let mut places: HashMap<String, &(SessionKey, KeyType, KeyId)> = HashMap::new();
+        for w in wanted {
+            places.insert(key_doc_id(&sid(&w.0), &w.1, &w.2), w);
+        }
+        let ids: Vec<String> = places.keys().cloned().collect();
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(1000) {
+            let mut cursor = self.keys.find(doc! { "_id": { "$in": chunk } }).await.map_err(unavailable)?;
+            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+                let Some((id, (session, ty, kid))) = d.get_str("_id").ok().and_then(|id| places.get_key_value(id)) else { continue };
+                let value = match d.get_binary_generic("value") {
+                    Ok(blob) if !d.get_bool("deleted").unwrap_or(false) => Some(
+                        self.codec
+                            .open_value(session, Some((ty, kid)), blob)
+                            .map_err(|e| MongoError::Unreadable(format!("{session} key {ty}/{kid}: {e}")))?
+                            .into(),
+                    ),
+                    _ => None,
+                };
+                out.insert(id.clone(), (int(&d, "seq"), value));
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes every collection this store writes, checkpoints included.
     pub async fn drop_all(&self) -> Result<(), MongoError> {
         for coll in [&self.keys, &self.sessions, &self.checkpoints] {
@@ -213,7 +246,12 @@ impl Store {
             }
             match &e.event.change {
                 Change::CredsPut { .. } => {}
-                Change::KeysChanged { keys } => {
+                // Patches need the previous value; the materializer turns them
+                // into whole values first (`Materializer::resolve_patches`).
+                Change::KeysChanged { patched, .. } if !patched.is_empty() => {
+                    return Err(MongoError::Unreadable(format!("event {} of {} still holds patches", e.seq, e.session)));
+                }
+                Change::KeysChanged { keys, .. } => {
                     if e.seq <= acc.reset_seq {
                         continue;
                     }

@@ -32,7 +32,7 @@ fn keys(s: &str, seq: u64, entries: &[(&str, &str, Option<&str>)]) -> LoggedEven
     for (ty, id, v) in entries {
         keys.entry(KeyType::parse(ty).unwrap()).or_default().insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
     }
-    LoggedEvent { seq, session: session(s), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::KeysChanged { keys } } }
+    LoggedEvent { seq, session: session(s), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } } }
 }
 
 fn creds(s: &str, seq: u64, v: &str) -> LoggedEvent {

@@ -208,15 +208,13 @@ impl RedisProjection {
                 }
                 false
             }
-            Change::KeysChanged { keys } => {
-                for (ty, ids) in keys {
-                    let values = after.get_keys(ty, ids.keys());
-                    let mut values = values.into_iter().peekable();
-                    for id in ids.keys() {
-                        match values.next_if(|(found, _)| found == id) {
-                            Some((_, v)) => set.push((Self::field(ty, id), self.codec.seal_value(session, Some((ty, id)), &v))),
-                            None => deleted.push(Self::field(ty, id)),
-                        }
+            Change::KeysChanged { .. } => {
+                // Whole values and patches alike: the value is the one in
+                // `after`, so a patch reaches Redis as the value it produced.
+                for (ty, id) in event.touched_keys() {
+                    match after.get_keys(ty, [id]).pop() {
+                        Some((_, v)) => set.push((Self::field(ty, id), self.codec.seal_value(session, Some((ty, id)), &v))),
+                        None => deleted.push(Self::field(ty, id)),
                     }
                 }
                 false

@@ -25,13 +25,13 @@ fn keys(entries: &[(&str, &str, Option<&str>)]) -> Event {
     for (ty, id, v) in entries {
         keys.entry(KeyType::parse(ty).unwrap()).or_default().insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
     }
-    Event { v: 1, at_ms: 1000, rid: None, change: Change::KeysChanged { keys } }
+    Event { v: 1, at_ms: 1000, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } }
 }
 
 /// Applies `event` to `st` at `seq` and projects it; returns the outcome.
 async fn step(p: &RedisProjection, s: &SessionKey, st: &mut SessionState, seq: u64, event: Event) -> DeltaOutcome {
     let prev = st.seq();
-    st.apply(seq, &event);
+    st.apply(seq, &event).unwrap();
     p.apply(s, prev, st, &event).await.unwrap()
 }
 
@@ -69,7 +69,7 @@ async fn repeated_and_older_deltas_change_nothing_and_gaps_are_reported() {
     // A delta whose predecessor the hash has not seen is refused.
     let mut ahead = st.clone();
     let e3 = keys(&[("pre-key", "3", Some("c"))]);
-    ahead.apply(12, &e3);
+    ahead.apply(12, &e3).unwrap();
     assert_eq!(p.apply(&s, 10, &ahead, &e3).await.unwrap(), DeltaOutcome::Gap { stored: 6 });
     assert_eq!(p.load(&s).await.unwrap(), Some(st.clone()));
     // A guarded snapshot fills the gap; an older guarded one is refused.
@@ -95,7 +95,7 @@ async fn a_deleted_session_keeps_only_its_sequence_so_late_deltas_cannot_resurre
     let fields: Vec<String> = conn.hkeys(p.key(&s)).await.unwrap();
     assert!(!fields.iter().any(|f| f.contains(FIELD_SEP) || f == "creds"), "{fields:?}");
     let mut old = SessionState::default();
-    old.apply(2, &set);
+    old.apply(2, &set).unwrap();
     assert_eq!(p.apply(&s, 0, &old, &set).await.unwrap(), DeltaOutcome::AlreadyNewer);
     let loaded = p.load(&s).await.unwrap().unwrap();
     assert_eq!(loaded, st);

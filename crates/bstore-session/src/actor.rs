@@ -168,7 +168,8 @@ async fn write(
             }
             Ok(appended) => {
                 let prev = st.seq();
-                st.apply(appended.seq, &event);
+                // The event was decided against this very state, so it fits.
+                st.apply(appended.seq, &event).map_err(|e| SessionError::Unreadable(format!("{key}: {e}")))?;
                 if let Some(p) = projector {
                     p.after_write(prev, st, &event);
                 }
@@ -189,13 +190,7 @@ async fn write(
 
 /// Applies every event after the state's sequence.
 async fn catch_up(env: &Env, key: &SessionKey, st: &mut SessionState) -> Result<(), SessionError> {
-    let from = st.seq();
-    env.log
-        .replay(key, from, |seq, event| {
-            st.apply(seq, &event);
-        })
-        .await?;
-    Ok(())
+    crate::load::replay_into(&env.log, key, st).await.map(|_| ())
 }
 
 fn now_ms() -> u64 {

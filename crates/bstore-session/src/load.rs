@@ -47,17 +47,18 @@ pub async fn load(log: &EventLog, redis: Option<&RedisProjection>, key: &Session
     let last = last?;
     let repair = match copy {
         Ok(Some(mut state)) if state.seq() <= last => {
-            let mut tail = 0;
-            if state.seq() < last {
-                let from = state.seq();
-                log.replay(key, from, |seq, event| {
-                    state.apply(seq, &event);
-                    tail += 1;
-                })
-                .await?;
+            match replay_into(log, key, &mut state).await {
+                Ok(tail) => {
+                    let repair = (tail > 0).then_some(SnapshotMode::Guarded);
+                    return Ok(Loaded { state, source: Source::Redis { tail }, repair });
+                }
+                // The log's events do not fit the copy: the copy is wrong.
+                Err(SessionError::Unreadable(e)) => {
+                    tracing::warn!(session = %key, error = %e, "the redis copy does not fit the log's events; loading from the log");
+                    Some(SnapshotMode::Replace)
+                }
+                Err(e) => return Err(e),
             }
-            let repair = (tail > 0).then_some(SnapshotMode::Guarded);
-            return Ok(Loaded { state, source: Source::Redis { tail }, repair });
         }
         Ok(Some(state)) => {
             tracing::warn!(session = %key, redis_seq = state.seq(), log_seq = last, "the redis copy is ahead of the log; ignoring it and loading from the log");
@@ -79,9 +80,27 @@ pub async fn load(log: &EventLog, redis: Option<&RedisProjection>, key: &Session
 /// Replays every event of `key`.
 pub async fn from_log(log: &EventLog, key: &SessionKey) -> Result<SessionState, SessionError> {
     let mut state = SessionState::default();
-    log.replay(key, 0, |seq, event| {
-        state.apply(seq, &event);
+    replay_into(log, key, &mut state).await?;
+    Ok(state)
+}
+
+/// Applies every event of `key` after `state`'s sequence and returns how
+/// many were applied. An event that does not fit the state (a patch of a
+/// value the state does not hold) stops the replay as unreadable.
+pub async fn replay_into(log: &EventLog, key: &SessionKey, state: &mut SessionState) -> Result<u64, SessionError> {
+    let (mut applied, mut failed) = (0, None);
+    log.replay(key, state.seq(), |seq, event| {
+        if failed.is_none() {
+            match state.apply(seq, &event) {
+                Ok(true) => applied += 1,
+                Ok(false) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
     })
     .await?;
-    Ok(state)
+    match failed {
+        Some(e) => Err(SessionError::Unreadable(format!("{key}: {e}"))),
+        None => Ok(applied),
+    }
 }
