@@ -216,3 +216,28 @@ async fn sessions_past_the_bound_and_idle_sessions_stop_and_come_back_intact() {
     assert!(status.success(), "SIGTERM is a clean shutdown: {status}");
     assert!(stack.service.log_text().contains("stopped"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_sessions_than_the_servers_consumer_limit_load_in_quick_succession() {
+    // Each load replays its session through a JetStream consumer; the server
+    // caps consumers per stream (1,000 by default in nats-server 2.15), so
+    // consumers must not outlive their load.
+    let mut stack = Stack::start().await;
+    let n = 1100;
+    let clients: Vec<_> = (0..n).map(|i| stack.session("many", &format!("s{i}"))).collect();
+    let data = key_data([("pre-key", "1", Some(&b"v"[..]))]);
+    let write = clients.iter().map(|c| c.keys_set("r1", &data));
+    for r in futures_util::future::join_all(write).await {
+        r.unwrap();
+    }
+    stack.service.restart();
+    let mut failures = Vec::new();
+    for chunk in clients.chunks(50) {
+        let reads = futures_util::future::join_all(chunk.iter().map(|c| c.keys_get("pre-key", &["1"]))).await;
+        failures.extend(reads.into_iter().filter_map(|r| match r {
+            Ok(v) if v.get("1").map(Vec::as_slice) == Some(&b"v"[..]) => None,
+            other => Some(format!("{other:?}")),
+        }));
+    }
+    assert!(failures.is_empty(), "{} of {n} loads failed, first: {:?}", failures.len(), failures.first());
+}

@@ -152,6 +152,11 @@ impl EventLog {
             .create_consumer(consumer::pull::OrderedConfig { filter_subject: self.subject(session), deliver_policy, ..Default::default() })
             .await
             .map_err(unavailable)?;
+        // The server keeps an idle ordered consumer for 30 s and caps the
+        // consumers of a stream (1,000 by default): left to expire, the
+        // consumers of a burst of session loads would refuse the next ones.
+        // So each is deleted as soon as its replay is over, whichever way.
+        let _delete = DeleteOnDrop(Some((stream, consumer.cached_info().name.clone())));
         if consumer.cached_info().num_pending == 0 {
             return Ok(());
         }
@@ -179,6 +184,23 @@ impl EventLog {
             Ok(m) => Ok(m.sequence),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+/// Deletes a consumer in the background when dropped.
+struct DeleteOnDrop(Option<(stream::Stream<()>, String)>);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if let Some((stream, name)) = self.0.take() {
+            // Nobody waits for it: a failed delete only leaves the consumer
+            // to expire on its own.
+            tokio::spawn(async move {
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!(consumer = %name, error = %e, "could not delete a replay consumer");
+                }
+            });
         }
     }
 }
