@@ -477,7 +477,6 @@ fn clients(nc: &async_nats::Client, tenant: &str, n: usize) -> Arc<Vec<SessionCl
 /// visited in turn, and with S ≥ c no two clients share a session at once.
 #[allow(clippy::too_many_arguments)]
 async fn set_get_rows(
-    label: &str,
     secs: Duration,
     c: usize,
     sessions: &Arc<Vec<SessionClient>>,
@@ -516,7 +515,6 @@ async fn set_get_rows(
         }
     })
     .await;
-    let _ = label;
     (set, get)
 }
 
@@ -535,7 +533,7 @@ async fn latency(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
         prefill(&sessions, "session", &ids, &template).await?;
         eprintln!("filled {s_n} sessions in {:.1} s", t.elapsed().as_secs_f64());
         for &c in &args.concurrency {
-            let (set, get) = set_get_rows("latency", secs, c, &sessions, "session", &ids, &template, 1).await;
+            let (set, get) = set_get_rows(secs, c, &sessions, "session", &ids, &template, 1).await;
             print_row("keys.set (1 session value)", &c.to_string(), &s_n.to_string(), &set);
             print_row("keys.get (1 session value)", &c.to_string(), &s_n.to_string(), &get);
         }
@@ -566,7 +564,7 @@ async fn sizes(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
         });
         prefill(&sessions, ty, &ids, &template).await?;
         for &c in &conc {
-            let (set, get) = set_get_rows(label, secs, c, &sessions, ty, &ids, &template, per_call).await;
+            let (set, get) = set_get_rows(secs, c, &sessions, ty, &ids, &template, per_call).await;
             print_row(&format!("keys.set ({label})"), &c.to_string(), "100", &set);
             print_row(&format!("keys.get ({label})"), &c.to_string(), "100", &get);
         }

@@ -147,8 +147,7 @@ pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
     let mut first = true;
     for &n in &args.sessions {
         let dir = scratch.join(format!("capacity-{n}"));
-        let mut ecfg = baileys_store::config::EmbeddedConfig::default();
-        ecfg.port = -1;
+        let ecfg = baileys_store::config::EmbeddedConfig { port: -1, ..Default::default() };
         let nats = baileys_store::embedded::EmbeddedNats::start(&ecfg, &dir.join("nats")).await?;
         let nc = async_nats::connect(&nats.url).await?;
         let mut svc = ServiceProc::start(&args.service_bin, &nats.url, &key, &dir.join("svc"), n * 2 + 1000, args.redis_url.as_deref())?;
