@@ -51,7 +51,11 @@ pub struct SessionConfig {
     /// How many times a write retries by itself after a conflict with another
     /// writer (it reloads the session first). Default 3.
     pub conflict_retries: u32,
-    /// Threads running session actors; 0 means one per CPU. Default 0.
+    /// Threads of their own for session actors. 0 (the default) runs them
+    /// on the service's main thread, beside the NATS connection: sealing is
+    /// a few percent of a request's cost and every hand-off between threads
+    /// costs a wake-up, so one thread is faster until sealing large values
+    /// saturates it (many cores, large values: try one per core).
     pub workers: usize,
 }
 

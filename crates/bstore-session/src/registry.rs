@@ -61,10 +61,15 @@ impl Registry {
                 entry.addr.do_send(Passivate);
             }
         }
-        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
-        self.next_arbiter += 1;
         let (k, env) = (key.clone(), self.env.clone());
-        let addr = SessionActor::start_in_arbiter(&arbiter.handle(), move |_| SessionActor::new(k, env));
+        let addr = if self.arbiters.is_empty() {
+            // On the registry's own thread, beside the NATS connection.
+            SessionActor::new(k, env).start()
+        } else {
+            let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+            self.next_arbiter += 1;
+            SessionActor::start_in_arbiter(&arbiter.handle(), move |_| SessionActor::new(k, env))
+        };
         self.actors.insert(key.clone(), Entry { addr: addr.clone(), tick });
         self.lru.insert(tick, key.clone());
         addr
@@ -150,13 +155,9 @@ impl Sessions {
     /// Like [`Sessions::start`], with sessions loading from and projecting
     /// into `redis` when it is given.
     pub fn start_with(log: EventLog, redis: Option<RedisProjection>, limits: Limits, cfg: SessionConfig) -> Self {
-        let workers = match cfg.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         let timeout = cfg.request_timeout();
+        let arbiters = (0..cfg.workers).map(|_| Arbiter::new()).collect();
         let env = Arc::new(Env { log, redis, limits, cfg });
-        let arbiters = (0..workers).map(|_| Arbiter::new()).collect();
         let registry = Registry { env, actors: HashMap::new(), lru: BTreeMap::new(), tick: 0, arbiters, next_arbiter: 0 }.start();
         Self { registry, timeout }
     }
