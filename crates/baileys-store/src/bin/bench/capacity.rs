@@ -273,7 +273,7 @@ async fn cold_and_log(
     // sender-key-memory in one call; each of the three others rewrites its
     // copy of s's record.
     let devices: Vec<SessionClient> = (0..4).map(|d| SessionClient::new(nc.clone(), "bstore", "group", &format!("d{d}"))).collect();
-    let records: Vec<Vec<u8>> = (0..4).map(|s| sender_key_record(s as u64 + 7, 446_000)).collect();
+    let mut records: Vec<Vec<u8>> = (0..4).map(|s| sender_key_record(s as u64 + 7, 446_000)).collect();
     let sk_id = |s: usize| format!("120363000000000001@g.us::10000000000000{s}::1");
     for d in &devices {
         for (s, r) in records.iter().enumerate() {
@@ -287,7 +287,19 @@ async fn cold_and_log(
     let mut value_bytes = 0usize;
     for m in 0..msgs {
         let s = m % 4;
-        let v = stamped(&records[s], m as u64 + 1);
+        // What one message does to the sender's record at its plateau: the
+        // chain key (its iteration and 32-byte seed, ~110 B of JSON near the
+        // start) changes, one message key (~220 B) is added at the end and
+        // the oldest is dropped, so the size stays the same.
+        let mut v = records[s].clone();
+        let mut g = crate::values::Gen::new(m as u64 + 99);
+        let seed = g.bytes(110);
+        v[60..170].copy_from_slice(&seed);
+        let entry = g.bytes(220);
+        let tail = v.len() - 64;
+        v.drain(300..520);
+        v.splice(tail - 220..tail - 220, entry);
+        records[s] = v.clone();
         let id = sk_id(s);
         let own = key_data([("sender-key", id.as_str(), Some(&v[..])), ("sender-key-memory", "120363000000000001@g.us", Some(&stamped(&memory, m as u64)[..]))]);
         devices[s].keys_set(&rid(), &own).await.map_err(err)?;
