@@ -65,7 +65,10 @@ async fn bad_key_types_ids_and_request_ids_are_422() {
     let s = stack.session("t", "s");
     let before = seeded(&s).await;
     assert_eq!(code(s.keys_set(&rid(), &key_data([("pre-key", "2", Some(&b"ok"[..])), ("bad type", "1", Some(&b"x"[..]))])).await), 422);
-    assert_eq!(code(s.keys_set(&rid(), &key_data([("pre-key", "2", Some(&b"ok"[..])), ("pre-key", "a\u{0}b", Some(&b"x"[..]))])).await), 422);
+    assert_eq!(
+        code(s.keys_set(&rid(), &key_data([("pre-key", "2", Some(&b"ok"[..])), ("pre-key", "a\u{0}b", Some(&b"x"[..]))])).await),
+        422
+    );
     assert_eq!(code(s.keys_get("pre-key", &[""]).await), 422);
     assert_eq!(code(s.keys_set("not a rid!", &key_data([("pre-key", "2", Some(&b"ok"[..]))])).await), 422);
     assert_unchanged(&s, &before).await;

@@ -109,7 +109,10 @@ async fn a_restarted_nats_server_costs_retryable_errors_then_service_resumes() {
     stack.nats.stop();
     let err = s.keys_set(&rid(), &key_data([("pre-key", "2", Some(&b"during"[..]))])).await.unwrap_err();
     // With the server down the client cannot even reach the service.
-    assert!(matches!(err, ClientError::TimedOut | ClientError::NoResponders | ClientError::Other(_)) || matches!(err.code(), Some(503 | 504)), "{err:?}");
+    assert!(
+        matches!(err, ClientError::TimedOut | ClientError::NoResponders | ClientError::Other(_)) || matches!(err.code(), Some(503 | 504)),
+        "{err:?}"
+    );
     stack.nats.start_again();
 
     // The service reconnects by itself; writes work again without a restart.

@@ -57,11 +57,7 @@ pub fn start_service(nats: &NatsServer, dir: &TempDir, env: &[(&str, &str)]) -> 
 }
 
 pub async fn connect(url: &str) -> async_nats::Client {
-    async_nats::ConnectOptions::new()
-        .skip_subject_validation(true)
-        .connect(url)
-        .await
-        .expect("connecting to nats-server")
+    async_nats::ConnectOptions::new().skip_subject_validation(true).connect(url).await.expect("connecting to nats-server")
 }
 
 /// A request id unique within the test run.

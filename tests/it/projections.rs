@@ -282,7 +282,8 @@ async fn a_corrupt_foreign_or_ahead_redis_copy_is_ignored_logged_and_repaired() 
     let mut p = Projected::start(true, false, false).await;
     let (a, b) = (p.session("a"), p.session("b"));
     a.creds_put(&rid(), b"creds-a").await.unwrap();
-    let last_a = a.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"value-a"[..])), ("pre-key", "2", Some(&b"two"[..]))])).await.unwrap();
+    let last_a =
+        a.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"value-a"[..])), ("pre-key", "2", Some(&b"two"[..]))])).await.unwrap();
     let last_b = b.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"value-b"[..]))])).await.unwrap();
     let proj = p.redis_projection();
     wait_stored(&proj, "a", last_a).await;
@@ -293,7 +294,11 @@ async fn a_corrupt_foreign_or_ahead_redis_copy_is_ignored_logged_and_repaired() 
 
     // What is done to a's copy, the warning the load logs, and how many
     // such warnings the service's log holds by then.
-    let tamperings = [("corrupt", "ignoring the unreadable redis copy", 1), ("foreign", "ignoring the unreadable redis copy", 2), ("ahead", "ahead of the log", 1)];
+    let tamperings = [
+        ("corrupt", "ignoring the unreadable redis copy", 1),
+        ("foreign", "ignoring the unreadable redis copy", 2),
+        ("ahead", "ahead of the log", 1),
+    ];
     for (n, (how, warning, times)) in tamperings.into_iter().enumerate() {
         match how {
             "corrupt" => conn.hset::<_, _, _, ()>(&key_a, field, b"\xb5\x01garbage-that-is-not-a-sealed-blob".as_slice()).await.unwrap(),
@@ -308,7 +313,10 @@ async fn a_corrupt_foreign_or_ahead_redis_copy_is_ignored_logged_and_repaired() 
 
         // A new process loads the session cold.
         p.stack.service.restart();
-        let got = a.keys_get("pre-key", &["1"]).await.unwrap_or_else(|e| panic!("{how}: reading after the restart: {e:?}\n{}", p.stack.service.log_text()));
+        let got = a
+            .keys_get("pre-key", &["1"])
+            .await
+            .unwrap_or_else(|e| panic!("{how}: reading after the restart: {e:?}\n{}", p.stack.service.log_text()));
         assert_eq!(got["1"], b"value-a", "{how}: the log's value");
         assert_eq!(a.creds_get().await.unwrap().as_deref(), Some(&b"creds-a"[..]));
         let log = p.stack.service.log_text();
@@ -342,7 +350,10 @@ async fn nothing_written_through_the_api_is_readable_in_clear_anywhere() {
     let marker: Vec<u8> = format!("CLEAR-{}", rid()).into_bytes();
     let s = p.session("plain");
     s.creds_put(&rid(), &marker).await.unwrap();
-    let last = s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&marker[..])), ("session", "x.0", Some(&marker.repeat(40)[..]))])).await.unwrap();
+    let last = s
+        .keys_set(&rid(), &key_data([("pre-key", "1", Some(&marker[..])), ("session", "x.0", Some(&marker.repeat(40)[..]))]))
+        .await
+        .unwrap();
     wait_stored(&p.redis_projection(), "plain", last).await;
     let js = async_nats::jetstream::new(p.stack.nc.clone());
     let start = Instant::now();
@@ -361,7 +372,8 @@ async fn nothing_written_through_the_api_is_readable_in_clear_anywhere() {
     assert!(redis_holds(&mut conn, &control).await, "the Redis scanner finds plaintext");
     conn.del::<_, ()>("control").await.unwrap();
     let client = p.mongo_store().await.database().client().clone();
-    let binary = bstore_mongo::mongodb::bson::Binary { subtype: bstore_mongo::mongodb::bson::spec::BinarySubtype::Generic, bytes: control.clone() };
+    let binary =
+        bstore_mongo::mongodb::bson::Binary { subtype: bstore_mongo::mongodb::bson::spec::BinarySubtype::Generic, bytes: control.clone() };
     client.database("control").collection::<Document>("c").insert_one(doc! { "v": binary }).await.unwrap();
     assert!(mongo_holds(&client, &control).await, "the Mongo scanner finds plaintext");
     client.database("control").drop().await.unwrap();
@@ -405,7 +417,8 @@ async fn mongo_holds(client: &bstore_mongo::mongodb::Client, needle: &[u8]) -> b
     for db in client.list_database_names().await.unwrap() {
         let db = client.database(&db);
         for coll in db.list_collection_names().await.unwrap() {
-            let docs: Vec<RawDocumentBuf> = db.collection::<RawDocumentBuf>(&coll).find(doc! {}).await.unwrap().try_collect().await.unwrap();
+            let docs: Vec<RawDocumentBuf> =
+                db.collection::<RawDocumentBuf>(&coll).find(doc! {}).await.unwrap().try_collect().await.unwrap();
             if docs.iter().any(|d| contains(d.as_bytes(), needle)) {
                 return true;
             }
@@ -418,7 +431,8 @@ fn files_hold(dir: &std::path::Path, needle: &[u8]) -> bool {
     let mut found = false;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        found |= if path.is_dir() { files_hold(&path, needle) } else { std::fs::read(&path).map(|b| contains(&b, needle)).unwrap_or(false) };
+        found |=
+            if path.is_dir() { files_hold(&path, needle) } else { std::fs::read(&path).map(|b| contains(&b, needle)).unwrap_or(false) };
     }
     found
 }

@@ -12,12 +12,15 @@ async fn keys_set_then_get_returns_the_bytes_written_across_types() {
     let s = stack.session("acme", "bot-1");
     let session_record = vec![7u8; 3000];
     let seq = s
-        .keys_set(&rid(), &key_data([
-            ("pre-key", "1", Some(&b"\x00\x01pk1"[..])),
-            ("pre-key", "2", Some(&b"pk2"[..])),
-            ("session", "123.0", Some(&session_record[..])),
-            ("future-type", "x", Some(&b"unknown types round-trip"[..])),
-        ]))
+        .keys_set(
+            &rid(),
+            &key_data([
+                ("pre-key", "1", Some(&b"\x00\x01pk1"[..])),
+                ("pre-key", "2", Some(&b"pk2"[..])),
+                ("session", "123.0", Some(&session_record[..])),
+                ("future-type", "x", Some(&b"unknown types round-trip"[..])),
+            ]),
+        )
         .await
         .unwrap();
     assert!(seq > 0);
@@ -88,7 +91,7 @@ async fn a_large_baileys_call_fits() {
     let stack = Stack::start().await;
     let s = stack.session("t", "big");
     let ids: Vec<String> = (1..=812).map(|i| i.to_string()).collect();
-    let value = vec![1u8; 160];
+    let value = [1u8; 160];
     let big = vec![2u8; 1_300_000];
     let mut entries: Vec<(&str, &str, Option<&[u8]>)> = ids.iter().map(|i| ("pre-key", i.as_str(), Some(&value[..]))).collect();
     entries.push(("app-state-sync-version", "regular_high", Some(&big[..])));
@@ -118,7 +121,8 @@ async fn with_no_configuration_it_runs_its_own_nats_server_and_keeps_data_across
     let dir = TempDir::new("embedded");
     let data = dir.path().join("data");
     let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
-    let env = [("BSTORE_DATA_DIR", data.to_str().unwrap()), ("BSTORE__EMBEDDED__PORT", "-1"), ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap())];
+    let env =
+        [("BSTORE_DATA_DIR", data.to_str().unwrap()), ("BSTORE__EMBEDDED__PORT", "-1"), ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap())];
     let mut service = ServiceProcess::start(service_bin(), &env, &dir.path().join("logs"));
     assert!(service.log_text().contains("GENERATED A NEW SEALING KEY"), "the generated key is announced");
     let key_file = data.join("sealing.keys");
@@ -200,7 +204,12 @@ async fn history_lists_every_change_in_order_without_values() {
 #[tokio::test]
 async fn sessions_past_the_bound_and_idle_sessions_stop_and_come_back_intact() {
     // On two arbiter threads of their own, the other way sessions can run.
-    let mut stack = Stack::start_with(&[("BSTORE__SESSIONS__MAX_ACTIVE", "2"), ("BSTORE__SESSIONS__IDLE_TIMEOUT_SECS", "1"), ("BSTORE__SESSIONS__WORKERS", "2")]).await;
+    let mut stack = Stack::start_with(&[
+        ("BSTORE__SESSIONS__MAX_ACTIVE", "2"),
+        ("BSTORE__SESSIONS__IDLE_TIMEOUT_SECS", "1"),
+        ("BSTORE__SESSIONS__WORKERS", "2"),
+    ])
+    .await;
     let names = ["a", "b", "c", "d"];
     for n in names {
         stack.session("t", n).keys_set(&rid(), &key_data([("pre-key", "1", Some(n.as_bytes()))])).await.unwrap();

@@ -39,7 +39,9 @@ pub fn find_server_bin(cfg: &EmbeddedConfig) -> anyhow::Result<PathBuf> {
             }
         }
     }
-    bail!("no nats-server found: run scripts/setup, put nats-server on PATH, or set BSTORE_NATS_SERVER_BIN (or BSTORE_NATS_URL to use an external server)")
+    bail!(
+        "no nats-server found: run scripts/setup, put nats-server on PATH, or set BSTORE_NATS_SERVER_BIN (or BSTORE_NATS_URL to use an external server)"
+    )
 }
 
 impl EmbeddedNats {
@@ -108,12 +110,11 @@ async fn wait_for_port(ports_dir: &Path, pid: u32, dir: &Path) -> anyhow::Result
     let file = ports_dir.join(format!("nats-server_{pid}.ports"));
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            if let Ok(ports) = serde_json::from_str::<Ports>(&text) {
-                if let Some(url) = ports.nats.into_iter().next() {
-                    return Ok(url);
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && let Ok(ports) = serde_json::from_str::<Ports>(&text)
+            && let Some(url) = ports.nats.into_iter().next()
+        {
+            return Ok(url);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -82,17 +82,15 @@ async fn connect(cfg: &Config, urls: &[String]) -> anyhow::Result<async_nats::Cl
         .iter()
         .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad NATS URL {u:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut opts = async_nats::ConnectOptions::new()
-        .name("baileys-store")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .event_callback(|event| async move {
+    let mut opts = async_nats::ConnectOptions::new().name("baileys-store").retry_on_initial_connect().max_reconnects(None).event_callback(
+        |event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
                 other => tracing::info!(event = %other, "NATS event"),
             }
-        });
+        },
+    );
     if let Some(token) = &cfg.nats.token {
         opts = opts.token(token.clone());
     }

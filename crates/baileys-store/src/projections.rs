@@ -223,7 +223,13 @@ fn keys_of(state: &SessionState) -> BTreeMap<(String, String), &[u8]> {
     state.iter_keys().map(|(t, i, v)| ((t.to_string(), i.to_string()), v.as_ref())).collect()
 }
 
-fn compare_keys(diffs: &mut Diffs, projection: &str, key: &SessionKey, truth: &BTreeMap<(String, String), &[u8]>, copy: &BTreeMap<(String, String), &[u8]>) {
+fn compare_keys(
+    diffs: &mut Diffs,
+    projection: &str,
+    key: &SessionKey,
+    truth: &BTreeMap<(String, String), &[u8]>,
+    copy: &BTreeMap<(String, String), &[u8]>,
+) {
     for ((t, i), v) in truth {
         match copy.get(&(t.clone(), i.clone())) {
             None => diffs.add(projection, key, format!("key {t}/{i} missing")),

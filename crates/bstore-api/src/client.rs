@@ -124,12 +124,12 @@ impl SessionClient {
             async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders,
             _ => ClientError::Other(e.to_string()),
         })?;
-        if let Some(headers) = &msg.headers {
-            if let Some(code) = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE) {
-                let code = code.as_str().parse().unwrap_or(500);
-                let message = headers.get(async_nats::service::NATS_SERVICE_ERROR).map(|m| m.as_str().to_owned()).unwrap_or_default();
-                return Err(ClientError::Service { code, message });
-            }
+        if let Some(headers) = &msg.headers
+            && let Some(code) = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+        {
+            let code = code.as_str().parse().unwrap_or(500);
+            let message = headers.get(async_nats::service::NATS_SERVICE_ERROR).map(|m| m.as_str().to_owned()).unwrap_or_default();
+            return Err(ClientError::Service { code, message });
         }
         Ok(msg.payload)
     }

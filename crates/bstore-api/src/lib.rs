@@ -57,7 +57,12 @@ pub struct StartError(String);
 
 /// Serves requests until `shutdown` resolves, then stops taking new ones and
 /// waits for those in flight to be answered.
-pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Sessions, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn serve(
+    client: async_nats::Client,
+    cfg: ApiConfig,
+    sessions: Sessions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let metrics = std::sync::Arc::new(Metrics::default());
     let for_stats = metrics.clone();
     let service = client
@@ -68,12 +73,8 @@ pub async fn serve(client: async_nats::Client, cfg: ApiConfig, sessions: Session
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| StartError(e.to_string()))?;
-    let mut endpoint = service
-        .endpoint_builder()
-        .name("api")
-        .add(format!("{}.>", cfg.prefix))
-        .await
-        .map_err(|e| StartError(e.to_string()))?;
+    let mut endpoint =
+        service.endpoint_builder().name("api").add(format!("{}.>", cfg.prefix)).await.map_err(|e| StartError(e.to_string()))?;
     // `flush` only writes out the SUB; a message through the server to
     // ourselves proves the server has processed it, so a request sent after
     // "serving requests" is logged finds the endpoint.

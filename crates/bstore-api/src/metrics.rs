@@ -43,10 +43,10 @@ pub struct Metrics {
 impl Metrics {
     /// Records one answered request.
     pub(crate) fn record(&self, op: Option<&str>, error: Option<ErrorCode>, took: Duration) {
-        if let Some(code) = error {
-            if let Some(i) = CODES.iter().position(|c| *c == code) {
-                self.codes[i].fetch_add(1, Relaxed);
-            }
+        if let Some(code) = error
+            && let Some(i) = CODES.iter().position(|c| *c == code)
+        {
+            self.codes[i].fetch_add(1, Relaxed);
         }
         let Some(m) = op.and_then(|op| OPS.iter().position(|o| *o == op)).map(|i| &self.ops[i]) else {
             self.unknown.fetch_add(1, Relaxed);
@@ -78,7 +78,8 @@ impl Metrics {
                 json!({ "requests": m.requests.load(Relaxed), "errors": m.errors.load(Relaxed), "latency_us_le": buckets }),
             );
         }
-        let codes: Map<String, Value> = CODES.iter().zip(&self.codes).map(|(c, n)| (c.number().to_string(), n.load(Relaxed).into())).collect();
+        let codes: Map<String, Value> =
+            CODES.iter().zip(&self.codes).map(|(c, n)| (c.number().to_string(), n.load(Relaxed).into())).collect();
         json!({ "ops": ops, "unknown_op_requests": self.unknown.load(Relaxed), "errors_by_code": codes })
     }
 }

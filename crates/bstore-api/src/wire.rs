@@ -187,7 +187,10 @@ pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, metrics: &Metri
     let result = result.and_then(|reply| {
         let body = encode_reply(&reply);
         if body.len() > cfg.max_reply_bytes {
-            return Err(Refusal(ErrorCode::TooLarge, format!("the reply would be {} bytes, over the server's limit of {}; ask for fewer ids", body.len(), cfg.max_reply_bytes)));
+            return Err(Refusal(
+                ErrorCode::TooLarge,
+                format!("the reply would be {} bytes, over the server's limit of {}; ask for fewer ids", body.len(), cfg.max_reply_bytes),
+            ));
         }
         Ok(body)
     });

@@ -221,7 +221,8 @@ fn start_service(dir: &std::path::Path, memory: bool, redis: Option<String>) -> 
 
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map_or("?".into(), |s| s.trim().to_owned());
+    let model =
+        cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map_or("?".into(), |s| s.trim().to_owned());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_kib: f64 = meminfo.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     format!("{} CPUs ({model}), {:.1} GiB", std::thread::available_parallelism().map_or(1, |n| n.get()), mem_kib / 1048576.0)
@@ -235,7 +236,13 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-async fn bench(args: Args, url: Option<String>, redis_addr: Option<String>, projection: Option<String>, scratch: PathBuf) -> anyhow::Result<()> {
+async fn bench(
+    args: Args,
+    url: Option<String>,
+    redis_addr: Option<String>,
+    projection: Option<String>,
+    scratch: PathBuf,
+) -> anyhow::Result<()> {
     println!("# baileys-store request benchmark");
     println!(
         "{}; {:.1} s per closed-loop row; stream storage: {}; Redis projection: {}",
@@ -323,7 +330,11 @@ async fn floors(args: &Args, nc: &async_nats::Client, redis_addr: Option<&str>) 
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "BENCH_FLOOR".into(),
         subjects: vec!["bench-floor.>".into()],
-        storage: if args.memory_storage { async_nats::jetstream::stream::StorageType::Memory } else { async_nats::jetstream::stream::StorageType::File },
+        storage: if args.memory_storage {
+            async_nats::jetstream::stream::StorageType::Memory
+        } else {
+            async_nats::jetstream::stream::StorageType::File
+        },
         ..Default::default()
     })
     .await?;
@@ -389,7 +400,11 @@ async fn target(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "BENCH_FLOOR".into(),
         subjects: vec!["bench-floor.>".into()],
-        storage: if args.memory_storage { async_nats::jetstream::stream::StorageType::Memory } else { async_nats::jetstream::stream::StorageType::File },
+        storage: if args.memory_storage {
+            async_nats::jetstream::stream::StorageType::Memory
+        } else {
+            async_nats::jetstream::stream::StorageType::File
+        },
         ..Default::default()
     })
     .await?;
@@ -447,7 +462,12 @@ async fn target(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
 
 /// Writes `ids` values of `template` into each of `n` sessions, untimed, so
 /// that reads find them and writes replace them.
-async fn prefill(sessions: &Arc<Vec<SessionClient>>, ty: &'static str, ids: &Arc<Vec<String>>, template: &Arc<Vec<u8>>) -> anyhow::Result<()> {
+async fn prefill(
+    sessions: &Arc<Vec<SessionClient>>,
+    ty: &'static str,
+    ids: &Arc<Vec<String>>,
+    template: &Arc<Vec<u8>>,
+) -> anyhow::Result<()> {
     let failed = futures_util::stream::iter(0..sessions.len())
         .map(|i| {
             let (sessions, ids, template) = (sessions.clone(), ids.clone(), template.clone());
@@ -576,7 +596,10 @@ async fn sizes(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
 async fn rate(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64(args.rate_seconds);
     println!();
-    println!("## open loop at {:.0} requests/s, {:.0} s per row, one {} B session value per request", args.rate, args.rate_seconds, args.value_bytes);
+    println!(
+        "## open loop at {:.0} requests/s, {:.0} s per row, one {} B session value per request",
+        args.rate, args.rate_seconds, args.value_bytes
+    );
     println!("latency from the scheduled send time (no coordinated omission); req/s is the rate achieved");
     print_header();
     let template = Arc::new(session_record(6, args.value_bytes));

@@ -51,10 +51,10 @@ impl Keyring {
     pub fn new(keys: impl IntoIterator<Item = (u32, [u8; KEY_LEN])>, current: Option<u32>) -> Result<Self, KeyError> {
         let mut map = BTreeMap::new();
         for (id, key) in keys {
-            if let Some(old) = map.insert(id, key) {
-                if old != key {
-                    return Err(KeyError::Duplicate(id));
-                }
+            if let Some(old) = map.insert(id, key)
+                && old != key
+            {
+                return Err(KeyError::Duplicate(id));
             }
         }
         let current = match current {
@@ -77,7 +77,8 @@ impl Keyring {
                 let (id, b64) = entry.split_once(':').ok_or_else(|| KeyError::Parse { entry: shown(), reason: "expected id:base64" })?;
                 let id: u32 = id.parse().map_err(|_| KeyError::Parse { entry: shown(), reason: "the id is not a whole number" })?;
                 let raw = STANDARD.decode(b64).map_err(|_| KeyError::Parse { entry: shown(), reason: "the key is not base64" })?;
-                let key: [u8; KEY_LEN] = raw.try_into().map_err(|_| KeyError::Parse { entry: shown(), reason: "the key is not 32 bytes" })?;
+                let key: [u8; KEY_LEN] =
+                    raw.try_into().map_err(|_| KeyError::Parse { entry: shown(), reason: "the key is not 32 bytes" })?;
                 out.push((id, key));
             }
         }

@@ -19,7 +19,7 @@ impl Gen {
     fn bytes(&mut self, max: usize) -> Vec<u8> {
         let len = (self.next() as usize) % (max + 1);
         // Half the cases compressible (repeating), half random.
-        if self.next() % 2 == 0 {
+        if self.next().is_multiple_of(2) {
             (0..len).map(|i| (i % 7) as u8).collect()
         } else {
             (0..len).map(|_| self.next() as u8).collect()
@@ -79,7 +79,10 @@ fn every_single_bit_flip_is_detected() {
             bad[i] ^= 1 << bit;
             let err = codec.open_value(&s, None, &bad).unwrap_err();
             // The key id bytes turn into an unknown key; everything else fails.
-            assert!(matches!(err, CodecError::Seal(SealError::Tampered | SealError::Malformed | SealError::UnknownKey(_))), "byte {i} bit {bit}: {err}");
+            assert!(
+                matches!(err, CodecError::Seal(SealError::Tampered | SealError::Malformed | SealError::UnknownKey(_))),
+                "byte {i} bit {bit}: {err}"
+            );
         }
     }
 }

@@ -56,10 +56,14 @@ pub struct WrongBase;
 impl Delta {
     /// Bytes this delta costs when encoded (a close estimate).
     pub fn encoded_len(&self) -> usize {
-        24 + self.ops.iter().map(|op| match op {
-            Op::Copy { .. } => 12,
-            Op::Insert(b) => 4 + b.len(),
-        }).sum::<usize>()
+        24 + self
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Copy { .. } => 12,
+                Op::Insert(b) => 4 + b.len(),
+            })
+            .sum::<usize>()
     }
 
     /// Computes the delta from `old` to `new`.
@@ -74,9 +78,9 @@ impl Delta {
             let mut i = 0;
             let mut roll = Rolling::of(&new[..BLOCK]);
             while i + BLOCK <= new.len() {
-                let found = index.get(&roll.value()).and_then(|offsets| {
-                    offsets.iter().copied().find(|&o| old[o as usize..o as usize + BLOCK] == new[i..i + BLOCK])
-                });
+                let found = index
+                    .get(&roll.value())
+                    .and_then(|offsets| offsets.iter().copied().find(|&o| old[o as usize..o as usize + BLOCK] == new[i..i + BLOCK]));
                 if let Some(from) = found {
                     // Extend the match forward as far as it goes.
                     let (mut a, mut b) = (from as usize + BLOCK, i + BLOCK);
@@ -136,11 +140,11 @@ impl Delta {
 }
 
 fn push_copy(ops: &mut Vec<Op>, from: u32, len: u32) {
-    if let Some(Op::Copy { from: f, len: l }) = ops.last_mut() {
-        if *f + *l == from {
-            *l += len;
-            return;
-        }
+    if let Some(Op::Copy { from: f, len: l }) = ops.last_mut()
+        && *f + *l == from
+    {
+        *l += len;
+        return;
     }
     ops.push(Op::Copy { from, len });
 }
@@ -195,7 +199,10 @@ mod tests {
     /// A record shaped like Baileys' sender-key JSON: a chain key near the
     /// start that changes on every message, and a list that grows at the end.
     fn record(iteration: u32, keys: u32) -> Vec<u8> {
-        let mut s = format!("[{{\"senderKeyId\":1234,\"senderChainKey\":{{\"iteration\":{iteration},\"seed\":\"{:044}\"}},\"senderMessageKeys\":[", iteration);
+        let mut s = format!(
+            "[{{\"senderKeyId\":1234,\"senderChainKey\":{{\"iteration\":{iteration},\"seed\":\"{:044}\"}},\"senderMessageKeys\":[",
+            iteration
+        );
         for k in 0..keys {
             s.push_str(&format!("{{\"iteration\":{k},\"seed\":\"{:0>44}\"}},", k * 7919));
         }

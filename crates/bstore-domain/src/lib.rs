@@ -19,6 +19,6 @@ mod state;
 
 pub use error::DomainError;
 pub use event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
-pub use ids::{IdError, KeyId, KeyType, SessionKey, SessionId, TenantId, KNOWN_KEY_TYPES};
+pub use ids::{IdError, KNOWN_KEY_TYPES, KeyId, KeyType, SessionId, SessionKey, TenantId};
 pub use limits::Limits;
 pub use state::{ApplyError, Command, SessionInfo, SessionState};

@@ -19,10 +19,6 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_ids_per_call: 10_000,
-            max_value_bytes: 2 << 20,
-            max_set_bytes: 4 << 20,
-        }
+        Self { max_ids_per_call: 10_000, max_value_bytes: 2 << 20, max_set_bytes: 4 << 20 }
     }
 }

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::DomainError;
 use crate::delta::{Delta, WrongBase};
+use crate::error::DomainError;
 use crate::event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
 use crate::ids::{KeyId, KeyType};
 use crate::limits::Limits;
@@ -107,9 +107,7 @@ impl SessionState {
     /// The values of the requested ids that exist; missing ids are left out.
     pub fn get_keys<'a>(&self, ty: &KeyType, ids: impl IntoIterator<Item = &'a KeyId>) -> Vec<(KeyId, Bytes)> {
         let Some(of_type) = self.keys.get(ty) else { return Vec::new() };
-        ids.into_iter()
-            .filter_map(|id| of_type.get(id).map(|v| (id.clone(), v.clone())))
-            .collect()
+        ids.into_iter().filter_map(|id| of_type.get(id).map(|v| (id.clone(), v.clone()))).collect()
     }
 
     /// Iterates over every stored key.
@@ -390,11 +388,17 @@ mod tests {
         let limits = Limits { max_ids_per_call: 2, max_value_bytes: 4, max_set_bytes: 6 };
         let s = SessionState::default();
         let too_many = set(&[("a", "1", Some("x")), ("b", "2", Some("x")), ("c", "3", None)]);
-        assert!(matches!(s.handle(Command::SetKeys { keys: too_many }, &limits, 0, None), Err(DomainError::LimitExceeded { limit: 2, actual: 3, .. })));
+        assert!(matches!(
+            s.handle(Command::SetKeys { keys: too_many }, &limits, 0, None),
+            Err(DomainError::LimitExceeded { limit: 2, actual: 3, .. })
+        ));
         let too_big = set(&[("a", "1", Some("x")), ("b", "2", Some("12345"))]);
         assert!(matches!(s.handle(Command::SetKeys { keys: too_big }, &limits, 0, None), Err(DomainError::LimitExceeded { limit: 4, .. })));
         let too_much = set(&[("a", "1", Some("1234")), ("b", "2", Some("1234"))]);
-        assert!(matches!(s.handle(Command::SetKeys { keys: too_much }, &limits, 0, None), Err(DomainError::LimitExceeded { limit: 6, .. })));
+        assert!(matches!(
+            s.handle(Command::SetKeys { keys: too_much }, &limits, 0, None),
+            Err(DomainError::LimitExceeded { limit: 6, .. })
+        ));
         assert!(SessionState::check_get(&limits, 3).is_err());
     }
 
@@ -411,10 +415,7 @@ mod tests {
 
     #[test]
     fn delete_session_forgets_everything_and_is_a_noop_when_empty() {
-        let g = given(vec![
-            Command::PutCreds { creds: b("c") },
-            Command::SetKeys { keys: set(&[("pre-key", "1", Some("a"))]) },
-        ]);
+        let g = given(vec![Command::PutCreds { creds: b("c") }, Command::SetKeys { keys: set(&[("pre-key", "1", Some("a"))]) }]);
         let mut s = g.0.clone();
         let ev = g.when(Command::DeleteSession).unwrap().unwrap();
         s.apply(10, &ev).unwrap();
@@ -454,7 +455,9 @@ mod tests {
         bigger.push_str("4000,");
         let g = given(vec![Command::SetKeys { keys: set(&[("sender-key", "g::u::0", Some(&big)), ("pre-key", "1", Some("a"))]) }]);
         let ev = g
-            .when(Command::SetKeys { keys: set(&[("sender-key", "g::u::0", Some(&bigger)), ("pre-key", "1", Some("b")), ("pre-key", "2", Some("c"))]) })
+            .when(Command::SetKeys {
+                keys: set(&[("sender-key", "g::u::0", Some(&bigger)), ("pre-key", "1", Some("b")), ("pre-key", "2", Some("c"))]),
+            })
             .unwrap()
             .unwrap();
         let Change::KeysChanged { keys, patched } = &ev.change else { panic!() };
@@ -472,7 +475,10 @@ mod tests {
     fn a_patch_that_does_not_fit_the_state_is_refused_and_changes_nothing() {
         let big: String = (0..4000).map(|i| format!("{i};")).collect();
         let g = given(vec![Command::SetKeys { keys: set(&[("sender-key", "k", Some(&big))]) }]);
-        let ev = g.when(Command::SetKeys { keys: set(&[("sender-key", "k", Some(&format!("{big}x"))), ("pre-key", "9", Some("new"))]) }).unwrap().unwrap();
+        let ev = g
+            .when(Command::SetKeys { keys: set(&[("sender-key", "k", Some(&format!("{big}x"))), ("pre-key", "9", Some("new"))]) })
+            .unwrap()
+            .unwrap();
         // The same event against a state whose value differs.
         let Given(mut other) = given(vec![Command::SetKeys { keys: set(&[("sender-key", "k", Some(&format!("{big}y")))]) }]);
         let snapshot = other.clone();

@@ -126,7 +126,11 @@ impl EventLog {
     pub async fn replay(&self, session: &SessionKey, after: u64, mut f: impl FnMut(u64, Event)) -> Result<u64, LogError> {
         let mut last = after;
         self.replay_raw(session, after, |seq, _headers, payload| {
-            let event = self.codec.decode_event(session, payload).map_err(|source| LogError::Unreadable { session: session.to_string(), seq, source })?;
+            let event = self.codec.decode_event(session, payload).map_err(|source| LogError::Unreadable {
+                session: session.to_string(),
+                seq,
+                source,
+            })?;
             f(seq, event);
             last = seq;
             Ok(())
@@ -217,14 +221,8 @@ fn publish_error(e: jetstream::context::PublishError, expected: u64) -> LogError
         PublishErrorKind::WrongLastSequence => LogError::Conflict { expected },
         PublishErrorKind::MaxPayloadExceeded => LogError::TooLarge(e.to_string()),
         PublishErrorKind::Other => {
-            let code = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<jetstream::Error>())
-                .map(jetstream::Error::error_code);
-            if code == Some(MESSAGE_TOO_LARGE) {
-                LogError::TooLarge(e.to_string())
-            } else {
-                LogError::Unavailable(e.to_string())
-            }
+            let code = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<jetstream::Error>()).map(jetstream::Error::error_code);
+            if code == Some(MESSAGE_TOO_LARGE) { LogError::TooLarge(e.to_string()) } else { LogError::Unavailable(e.to_string()) }
         }
         _ => LogError::Unavailable(e.to_string()),
     }

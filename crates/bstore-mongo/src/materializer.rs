@@ -146,10 +146,11 @@ impl Materializer {
         let mut state = SessionState::default();
         let mut failed = None;
         log.replay(session, 0, |s, event| {
-            if s < seq && failed.is_none() {
-                if let Err(e) = state.apply(s, &event) {
-                    failed = Some(e);
-                }
+            if s < seq
+                && failed.is_none()
+                && let Err(e) = state.apply(s, &event)
+            {
+                failed = Some(e);
             }
         })
         .await
@@ -158,8 +159,9 @@ impl Materializer {
             return Err(MongoError::Unreadable(e.to_string()));
         }
         let base = state.get_keys(ty, [kid]).pop().map(|(_, v)| v);
-        base.and_then(|b| delta.apply(&b).ok())
-            .ok_or_else(|| MongoError::Unreadable(format!("event {seq} of {session} patches {ty}/{kid}, which the log does not hold as patched")))
+        base.and_then(|b| delta.apply(&b).ok()).ok_or_else(|| {
+            MongoError::Unreadable(format!("event {seq} of {session} patches {ty}/{kid}, which the log does not hold as patched"))
+        })
     }
 
     /// The Mongo side.
@@ -205,7 +207,9 @@ impl Materializer {
             if last_lag_log.elapsed() >= self.cfg.lag_log_interval {
                 last_lag_log = Instant::now();
                 match self.lag().await {
-                    Ok(lag) => tracing::info!(lag = lag.events(), last_seq = lag.last_seq, applied_seq = lag.applied_seq, "materializer lag"),
+                    Ok(lag) => {
+                        tracing::info!(lag = lag.events(), last_seq = lag.last_seq, applied_seq = lag.applied_seq, "materializer lag")
+                    }
                     Err(e) => tracing::warn!(error = %e, "could not read the materializer lag"),
                 }
             }
@@ -267,7 +271,8 @@ impl Materializer {
     /// Fetches one batch, writes it (retrying until Mongo accepts it), and
     /// acknowledges it. Returns how many messages came.
     async fn step(&self, consumer: &consumer::PullConsumer) -> Result<usize, MongoError> {
-        let mut batch = consumer.batch().max_messages(self.cfg.batch_size.max(1)).expires(self.cfg.batch_wait).messages().await.map_err(nats)?;
+        let mut batch =
+            consumer.batch().max_messages(self.cfg.batch_size.max(1)).expires(self.cfg.batch_wait).messages().await.map_err(nats)?;
         let mut messages = Vec::new();
         while let Some(m) = batch.next().await {
             messages.push(m.map_err(nats)?);
@@ -327,7 +332,8 @@ impl Materializer {
         let seq = m.info().map_err(|e| MongoError::Unreadable(e.to_string()))?.stream_sequence;
         let session = session_of(&self.log.subject_prefix, &m.subject)
             .ok_or_else(|| MongoError::Unreadable(format!("subject {} names no session", m.subject)))?;
-        let event = self.codec.decode_event(&session, &m.payload).map_err(|e| MongoError::Unreadable(format!("event {seq} of {session}: {e}")))?;
+        let event =
+            self.codec.decode_event(&session, &m.payload).map_err(|e| MongoError::Unreadable(format!("event {seq} of {session}: {e}")))?;
         Ok(LoggedEvent { seq, session, event })
     }
 }

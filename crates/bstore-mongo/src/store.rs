@@ -219,11 +219,8 @@ impl Store {
         // session was last deleted.
         let sids: BTreeSet<String> = events.iter().map(|e| sid(&e.session)).collect();
         let mut accs: HashMap<String, SessionAcc> = HashMap::new();
-        let mut cursor = self
-            .sessions
-            .find(doc! { "_id": { "$in": sids.iter().cloned().collect::<Vec<_>>() } })
-            .await
-            .map_err(unavailable)?;
+        let mut cursor =
+            self.sessions.find(doc! { "_id": { "$in": sids.iter().cloned().collect::<Vec<_>>() } }).await.map_err(unavailable)?;
         while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
             let Ok(id) = d.get_str("_id") else { continue };
             accs.insert(id.to_owned(), SessionAcc::from_doc(&d));
@@ -285,7 +282,12 @@ impl Store {
             let ids: Vec<String> = key_ops.keys().map(|(s, t, i)| key_doc_id(s, t, i)).collect();
             let mut before: HashMap<String, (u64, bool)> = HashMap::new();
             for chunk in ids.chunks(1000) {
-                let mut cursor = self.keys.find(doc! { "_id": { "$in": chunk } }).projection(doc! { "seq": 1, "deleted": 1 }).await.map_err(unavailable)?;
+                let mut cursor = self
+                    .keys
+                    .find(doc! { "_id": { "$in": chunk } })
+                    .projection(doc! { "seq": 1, "deleted": 1 })
+                    .await
+                    .map_err(unavailable)?;
                 while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
                     if let Ok(id) = d.get_str("_id") {
                         before.insert(id.to_owned(), (int(&d, "seq"), d.get_bool("deleted").unwrap_or(false)));
@@ -324,7 +326,8 @@ impl Store {
                     doc! { "$set": set, "$unset": { "value": "" } }
                 }
             };
-            models.push(UpdateOneModel::builder().namespace(self.keys.namespace()).filter(filter).update(update).upsert(true).build().into());
+            models
+                .push(UpdateOneModel::builder().namespace(self.keys.namespace()).filter(filter).update(update).upsert(true).build().into());
         }
         stats.key_writes = key_ops.len();
         for (id, seq, at_ms) in &wipes {
@@ -340,7 +343,15 @@ impl Store {
         for (id, acc) in &accs {
             if let Some(update) = acc.update(&self.codec) {
                 let filter = doc! { "_id": id, "seq": { "$lt": acc.seq as i64 } };
-                models.push(UpdateOneModel::builder().namespace(self.sessions.namespace()).filter(filter).update(update).upsert(true).build().into());
+                models.push(
+                    UpdateOneModel::builder()
+                        .namespace(self.sessions.namespace())
+                        .filter(filter)
+                        .update(update)
+                        .upsert(true)
+                        .build()
+                        .into(),
+                );
                 stats.session_writes += 1;
             }
         }
@@ -370,7 +381,12 @@ impl Store {
             let models: Vec<WriteModel> = counts
                 .into_iter()
                 .map(|(id, c)| {
-                    UpdateOneModel::builder().namespace(self.sessions.namespace()).filter(doc! { "_id": id }).update(doc! { "$set": { "counts": c } }).build().into()
+                    UpdateOneModel::builder()
+                        .namespace(self.sessions.namespace())
+                        .filter(doc! { "_id": id })
+                        .update(doc! { "$set": { "counts": c } })
+                        .build()
+                        .into()
                 })
                 .collect();
             self.bulk(models).await?;
@@ -389,7 +405,9 @@ impl Store {
             Ok(_) => Ok(0),
             Err(e) => match *e.kind {
                 mongodb::error::ErrorKind::BulkWrite(ref bw)
-                    if bw.write_concern_errors.is_empty() && !bw.write_errors.is_empty() && bw.write_errors.values().all(|w| w.code == DUPLICATE_KEY) =>
+                    if bw.write_concern_errors.is_empty()
+                        && !bw.write_errors.is_empty()
+                        && bw.write_errors.values().all(|w| w.code == DUPLICATE_KEY) =>
                 {
                     Ok(bw.write_errors.len())
                 }
@@ -438,7 +456,8 @@ impl Store {
             out.seq = int(d, "seq");
             out.updated_at_ms = Some(int(d, "updated_at_ms")).filter(|&t| t > 0);
             if let Ok(c) = d.get_binary_generic("creds") {
-                out.creds = Some(self.codec.open_value(session, None, c).map_err(|e| MongoError::Unreadable(format!("{session} creds: {e}")))?);
+                out.creds =
+                    Some(self.codec.open_value(session, None, c).map_err(|e| MongoError::Unreadable(format!("{session} creds: {e}")))?);
             }
             if let Ok(counts) = d.get_document("counts") {
                 for (t, n) in counts {
@@ -462,7 +481,10 @@ impl Store {
                 _ => return Err(MongoError::Unreadable(format!("{session}: malformed key {t:?}/{i:?}"))),
             };
             let blob = d.get_binary_generic("value").map_err(|_| MongoError::Unreadable(format!("{session} key {t}/{i}: no value")))?;
-            let v = self.codec.open_value(session, Some((&ty, &kid)), blob).map_err(|e| MongoError::Unreadable(format!("{session} key {t}/{i}: {e}")))?;
+            let v = self
+                .codec
+                .open_value(session, Some((&ty, &kid)), blob)
+                .map_err(|e| MongoError::Unreadable(format!("{session} key {t}/{i}: {e}")))?;
             out.keys.insert((t.to_owned(), i.to_owned()), v);
         }
         Ok((found || any_key).then_some(out))

@@ -30,13 +30,23 @@ fn session(s: &str) -> SessionKey {
 fn keys(s: &str, seq: u64, entries: &[(&str, &str, Option<&str>)]) -> LoggedEvent {
     let mut keys = KeyChanges::new();
     for (ty, id, v) in entries {
-        keys.entry(KeyType::parse(ty).unwrap()).or_default().insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
+        keys.entry(KeyType::parse(ty).unwrap())
+            .or_default()
+            .insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
     }
-    LoggedEvent { seq, session: session(s), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } } }
+    LoggedEvent {
+        seq,
+        session: session(s),
+        event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } },
+    }
 }
 
 fn creds(s: &str, seq: u64, v: &str) -> LoggedEvent {
-    LoggedEvent { seq, session: session(s), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::CredsPut { creds: Bytes::copy_from_slice(v.as_bytes()) } } }
+    LoggedEvent {
+        seq,
+        session: session(s),
+        event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::CredsPut { creds: Bytes::copy_from_slice(v.as_bytes()) } },
+    }
 }
 
 fn deleted(s: &str, seq: u64) -> LoggedEvent {
@@ -133,7 +143,11 @@ async fn a_deleted_session_is_tombstoned_and_late_events_cannot_resurrect_it() {
 
     // Set, delete and set again inside one batch.
     store
-        .apply(&[keys("c", 10, &[("pre-key", "1", Some("x")), ("pre-key", "2", Some("y"))]), deleted("c", 11), keys("c", 12, &[("pre-key", "2", Some("z"))])])
+        .apply(&[
+            keys("c", 10, &[("pre-key", "1", Some("x")), ("pre-key", "2", Some("y"))]),
+            deleted("c", 11),
+            keys("c", 12, &[("pre-key", "2", Some("z"))]),
+        ])
         .await
         .unwrap();
     let c = store.read_session(&session("c")).await.unwrap().unwrap();

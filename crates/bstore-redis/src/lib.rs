@@ -303,8 +303,9 @@ impl RedisProjection {
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
-            let (next, keys): (u64, Vec<String>) =
-                self.bounded(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut conn)).await?;
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut conn))
+                .await?;
             for key in keys {
                 if let Some(session) = self.parse_key(&key) {
                     out.push(session);
@@ -342,7 +343,8 @@ impl RedisProjection {
                     creds = Some(Bytes::from(plain));
                 }
                 other => {
-                    let (ty, id) = other.split_once(FIELD_SEP).ok_or_else(|| unreadable(session, &format!("unexpected field {other:?}")))?;
+                    let (ty, id) =
+                        other.split_once(FIELD_SEP).ok_or_else(|| unreadable(session, &format!("unexpected field {other:?}")))?;
                     let ty = KeyType::parse(ty).map_err(|e| unreadable(session, &e.to_string()))?;
                     let id = KeyId::parse(id).map_err(|e| unreadable(session, &e.to_string()))?;
                     let plain = self

@@ -23,7 +23,9 @@ fn sk(s: &str) -> SessionKey {
 fn keys(entries: &[(&str, &str, Option<&str>)]) -> Event {
     let mut keys = KeyChanges::new();
     for (ty, id, v) in entries {
-        keys.entry(KeyType::parse(ty).unwrap()).or_default().insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
+        keys.entry(KeyType::parse(ty).unwrap())
+            .or_default()
+            .insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
     }
     Event { v: 1, at_ms: 1000, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } }
 }

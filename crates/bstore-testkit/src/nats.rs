@@ -32,7 +32,8 @@ impl NatsServer {
         std::fs::create_dir_all(&ports_dir).unwrap();
         // First start: free ports picked by the server. Restarts: the same
         // ports, as a real restart would have.
-        let (port, monitor) = if self.port == 0 { ("-1".to_string(), "-1".to_string()) } else { (self.port.to_string(), self.monitor.to_string()) };
+        let (port, monitor) =
+            if self.port == 0 { ("-1".to_string(), "-1".to_string()) } else { (self.port.to_string(), self.monitor.to_string()) };
         let conf = format!(
             "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nmax_payload: 8388608\nports_file_dir: {:?}\njetstream {{ store_dir: {:?} }}\n",
             ports_dir.display().to_string(),

@@ -65,12 +65,7 @@ impl ServiceProc {
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
@@ -140,10 +135,17 @@ pub struct CapacityArgs {
 pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
     let key = bstore_codec::Keyring::format_entry(1, &bstore_codec::Keyring::generate_key());
     println!();
-    println!("## capacity (service as its own process: {}; Redis projection {})", args.service_bin.display(), if args.redis_url.is_some() { "on" } else { "off" });
+    println!(
+        "## capacity (service as its own process: {}; Redis projection {})",
+        args.service_bin.display(),
+        if args.redis_url.is_some() { "on" } else { "off" }
+    );
     println!("each session: creds 1.1 KB, 812 pre-keys (~85 B), 50 Signal sessions (3 KB) = ~222 KB of values; file storage");
     println!();
-    println!("{:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>12} {:>12}", "sessions", "load s", "load CPU s", "RSS MiB", "peak MiB", "RSS KiB/sess", "idle CPU %", "get p50 µs");
+    println!(
+        "{:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>12} {:>12}",
+        "sessions", "load s", "load CPU s", "RSS MiB", "peak MiB", "RSS KiB/sess", "idle CPU %", "get p50 µs"
+    );
     let mut first = true;
     for &n in &args.sessions {
         let dir = scratch.join(format!("capacity-{n}"));
@@ -158,7 +160,11 @@ pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
             let (rss0, _) = memory_kib(pid);
             let cpu0 = cpu_secs(pid);
             let t0 = Instant::now();
-            let clients: Arc<Vec<SessionClient>> = Arc::new((0..n).map(|i| SessionClient::new(nc.clone(), "bstore", "cap", &format!("s{i}")).with_timeout(Duration::from_secs(60))).collect());
+            let clients: Arc<Vec<SessionClient>> = Arc::new(
+                (0..n)
+                    .map(|i| SessionClient::new(nc.clone(), "bstore", "cap", &format!("s{i}")).with_timeout(Duration::from_secs(60)))
+                    .collect(),
+            );
             let errors = futures_util::stream::iter(0..n)
                 .map(|i| {
                     let clients = clients.clone();
@@ -254,7 +260,9 @@ async fn cold_and_log(
     old.stop();
     wait_ready(nc, svc).await?;
     println!();
-    println!("cold load (service restarted; {resident} other sessions in the stream): first keys.get of a session of 1,000 keys, then a second");
+    println!(
+        "cold load (service restarted; {resident} other sessions in the stream): first keys.get of a session of 1,000 keys, then a second"
+    );
     println!("{:<12} {:>8} {:>14} {:>14}", "session", "events", "cold ms", "warm µs");
     for (kind, k, events, s) in &names {
         let t = Instant::now();
@@ -281,7 +289,9 @@ async fn cold_and_log(
             d.keys_set(&rid(), &key_data([("sender-key", id.as_str(), Some(&r[..]))])).await.map_err(err)?;
         }
     }
-    let memory = br#"{"100000000000000:1@lid":true,"100000000000001:1@lid":true,"100000000000002:1@lid":true,"100000000000003:1@lid":true}"#.to_vec();
+    let memory =
+        br#"{"100000000000000:1@lid":true,"100000000000001:1@lid":true,"100000000000002:1@lid":true,"100000000000003:1@lid":true}"#
+            .to_vec();
     let (b0, m0) = stream_bytes(&js).await?;
     let msgs = args.group_messages;
     let mut value_bytes = 0usize;
@@ -301,7 +311,10 @@ async fn cold_and_log(
         v.splice(tail - 220..tail - 220, entry);
         records[s] = v.clone();
         let id = sk_id(s);
-        let own = key_data([("sender-key", id.as_str(), Some(&v[..])), ("sender-key-memory", "120363000000000001@g.us", Some(&stamped(&memory, m as u64)[..]))]);
+        let own = key_data([
+            ("sender-key", id.as_str(), Some(&v[..])),
+            ("sender-key-memory", "120363000000000001@g.us", Some(&stamped(&memory, m as u64)[..])),
+        ]);
         devices[s].keys_set(&rid(), &own).await.map_err(err)?;
         value_bytes += v.len() + memory.len();
         for (d, dev) in devices.iter().enumerate() {
