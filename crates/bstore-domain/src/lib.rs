@@ -15,6 +15,7 @@ mod error;
 mod event;
 mod ids;
 mod limits;
+pub mod secs;
 mod state;
 
 pub use error::DomainError;

@@ -34,11 +34,11 @@ pub struct LogConfig {
     /// server's `max_payload` must be at least this.
     pub max_message_bytes: i32,
     /// How long a request id is remembered for deduplication. Default 2 min.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub duplicate_window: Duration,
     /// How long a JetStream request (append, replay step) may take before it
     /// is reported as unavailable. Default 5 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub request_timeout: Duration,
 }
 
@@ -76,21 +76,5 @@ impl LogConfig {
             deny_delete: true,
             ..Default::default()
         }
-    }
-}
-
-/// Durations as (fractional) seconds in configuration files.
-pub(crate) mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let v = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
     }
 }

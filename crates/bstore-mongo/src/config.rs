@@ -24,24 +24,24 @@ pub struct MongoConfig {
     pub batch_size: usize,
     /// How long a fetch waits to fill a batch before writing what it has.
     /// Default 0.2 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub batch_wait: Duration,
     /// How long JetStream waits for an acknowledgement before delivering an
     /// event again. Default 30 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub ack_wait: Duration,
     /// How long a deleted key or session stays as a tombstone (so that a
     /// late replay cannot bring it back) before the TTL index purges it.
     /// Default 7 days.
     pub tombstone_retention_secs: u64,
     /// Longest pause between retries while Mongo fails. Default 5 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub retry_max: Duration,
     /// How long a Mongo call may wait for a usable server. Default 5 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub timeout: Duration,
     /// How often the materializer logs its lag. Default 30 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub lag_log_interval: Duration,
 }
 
@@ -59,21 +59,5 @@ impl Default for MongoConfig {
             timeout: Duration::from_secs(5),
             lag_log_interval: Duration::from_secs(30),
         }
-    }
-}
-
-/// Durations as (fractional) seconds in configuration files.
-pub(crate) mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let v = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
     }
 }

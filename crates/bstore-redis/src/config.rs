@@ -21,14 +21,14 @@ pub struct RedisConfig {
     pub ttl_secs: u64,
     /// How long one Redis call (a projection write, a load) may take before
     /// it counts as failed. Default 1 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub timeout: Duration,
     /// Projection writes a session may have waiting; past it the session is
     /// marked behind and caught up later with a snapshot. Default 64.
     pub queue: usize,
     /// How often a session whose projection is behind tries to catch up
     /// while no write arrives. Default 2 s.
-    #[serde(with = "secs")]
+    #[serde(with = "bstore_domain::secs")]
     pub catch_up_interval: Duration,
 }
 
@@ -42,21 +42,5 @@ impl Default for RedisConfig {
             queue: 64,
             catch_up_interval: Duration::from_secs(2),
         }
-    }
-}
-
-/// Durations as (fractional) seconds in configuration files.
-pub(crate) mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let v = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
     }
 }
