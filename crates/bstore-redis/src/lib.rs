@@ -194,7 +194,9 @@ impl RedisProjection {
     /// Projects `event`, which the log stored at `after.seq()` right after
     /// `prev`, leaving the session as `after`: the keys the event touched
     /// are written with their values in `after` (or deleted when absent).
-    /// Applies only when the hash is exactly at `prev`.
+    /// Applies only when the hash is exactly at `prev`. Only the touched keys,
+    /// the creds (for `CredsPut`) and the metadata of `after` are read, so it
+    /// may be a partial image of the session holding just those.
     pub async fn apply(&self, session: &SessionKey, prev: u64, after: &SessionState, event: &Event) -> Result<DeltaOutcome, RedisError> {
         let mut deleted: Vec<String> = Vec::new();
         let mut set: Vec<(String, Vec<u8>)> = Vec::new();

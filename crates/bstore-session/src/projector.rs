@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use bstore_domain::{Event, SessionKey, SessionState};
+use bstore_domain::{Change, Event, SessionKey, SessionState};
 use bstore_redis::{DeltaOutcome, RedisProjection, SnapshotMode};
 use tokio::sync::mpsc;
 
@@ -70,7 +70,7 @@ impl Projector {
             self.snapshot(after, SnapshotMode::Guarded);
             return;
         }
-        let job = Job::Delta { prev, after: after.clone(), event: event.clone() };
+        let job = Job::Delta { prev, after: post_image(after, event), event: event.clone() };
         if self.tx.try_send(job).is_err() {
             self.status.behind.store(true, Ordering::Release);
         }
@@ -146,4 +146,16 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
             }
         }
     }
+}
+
+/// The part of `after` a delta projection reads: what the event touched (its
+/// keys, or the creds) and the session's metadata. Cloning the whole state
+/// instead would copy every key of the session on every write.
+fn post_image(after: &SessionState, event: &Event) -> SessionState {
+    let creds = match event.change {
+        Change::CredsPut { .. } => after.creds().cloned(),
+        _ => None,
+    };
+    let keys = event.touched_keys().into_iter().filter_map(|(ty, id)| after.get_keys(ty, [id]).pop().map(|(id, v)| (ty.clone(), id, v)));
+    SessionState::from_parts(after.seq(), creds, keys, after.updated_at_ms(), after.events())
 }
