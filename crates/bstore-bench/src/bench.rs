@@ -82,9 +82,10 @@ struct Args {
     /// Use a running Redis for the Redis floor instead of starting redis-server.
     #[arg(long)]
     redis_url: Option<String>,
-    /// The redis-server binary started for the Redis floor.
-    #[arg(long, default_value = "redis-server")]
-    redis_server_bin: String,
+    /// The redis-server binary started for the Redis floor (default:
+    /// $REDIS_SERVER_BIN, then PATH).
+    #[arg(long)]
+    redis_server_bin: Option<PathBuf>,
     /// Run the service with its Redis projection on (`[redis] url` set to the
     /// Redis of the floor: started here, or --redis-url).
     #[arg(long)]
@@ -151,17 +152,24 @@ fn main() -> anyhow::Result<()> {
     let needs_service = ["floors", "target", "latency", "sizes", "rate"].iter().any(|s| args.has(s));
     // One Redis for the floor and, when asked, the projections.
     let redis_server = match (&args.redis_url, args.has("floors") || args.redis_projection) {
-        (None, true) => match floors::RedisServer::start(&args.redis_server_bin, &scratch) {
-            Ok(r) => Some(r),
-            Err(e) if !args.redis_projection => {
-                println!("(Redis floor skipped: {e:#})");
-                None
+        (None, true) => {
+            let bin = args
+                .redis_server_bin
+                .clone()
+                .or_else(|| bstore_testkit::try_find_bin("REDIS_SERVER_BIN", ".tools/redis/bin/redis-server", "redis-server"));
+            match bin {
+                Some(bin) => Some(bstore_testkit::RedisServer::start_with_bin(bin)),
+                None if !args.redis_projection => {
+                    println!("(Redis floor skipped: no redis-server; install it or pass --redis-url)");
+                    None
+                }
+                None => anyhow::bail!("--redis-projection needs a redis-server or --redis-url"),
             }
-            Err(e) => return Err(e),
-        },
+        }
         _ => None,
     };
-    let redis_addr = args.redis_url.as_deref().map(floors::redis_addr).or_else(|| redis_server.as_ref().map(|r| r.addr.clone()));
+    let redis_addr =
+        args.redis_url.as_deref().map(floors::redis_addr).or_else(|| redis_server.as_ref().map(|r| format!("127.0.0.1:{}", r.port())));
     let projection_url = if args.redis_projection { redis_addr.as_ref().map(|a| format!("redis://{a}/")) } else { None };
     let (url, service) = match (&args.nats_url, needs_service) {
         (Some(url), _) => (Some(url.clone()), None),
@@ -326,18 +334,7 @@ async fn floors(args: &Args, nc: &async_nats::Client, redis_addr: Option<&str>) 
     print_header();
     let echo = floors::spawn_echo(nc).await?;
     let js = async_nats::jetstream::new(nc.clone());
-    let _ = js.delete_stream("BENCH_FLOOR").await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "BENCH_FLOOR".into(),
-        subjects: vec!["bench-floor.>".into()],
-        storage: if args.memory_storage {
-            async_nats::jetstream::stream::StorageType::Memory
-        } else {
-            async_nats::jetstream::stream::StorageType::File
-        },
-        ..Default::default()
-    })
-    .await?;
+    floors::floor_stream(&js, args.memory_storage).await?;
     let payload = bytes::Bytes::from(session_record(1, args.value_bytes));
     for &c in &args.concurrency {
         let cs = c.to_string();
@@ -396,18 +393,7 @@ async fn floors(args: &Args, nc: &async_nats::Client, redis_addr: Option<&str>) 
 async fn target(args: &Args, nc: &async_nats::Client) -> anyhow::Result<()> {
     let echo = floors::spawn_echo(nc).await?;
     let js = async_nats::jetstream::new(nc.clone());
-    let _ = js.delete_stream("BENCH_FLOOR").await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "BENCH_FLOOR".into(),
-        subjects: vec!["bench-floor.>".into()],
-        storage: if args.memory_storage {
-            async_nats::jetstream::stream::StorageType::Memory
-        } else {
-            async_nats::jetstream::stream::StorageType::File
-        },
-        ..Default::default()
-    })
-    .await?;
+    floors::floor_stream(&js, args.memory_storage).await?;
     let template = Arc::new(session_record(7, args.value_bytes));
     let ids: Arc<Vec<String>> = Arc::new((0..args.ids).map(|i| format!("{}.0", 100_000_000 + i)).collect());
     let sessions = clients(nc, "target", 100);

@@ -115,11 +115,16 @@ impl SessionState {
         self.keys.iter().flat_map(|(t, ids)| ids.iter().map(move |(id, v)| (t, id, v)))
     }
 
+    /// Whether the session holds creds or any key.
+    pub fn exists(&self) -> bool {
+        self.creds.is_some() || self.keys.values().any(|m| !m.is_empty())
+    }
+
     /// A summary for `session.info`.
     pub fn info(&self) -> SessionInfo {
         SessionInfo {
             seq: self.seq,
-            exists: self.creds.is_some() || self.keys.values().any(|m| !m.is_empty()),
+            exists: self.exists(),
             creds: self.creds.is_some(),
             keys: self.keys.iter().filter(|(_, m)| !m.is_empty()).map(|(t, m)| (t.to_string(), m.len() as u64)).collect(),
             bytes: self.bytes,
@@ -163,7 +168,7 @@ impl SessionState {
                 Change::KeysChanged { keys, patched }
             }
             Command::DeleteSession => {
-                if !self.info().exists {
+                if !self.exists() {
                     return Ok(None);
                 }
                 Change::SessionDeleted

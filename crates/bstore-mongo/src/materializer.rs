@@ -104,8 +104,8 @@ impl Materializer {
             let sid = sid(&e.session);
             let Change::KeysChanged { keys, patched } = &mut e.event.change else {
                 if matches!(e.event.change, Change::SessionDeleted) {
-                    in_batch.retain(|id, _| !id.starts_with(&format!("{sid}{ID_SEP}")));
                     let prefix = format!("{sid}{ID_SEP}");
+                    in_batch.retain(|id, _| !id.starts_with(&prefix));
                     for id in stored.keys().filter(|id| id.starts_with(&prefix)) {
                         in_batch.insert(id.clone(), None);
                     }

@@ -6,6 +6,7 @@
 //! Binaries are found through environment variables first (set by
 //! `.ci/run`), then the project's `.tools/` folder, then `PATH`.
 
+mod child;
 mod mongo;
 mod nats;
 mod process;
@@ -54,21 +55,20 @@ pub fn repo_root() -> PathBuf {
 
 /// Finds a binary: `$env_var`, then `<repo>/<local>`, then `PATH`.
 pub fn find_bin(env_var: &str, local: &str, name: &str) -> PathBuf {
+    try_find_bin(env_var, local, name).unwrap_or_else(|| panic!("{name} not found: run scripts/setup (or set {env_var})"))
+}
+
+/// Like [`find_bin`], for callers that can do without the binary.
+pub fn try_find_bin(env_var: &str, local: &str, name: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
     let local = repo_root().join(local);
     if local.exists() {
-        return local;
+        return Some(local);
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.join(name).is_file() {
-                return dir.join(name);
-            }
-        }
-    }
-    panic!("{name} not found: run scripts/setup (or set {env_var})");
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 /// A loopback port that was free a moment ago: bound to port 0, then

@@ -4,10 +4,10 @@
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use crate::{TempDir, find_bin, free_port, sigterm, wait_for};
+use crate::{TempDir, child, find_bin, free_port, wait_for};
 
 /// A Mongo-compatible server on a free loopback port with its own storage.
 /// Its data survives [`MongoServer::stop`] and [`MongoServer::start_again`].
@@ -31,16 +31,9 @@ impl MongoServer {
         let dir = self.dir.path();
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("mongo.log")).unwrap();
-        let child = Command::new(&self.bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string(), "--log-level", "WARNING"])
-            .arg("--storage-path")
-            .arg(&data)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting the Mongo-compatible server");
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string(), "--log-level", "WARNING"]).arg("--storage-path").arg(&data);
+        let child = child::spawn_logged(cmd, &dir.join("mongo.log"), "the Mongo-compatible server");
         self.child = Some(child);
         let port = self.port;
         wait_for(60, "the Mongo-compatible server to answer ping", || ping(port).then_some(()));
@@ -59,10 +52,7 @@ impl MongoServer {
 
     /// Stops the server (SIGTERM) and waits for it to exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            sigterm(child.id());
-            let _ = child.wait();
-        }
+        child::terminate(&mut self.child);
     }
 
     /// Starts a stopped server again on the same port and storage.
@@ -74,18 +64,8 @@ impl MongoServer {
 
 impl Drop for MongoServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            sigterm(child.id());
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while std::time::Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // A graceful stop lets it close its storage; it gets five seconds.
+        child::terminate_within(&mut self.child, Duration::from_secs(5));
     }
 }
 

@@ -3,9 +3,9 @@
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
-use crate::{TempDir, find_bin, sigterm, wait_for};
+use crate::{TempDir, child, find_bin, wait_for};
 
 /// A nats-server on a free loopback port with its own store directory.
 pub struct NatsServer {
@@ -40,15 +40,9 @@ impl NatsServer {
             dir.join("js").display().to_string()
         );
         std::fs::write(dir.join("nats.conf"), conf).unwrap();
-        let log = std::fs::File::create(dir.join("nats.log")).unwrap();
-        let child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(dir.join("nats.conf"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting nats-server");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-c").arg(dir.join("nats.conf"));
+        let child = child::spawn_logged(cmd, &dir.join("nats.log"), "nats-server");
         let pid = child.id();
         self.child = Some(child);
         let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
@@ -72,18 +66,12 @@ impl NatsServer {
 
     /// Stops the server gracefully.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            sigterm(child.id());
-            let _ = child.wait();
-        }
+        child::terminate(&mut self.child);
     }
 
     /// Kills the server with SIGKILL.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        child::kill(&mut self.child);
     }
 
     /// Starts the server again on the same ports and store.

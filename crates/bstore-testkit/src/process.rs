@@ -2,9 +2,9 @@
 //! with SIGKILL, restarted, or run twice).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 
-use crate::{sigterm, wait_for};
+use crate::{child, wait_for};
 
 /// A running `baileys-store serve`.
 pub struct ServiceProcess {
@@ -33,9 +33,8 @@ impl ServiceProcess {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.arg("serve");
         for (k, _) in std::env::vars() {
             if k.starts_with("BSTORE") {
                 cmd.env_remove(k);
@@ -43,7 +42,7 @@ impl ServiceProcess {
         }
         cmd.env("NO_COLOR", "1").env("BSTORE_LOG", "info,bstore_session=debug");
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        self.child = Some(cmd.spawn().expect("starting baileys-store"));
+        self.child = Some(child::spawn_logged(cmd, &self.log, "baileys-store"));
         self.starts += 1;
         let want = self.starts;
         wait_for(30, "the service to serve", || {
@@ -61,17 +60,12 @@ impl ServiceProcess {
 
     /// SIGKILL: no shutdown work at all.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        child::kill(&mut self.child);
     }
 
     /// SIGTERM, then waits for the exit.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        sigterm(child.id());
-        child.wait().ok()
+        child::terminate(&mut self.child)
     }
 
     /// Starts it again with the same environment.
@@ -89,10 +83,7 @@ impl ServiceProcess {
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            sigterm(child.id());
-            let _ = child.wait();
-        }
+        child::terminate(&mut self.child);
         if std::thread::panicking() {
             eprintln!("--- service log {} ---\n{}", self.log.display(), self.log_text());
         }

@@ -3,10 +3,10 @@
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use crate::{TempDir, find_bin, free_port, sigterm, wait_for};
+use crate::{TempDir, child, find_bin, free_port, wait_for};
 
 /// A redis-server on a free loopback port with its own directory, without
 /// persistence: a restart starts empty, as after losing a cache node.
@@ -20,7 +20,11 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server and waits until it answers `PING`.
     pub fn start() -> Self {
-        let bin = find_bin("REDIS_SERVER_BIN", ".tools/redis/bin/redis-server", "redis-server");
+        Self::start_with_bin(find_bin("REDIS_SERVER_BIN", ".tools/redis/bin/redis-server", "redis-server"))
+    }
+
+    /// Like [`RedisServer::start`] with a given redis-server binary.
+    pub fn start_with_bin(bin: PathBuf) -> Self {
         let mut server = Self { dir: TempDir::new("redis"), bin, child: None, port: free_port() };
         server.spawn();
         server
@@ -28,16 +32,9 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let dir = self.dir.path();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("redis.log")).unwrap();
-        let child = Command::new(&self.bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting redis-server");
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(dir);
+        let child = child::spawn_logged(cmd, &dir.join("redis.log"), "redis-server");
         self.child = Some(child);
         let port = self.port;
         wait_for(20, "redis-server to answer PING", || ping(port).then_some(()));
@@ -55,10 +52,7 @@ impl RedisServer {
 
     /// Stops the server (SIGTERM) and waits for it to exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            sigterm(child.id());
-            let _ = child.wait();
-        }
+        child::terminate(&mut self.child);
     }
 
     /// Starts a stopped server again on the same port (empty: no persistence).
@@ -70,10 +64,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        child::kill(&mut self.child);
     }
 }
 

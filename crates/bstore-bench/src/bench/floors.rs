@@ -8,11 +8,6 @@
 //!   a plain TCP connection speaking RESP: the round trip of a Redis-direct
 //!   store, without any client library on top.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use anyhow::Context as _;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -31,42 +26,14 @@ pub async fn spawn_echo(nc: &async_nats::Client) -> anyhow::Result<tokio::task::
     }))
 }
 
-/// A redis-server started for the benchmark on a free loopback port.
-pub struct RedisServer {
-    child: Child,
-    dir: PathBuf,
-    pub addr: String,
-}
-
-impl RedisServer {
-    pub fn start(bin: &str, scratch: &Path) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = scratch.join("redis");
-        std::fs::create_dir_all(&dir)?;
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {bin} (install redis-server or pass --redis-url)"))?;
-        let addr = format!("127.0.0.1:{port}");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(&addr).is_err() {
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self { child, dir, addr })
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Creates, afresh, the stream the JetStream floor publishes to: the same
+/// storage as the service's stream.
+pub async fn floor_stream(js: &async_nats::jetstream::Context, memory: bool) -> anyhow::Result<()> {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    let _ = js.delete_stream("BENCH_FLOOR").await;
+    let storage = if memory { StorageType::Memory } else { StorageType::File };
+    js.create_stream(Config { name: "BENCH_FLOOR".into(), subjects: vec!["bench-floor.>".into()], storage, ..Default::default() }).await?;
+    Ok(())
 }
 
 /// `redis://host:port[/db]` or `host:port` to `host:port`.
