@@ -89,11 +89,12 @@ export class Device {
 		this.pn = `${account.pnUser}:${deviceId}@s.whatsapp.net`
 	}
 
-	/** Builds the key store stack and Signal repository as makeWASocket does. */
-	async open(openAuth: OpenAuth, logger: RecordingLogger): Promise<void> {
+	/** Builds the key store stack and Signal repository as makeWASocket does; `cached` puts makeCacheableSignalKeyStore in front of the store. */
+	async open(openAuth: OpenAuth, logger: RecordingLogger, cached = true): Promise<void> {
 		this.auth = await openAuth(this.name)
 		const { creds, keys } = this.auth.state
-		this.keys = addTransactionCapability(makeCacheableSignalKeyStore(keys, logger), logger, DEFAULT_CONNECTION_CONFIG.transactionOpts)
+		const base = cached ? makeCacheableSignalKeyStore(keys, logger) : keys
+		this.keys = addTransactionCapability(base, logger, DEFAULT_CONNECTION_CONFIG.transactionOpts)
 		this.repo = DEFAULT_CONNECTION_CONFIG.makeSignalRepository({ creds, keys: this.keys }, logger)
 	}
 }
@@ -111,7 +112,11 @@ interface Delivery {
 	expected: string
 }
 
-export class World {
+/**
+ * The devices of some accounts and the server's part between them. Subclasses script the
+ * rounds: `World` below for the tests, `BenchWorld` in bench/ for the benchmark.
+ */
+export class SignalWorld {
 	readonly devices: Device[]
 	readonly logger = new RecordingLogger()
 	/** The server's pre-key bundles, by LID device jid. */
@@ -122,8 +127,12 @@ export class World {
 	delivered = 0
 	private seq = 0
 
-	constructor(private readonly openAuth: OpenAuth) {
-		this.devices = ACCOUNTS.flatMap((a) => a.devices.map((d) => new Device(a, d)))
+	constructor(
+		private readonly openAuth: OpenAuth,
+		readonly accounts: AccountSpec[],
+		readonly group: string
+	) {
+		this.devices = accounts.flatMap((a) => a.devices.map((d) => new Device(a, d)))
 	}
 
 	device(name: string): Device {
@@ -132,22 +141,19 @@ export class World {
 		return d
 	}
 
-	/** Registers every device: creds, the first pre-key upload, device lists and a LID mapping. */
-	async setup(): Promise<void> {
+	/** Registers every device: creds, the first pre-key upload (812 in one transaction) and device lists. */
+	async setup(cached = true): Promise<void> {
 		for (const d of this.devices) {
-			await d.open(this.openAuth, this.logger)
+			await d.open(this.openAuth, this.logger, cached)
 			const { creds } = d.auth.state
 			creds.me = { id: d.pn, lid: d.lid, name: d.account.name }
 			creds.registered = true
 			await this.uploadPreKeys(d)
 			// What usync stores for the other accounts.
 			const lists: Record<string, string[]> = {}
-			for (const a of ACCOUNTS) lists[a.lidUser] = a.devices.map(String)
+			for (const a of this.accounts) lists[a.lidUser] = a.devices.map(String)
 			await d.keys.set({ 'device-list': lists })
 		}
-		// Carol knows Alice by phone number; Baileys resolves it to Alice's LID.
-		const alice = ACCOUNTS[0]!
-		await this.device('carol-3').repo.lidMapping.storeLIDPNMappings([{ lid: `${alice.lidUser}@lid`, pn: `${alice.pnUser}@s.whatsapp.net` }])
 	}
 
 	/** As the socket's uploadPreKeys: generate in a transaction, save creds, hand the bundle to the server. */
@@ -169,8 +175,8 @@ export class World {
 	}
 
 	/** Drops every in-process cache and reopens each device from its store, as a restarted bot would. */
-	async reopen(): Promise<void> {
-		for (const d of this.devices) await d.open(this.openAuth, this.logger)
+	async reopen(cached = true): Promise<void> {
+		for (const d of this.devices) await d.open(this.openAuth, this.logger, cached)
 		// The LID mapping lives in the store; the repository's own cache starts empty.
 	}
 
@@ -197,7 +203,7 @@ export class World {
 		if (users.length) await parseAndInjectE2ESessions({ tag: 'iq', attrs: {}, content: [{ tag: 'list', attrs: {}, content: users }] }, from.repo)
 	}
 
-	private stanzaId(): string {
+	protected stanzaId(): string {
 		return `3EB0${(++this.seq).toString(16).padStart(8, '0')}${randomBytes(4).toString('hex').toUpperCase()}`
 	}
 
@@ -205,9 +211,7 @@ export class World {
 	 * A 1:1 message to every device of `to`, plus a copy to the sender's other devices.
 	 * `viaPhoneNumber` addresses the recipient by PN, which Baileys maps to its LID session.
 	 */
-	async sendDirect(fromName: string, toAccount: string, text: string, viaPhoneNumber = false): Promise<void> {
-		const from = this.device(fromName)
-		const to = ACCOUNTS.find((a) => a.name === toAccount)!
+	async sendDirect(from: Device, to: AccountSpec, text: string, viaPhoneNumber = false): Promise<void> {
 		const targets = this.devices.filter((d) => d.account === to || (d.account === from.account && d !== from))
 		const chat = viaPhoneNumber ? `${to.pnUser}@s.whatsapp.net` : `${to.lidUser}@lid`
 		const id = this.stanzaId()
@@ -230,15 +234,15 @@ export class World {
 	}
 
 	/** A group message as relayMessage sends it: sender key, plus the distribution message to devices that lack it. */
-	async sendGroup(fromName: string, text: string): Promise<void> {
-		const from = this.device(fromName)
+	async sendGroup(from: Device, text: string): Promise<void> {
+		const group = this.group
 		const members = this.devices.filter((d) => d !== from)
 		const id = this.stanzaId()
 		this.sent++
 		const deliveries = await from.keys.transaction(async () => {
-			const memory = (await from.keys.get('sender-key-memory', [GROUP]))[GROUP] ?? {}
+			const memory = (await from.keys.get('sender-key-memory', [group]))[group] ?? {}
 			const { ciphertext, senderKeyDistributionMessage } = await from.repo.encryptGroupMessage({
-				group: GROUP,
+				group,
 				meId: from.lid,
 				data: encodeWAMessage({ conversation: text })
 			})
@@ -250,16 +254,16 @@ export class World {
 					needKey.map((d) => d.lid)
 				)
 				for (const d of needKey) {
-					const data = encodeWAMessage({ senderKeyDistributionMessage: { groupId: GROUP, axolotlSenderKeyDistributionMessage: senderKeyDistributionMessage } })
+					const data = encodeWAMessage({ senderKeyDistributionMessage: { groupId: group, axolotlSenderKeyDistributionMessage: senderKeyDistributionMessage } })
 					const { type, ciphertext: c } = await from.repo.encryptMessage({ jid: d.lid, data })
 					skdmNodes.set(d, { tag: 'enc', attrs: { v: '2', type }, content: c })
 					memory[d.lid] = true
 				}
 			}
-			await from.keys.set({ 'sender-key-memory': { [GROUP]: memory } })
+			await from.keys.set({ 'sender-key-memory': { [group]: memory } })
 			return members.map((d) => {
 				const skdm = skdmNodes.get(d)
-				const attrs = { id, from: GROUP, participant: from.lid, t: String(Math.floor(Date.now() / 1000)), type: 'text' }
+				const attrs = { id, from: group, participant: from.lid, t: String(Math.floor(Date.now() / 1000)), type: 'text' }
 				const content: BinaryNode[] = [...(skdm ? [skdm] : []), { tag: 'enc', attrs: { v: '2', type: 'skmsg' }, content: ciphertext }]
 				return { to: d, expected: text, stanza: { tag: 'message', attrs, content } }
 			})
@@ -283,18 +287,9 @@ export class World {
 		)
 	}
 
-	/** The 1:1 part of one round: every pair talks, Carol addresses Alice by phone number. */
-	async directRound(round: number): Promise<void> {
-		await this.sendDirect('alice-1', 'bob', text(round, 'alice-1 to bob'))
-		await this.sendDirect('bob-1', 'alice', text(round, 'bob-1 to alice'))
-		await this.sendDirect('carol-3', 'alice', text(round, 'carol-3 to alice by PN'), true)
-		await this.sendDirect('alice-2', 'carol', text(round, 'alice-2 to carol'))
-		await this.sendDirect('bob-1', 'carol', text(round, 'bob-1 to carol'))
-	}
-
 	/** The group part of one round: every device sends once. */
 	async groupRound(round: number): Promise<void> {
-		for (const d of this.devices) await this.sendGroup(d.name, text(round, `${d.name} to the group`))
+		for (const d of this.devices) await this.sendGroup(d, text(round, `${d.name} to the group`))
 	}
 
 	/** Plaintexts received, by device: the same script gives the same record on any store. */
@@ -303,8 +298,33 @@ export class World {
 	}
 }
 
+/** The tests' world: Alice (two devices), Bob and Carol; Carol knows Alice by phone number. */
+export class World extends SignalWorld {
+	constructor(openAuth: OpenAuth) {
+		super(openAuth, ACCOUNTS, GROUP)
+	}
+
+	/** Registers every device, then gives Carol Alice's LID mapping; Baileys resolves her PN to it. */
+	override async setup(): Promise<void> {
+		await super.setup()
+		const alice = ACCOUNTS[0]!
+		await this.device('carol-3').repo.lidMapping.storeLIDPNMappings([{ lid: `${alice.lidUser}@lid`, pn: `${alice.pnUser}@s.whatsapp.net` }])
+	}
+
+	/** The 1:1 part of one round: every pair talks, Carol addresses Alice by phone number. */
+	async directRound(round: number): Promise<void> {
+		const send = (from: string, to: string, what: string, viaPhoneNumber = false) =>
+			this.sendDirect(this.device(from), ACCOUNTS.find((a) => a.name === to)!, text(round, what), viaPhoneNumber)
+		await send('alice-1', 'bob', 'alice-1 to bob')
+		await send('bob-1', 'alice', 'bob-1 to alice')
+		await send('carol-3', 'alice', 'carol-3 to alice by PN', true)
+		await send('alice-2', 'carol', 'alice-2 to carol')
+		await send('bob-1', 'carol', 'bob-1 to carol')
+	}
+}
+
 /** Message texts of varied length, the same on every run. */
-function text(round: number, what: string): string {
+export function text(round: number, what: string): string {
 	const filler = 'lorem ipsum dolor sit amet '.repeat((round * 7 + what.length) % 9)
 	return `round ${round}: ${what}. ${filler}`.trim()
 }
