@@ -31,20 +31,19 @@ pub(crate) fn parse_subject<'a>(prefix: &str, subject: &'a str) -> Result<(Sessi
         .strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('.'))
         .ok_or_else(|| Refusal(ErrorCode::UnknownOp, format!("subject {subject:?} is outside the prefix {prefix:?}")))?;
-    let tokens: Vec<&str> = rest.split('.').collect();
-    let n = tokens.len();
-    if n < 3 {
+    // The op is the last two tokens; everything before them must be exactly
+    // `<tenant>.<session>`.
+    let Some(ids) = rest.rsplitn(3, '.').nth(2) else {
         return Err(Refusal(ErrorCode::UnknownOp, format!("expected {prefix}.<tenant>.<session>.<op>, got {subject:?}")));
-    }
-    let op_at = n - 2;
-    let op = &rest[rest.len() - tokens[op_at].len() - tokens[n - 1].len() - 1..];
+    };
+    let op = &rest[ids.len() + 1..];
     if !OPS.contains(&op) {
-        return Err(Refusal(ErrorCode::UnknownOp, format!("unknown op {:?}; known: {}", tokens[2..].join("."), OPS.join(", "))));
+        return Err(Refusal(ErrorCode::UnknownOp, format!("unknown op in {subject:?}; known: {}", OPS.join(", "))));
     }
-    if op_at != 2 {
-        return Err(Refusal(ErrorCode::InvalidId, "tenant and session must be single subject tokens without '.'".into()));
+    match ids.split_once('.') {
+        Some((tenant, session)) if !session.contains('.') => Ok((SessionKey::parse(tenant, session)?, op)),
+        _ => Err(Refusal(ErrorCode::InvalidId, "tenant and session must be single subject tokens without '.'".into())),
     }
-    Ok((SessionKey::parse(tokens[0], tokens[1])?, op))
 }
 
 #[derive(Deserialize, Default)]
