@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use bstore_api::ApiConfig;
+use bstore_cluster::ClusterConfig;
 use bstore_domain::Limits;
 use bstore_log::LogConfig;
 use bstore_mongo::MongoConfig;
@@ -43,6 +44,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Session actors.
     pub sessions: SessionConfig,
+    /// Partition ownership among the instances.
+    pub cluster: ClusterConfig,
     /// Per-request limits.
     pub limits: Limits,
     /// The Redis projection (off without a URL).

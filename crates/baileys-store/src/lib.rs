@@ -8,6 +8,7 @@
 pub mod config;
 pub mod embedded;
 pub mod keys;
+pub mod nats;
 pub mod projections;
 pub mod telemetry;
 
@@ -48,7 +49,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
     tracing::info!(keys = ?keyring.ids(), current = keyring.current(), "sealing keyring loaded");
-    let client = connect(&cfg, &urls).await?;
+    let client = nats::connect(&cfg.nats, &urls, nats::Role::Store).await?;
     let max_payload = client.server_info().max_payload;
     if max_payload < cfg.api.max_request_bytes + HEADER_ROOM {
         let lowered = max_payload.saturating_sub(HEADER_ROOM);
@@ -77,36 +78,6 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     Ok(())
 }
 
-async fn connect(cfg: &Config, urls: &[String]) -> anyhow::Result<async_nats::Client> {
-    let addrs = urls
-        .iter()
-        .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad NATS URL {u:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut opts = async_nats::ConnectOptions::new().name("baileys-store").retry_on_initial_connect().max_reconnects(None).event_callback(
-        |event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                other => tracing::info!(event = %other, "NATS event"),
-            }
-        },
-    );
-    if let Some(token) = &cfg.nats.token {
-        opts = opts.token(token.clone());
-    }
-    let client = opts.connect(addrs).await.context("connecting to NATS")?;
-    // With retry_on_initial_connect the client returns at once; wait for the
-    // first connection so that server_info() is real.
-    let start = std::time::Instant::now();
-    while client.connection_state() != async_nats::connection::State::Connected {
-        if start.elapsed() > std::time::Duration::from_secs(30) {
-            anyhow::bail!("could not reach NATS at {urls:?} within 30 s");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    Ok(client)
-}
-
 /// For the command-line tools: a NATS connection (to the configured servers,
 /// or to the running embedded one) and the codec.
 pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Client, Codec)> {
@@ -120,7 +91,7 @@ pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Cl
         cfg.nats.urls.clone()
     };
     let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
-    let client = connect(cfg, &urls).await?;
+    let client = nats::connect(&cfg.nats, &urls, nats::Role::Tool).await?;
     Ok((client, Codec::new(keyring)))
 }
 

@@ -14,15 +14,31 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     monitor: u16,
+    /// Configuration text appended to the generated file (accounts,
+    /// authorization, TLS, mappings).
+    extra: String,
 }
 
 impl NatsServer {
     /// Starts a server and waits until JetStream is ready.
     pub fn start() -> Self {
+        Self::start_conf("")
+    }
+
+    /// Starts a server whose configuration file ends with `extra` (accounts,
+    /// authorization, TLS, mappings). `extra` may name files under
+    /// [`NatsServer::dir`] only after the start, so write such files
+    /// elsewhere first.
+    pub fn start_conf(extra: &str) -> Self {
         let bin = find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
-        let mut server = Self { dir: TempDir::new("nats"), bin, child: None, port: 0, monitor: 0 };
+        let mut server = Self { dir: TempDir::new("nats"), bin, child: None, port: 0, monitor: 0, extra: extra.to_owned() };
         server.spawn();
         server
+    }
+
+    /// The server's own directory (config, log, store).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     fn spawn(&mut self) {
@@ -35,9 +51,10 @@ impl NatsServer {
         let (port, monitor) =
             if self.port == 0 { ("-1".to_string(), "-1".to_string()) } else { (self.port.to_string(), self.monitor.to_string()) };
         let conf = format!(
-            "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nmax_payload: 8388608\nports_file_dir: {:?}\njetstream {{ store_dir: {:?} }}\n",
+            "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nmax_payload: 8388608\nports_file_dir: {:?}\njetstream {{ store_dir: {:?} }}\n{}\n",
             ports_dir.display().to_string(),
-            dir.join("js").display().to_string()
+            dir.join("js").display().to_string(),
+            self.extra
         );
         std::fs::write(dir.join("nats.conf"), conf).unwrap();
         let mut cmd = Command::new(&self.bin);
