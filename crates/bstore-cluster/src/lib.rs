@@ -6,8 +6,13 @@
 //! one instance at a time through a lease in a JetStream KV bucket.
 
 mod config;
+mod leases;
+mod ownership;
+pub mod plan;
 
 pub use config::ClusterConfig;
+pub use leases::{BoxFuture, Handover, LeaseError, Leases};
+pub use ownership::Ownership;
 
 use bstore_domain::SessionKey;
 
