@@ -1,5 +1,6 @@
 //! Settings of the Redis projection.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -9,9 +10,21 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` (or `rediss://`, `redis+unix://`). Unset (the
-    /// default): no Redis projection; sessions load from the log alone.
+    /// `redis://host:port/db` (or `rediss://` for TLS, `redis+unix://`).
+    /// An ACL user and password go in the URL
+    /// (`rediss://bstore:secret@redis.internal:6380/`) or in `username` and
+    /// `password`. Unset (the default): no Redis projection; sessions load
+    /// from the log alone.
     pub url: Option<String>,
+    /// ACL user name; overrides one in the URL. Default: none (the URL's, or
+    /// Redis's `default` user).
+    pub username: Option<String>,
+    /// Password (of the ACL user, or `requirepass`); overrides one in the
+    /// URL, so the URL can stay free of secrets
+    /// (`BSTORE__REDIS__PASSWORD`). Default: none.
+    pub password: Option<String>,
+    /// TLS for a `rediss://` URL: a private CA and a client certificate.
+    pub tls: RedisTls,
     /// First part of every hash's key: `<prefix>:{<tenant>.<session>}`.
     /// Default `bstore`.
     pub key_prefix: String,
@@ -36,11 +49,37 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: None,
+            username: None,
+            password: None,
+            tls: RedisTls::default(),
             key_prefix: "bstore".into(),
             ttl_secs: 0,
             timeout: Duration::from_secs(1),
             queue: 64,
             catch_up_interval: Duration::from_secs(2),
         }
+    }
+}
+
+/// TLS settings, used only with a `rediss://` URL (TLS itself is chosen by
+/// the scheme). Every field defaults to none: the server is then verified
+/// against the system's roots and no client certificate is sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTls {
+    /// PEM file of the CA(s) that signed the server's certificate, for a
+    /// private CA. When set, only these are trusted (not the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for a server with
+    /// `tls-auth-clients yes`. Needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// Whether any TLS file is configured.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
     }
 }

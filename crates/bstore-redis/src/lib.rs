@@ -37,7 +37,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-pub use config::RedisConfig;
+pub use config::{RedisConfig, RedisTls};
 /// The Redis client crate, for tools and tests that inspect the hashes.
 pub use redis;
 
@@ -159,8 +159,7 @@ impl RedisProjection {
     /// A projection at `cfg.url` sealing with `codec`. Fails only on a
     /// malformed URL (or none); reaching Redis is tried on first use.
     pub fn new(cfg: RedisConfig, codec: Codec) -> Result<Self, RedisError> {
-        let url = cfg.url.clone().ok_or_else(|| RedisError::Unavailable("no redis url configured".into()))?;
-        let client = redis::Client::open(url.as_str()).map_err(|e| RedisError::Unavailable(format!("bad redis url: {e}")))?;
+        let client = client(&cfg)?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
@@ -369,6 +368,42 @@ impl RedisProjection {
         self.reachable.store(!matches!(result, Err(RedisError::Unavailable(_))), Ordering::Release);
         result
     }
+}
+
+/// The client for `cfg`: the URL, with `username`/`password` over the URL's
+/// and, for `rediss://`, the CA and client certificate of `cfg.tls`.
+/// Fails on a malformed URL, an unreadable TLS file, or TLS files given with
+/// a URL that is not `rediss://` (they would be ignored otherwise).
+fn client(cfg: &RedisConfig) -> Result<redis::Client, RedisError> {
+    use redis::IntoConnectionInfo as _;
+    let bad = |what: &str| RedisError::Unavailable(format!("bad redis settings: {what}"));
+    let url = cfg.url.as_deref().ok_or_else(|| RedisError::Unavailable("no redis url configured".into()))?;
+    let mut info = url.into_connection_info().map_err(|e| bad(&format!("url: {e}")))?;
+    if cfg.username.is_some() || cfg.password.is_some() {
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &cfg.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &cfg.password {
+            settings = settings.set_password(password);
+        }
+        info = info.set_redis_settings(settings);
+    }
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    if !cfg.tls.is_set() {
+        return redis::Client::open(info).map_err(|e| bad(&e.to_string()));
+    }
+    if !tls {
+        return Err(bad("redis.tls is set but the url is not rediss://"));
+    }
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| bad(&format!("reading {}: {e}", path.display())));
+    let client_tls = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+        (None, None) => None,
+        _ => return Err(bad("redis.tls.cert_file and redis.tls.key_file go together")),
+    };
+    let root_cert = cfg.tls.ca_file.as_deref().map(read).transpose()?;
+    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert }).map_err(|e| bad(&format!("tls: {e}")))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> RedisError {

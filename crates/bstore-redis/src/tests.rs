@@ -159,3 +159,102 @@ async fn an_unreachable_redis_is_an_error_within_the_time_out() {
     }
     assert!(ok, "the projection reconnects by itself");
 }
+
+// ACL users and TLS, against a redis-server that accepts only TLS and only
+// its one ACL user.
+
+fn secure_projection(url: String, tls: RedisTls) -> RedisProjection {
+    RedisProjection::new(RedisConfig { url: Some(url), tls, ..Default::default() }, codec()).unwrap()
+}
+
+fn private_ca(server: &RedisServer) -> RedisTls {
+    RedisTls { ca_file: Some(server.tls_ca_file()), ..Default::default() }
+}
+
+/// Writes one delta and loads it back; the error if Redis refused.
+async fn round_trip(p: &RedisProjection, name: &str) -> Result<SessionState, RedisError> {
+    let s = sk(name);
+    let mut st = SessionState::default();
+    let event = keys(&[("pre-key", "1", Some("a"))]);
+    st.apply(1, &event).unwrap();
+    assert_eq!(p.apply(&s, 0, &st, &event).await?, DeltaOutcome::Applied);
+    assert_eq!(p.load(&s).await?, Some(st.clone()));
+    Ok(st)
+}
+
+#[tokio::test]
+async fn an_acl_user_over_tls_with_a_private_ca_projects_and_loads() {
+    let server = RedisServer::start_secure("bstore", "s3cret", false);
+    assert!(server.url().starts_with("rediss://bstore:s3cret@"));
+    let p = secure_projection(server.url(), private_ca(&server));
+    round_trip(&p, "tls").await.unwrap();
+    let mut conn = p.connection();
+    let fields: usize = conn.hlen(p.key(&sk("tls"))).await.unwrap();
+    assert!(fields >= 2, "seq and the key at least: {fields}");
+    // The ACL rule confines the user to the projection's own keys.
+    let err = conn.set::<_, _, ()>("other:key", "x").await.unwrap_err();
+    assert!(err.to_string().to_ascii_lowercase().contains("noperm"), "{err}");
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_no_user_is_refused_and_reported_as_unavailable() {
+    let server = RedisServer::start_secure("bstore", "s3cret", false);
+    let port = server.port();
+    let wrong = secure_projection(format!("rediss://bstore:wrong@127.0.0.1:{port}/"), private_ca(&server));
+    let err = round_trip(&wrong, "w").await.unwrap_err();
+    assert!(matches!(err, RedisError::Unavailable(_)), "{err}");
+    // Without a user, the connection is Redis's `default` user, which is off.
+    let anonymous = secure_projection(format!("rediss://127.0.0.1:{port}/"), private_ca(&server));
+    assert!(matches!(round_trip(&anonymous, "w").await, Err(RedisError::Unavailable(_))));
+    // The same server with the right password works: the refusals were the password's.
+    round_trip(&secure_projection(server.url(), private_ca(&server)), "w").await.unwrap();
+}
+
+#[tokio::test]
+async fn username_and_password_settings_override_the_url() {
+    let server = RedisServer::start_secure("bstore", "s3cret", false);
+    let cfg = RedisConfig {
+        url: Some(format!("rediss://someone:else@127.0.0.1:{}/", server.port())),
+        username: Some("bstore".into()),
+        password: Some("s3cret".into()),
+        tls: private_ca(&server),
+        ..Default::default()
+    };
+    round_trip(&RedisProjection::new(cfg, codec()).unwrap(), "o").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_certificate_from_an_unknown_ca_is_not_trusted() {
+    let server = RedisServer::start_secure("bstore", "s3cret", false);
+    // No ca_file: only the system's roots, which did not sign the test CA.
+    let p = secure_projection(server.url(), RedisTls::default());
+    assert!(matches!(round_trip(&p, "u").await, Err(RedisError::Unavailable(_))));
+    // Another CA's file: not trusted either.
+    let other = RedisServer::start_secure("bstore", "s3cret", false);
+    let p = secure_projection(server.url(), private_ca(&other));
+    assert!(matches!(round_trip(&p, "u").await, Err(RedisError::Unavailable(_))));
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_sent_when_the_server_requires_one() {
+    let server = RedisServer::start_secure("bstore", "s3cret", true);
+    let without = secure_projection(server.url(), private_ca(&server));
+    assert!(matches!(round_trip(&without, "c").await, Err(RedisError::Unavailable(_))));
+    let (cert, key) = server.tls_client_cert();
+    let with = secure_projection(server.url(), RedisTls { cert_file: Some(cert), key_file: Some(key), ..private_ca(&server) });
+    round_trip(&with, "c").await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_settings_need_a_rediss_url_and_readable_files() {
+    let new = |url: &str, tls: RedisTls| RedisProjection::new(RedisConfig { url: Some(url.into()), tls, ..Default::default() }, codec());
+    let ca = RedisTls { ca_file: Some("/nonexistent/ca.pem".into()), ..Default::default() };
+    let err = new("redis://127.0.0.1:1/", ca.clone()).err().unwrap();
+    assert!(err.to_string().contains("not rediss://"), "{err}");
+    let err = new("rediss://127.0.0.1:1/", ca).err().unwrap();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    let half = RedisTls { cert_file: Some("/x.pem".into()), ..Default::default() };
+    let err = new("rediss://127.0.0.1:1/", half).err().unwrap();
+    assert!(err.to_string().contains("go together"), "{err}");
+    assert!(new("redis://127.0.0.1:1/", RedisTls::default()).is_ok());
+}

@@ -1,12 +1,18 @@
-//! A real redis-server.
+//! A real redis-server: plain on loopback, or TLS-only with an ACL user
+//! and throw-away certificates made with the `openssl` command.
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::{TempDir, child, find_bin, free_port, wait_for};
+
+/// The ACL rule of the service's user in the secure server: its own keys,
+/// the commands the projection sends, nothing dangerous. `docs/deploy.md`
+/// recommends the same rule.
+pub const SERVICE_ACL: &str = "~bstore:* resetchannels -@all +@connection +@read +@write +@scripting +@keyspace -@dangerous";
 
 /// A redis-server on a free loopback port with its own directory, without
 /// persistence: a restart starts empty, as after losing a cache node.
@@ -15,6 +21,14 @@ pub struct RedisServer {
     bin: PathBuf,
     child: Option<Child>,
     port: u16,
+    secure: Option<Secure>,
+}
+
+/// TLS-only with one ACL user; the `default` user is off.
+struct Secure {
+    user: String,
+    password: String,
+    require_client_cert: bool,
 }
 
 impl RedisServer {
@@ -25,24 +39,82 @@ impl RedisServer {
 
     /// Like [`RedisServer::start`] with a given redis-server binary.
     pub fn start_with_bin(bin: PathBuf) -> Self {
-        let mut server = Self { dir: TempDir::new("redis"), bin, child: None, port: free_port() };
+        let mut server = Self { dir: TempDir::new("redis"), bin, child: None, port: free_port(), secure: None };
         server.spawn();
         server
     }
 
-    fn spawn(&mut self) {
-        let dir = self.dir.path();
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(dir);
-        let child = child::spawn_logged(cmd, &dir.join("redis.log"), "redis-server");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for(20, "redis-server to answer PING", || ping(port).then_some(()));
+    /// A server that accepts only TLS (`--port 0`, `--tls-port`) and only
+    /// the ACL user `user` with `password` (rule [`SERVICE_ACL`]; the
+    /// `default` user is off). Its certificate, for `127.0.0.1` and
+    /// `localhost`, is signed by a CA made for this server
+    /// ([`RedisServer::tls_ca_file`]). With `require_client_cert` a client
+    /// must also present a certificate signed by that CA
+    /// ([`RedisServer::tls_client_cert`]).
+    pub fn start_secure(user: &str, password: &str, require_client_cert: bool) -> Self {
+        let bin = find_bin("REDIS_SERVER_BIN", ".tools/redis/bin/redis-server", "redis-server");
+        let dir = TempDir::new("redis-tls");
+        make_certificates(&dir.path().join("tls"));
+        let acl = format!("user default off\nuser {user} on >{password} {SERVICE_ACL}\n");
+        std::fs::write(dir.path().join("users.acl"), acl).unwrap();
+        let secure = Secure { user: user.to_owned(), password: password.to_owned(), require_client_cert };
+        let mut server = Self { dir, bin, child: None, port: free_port(), secure: Some(secure) };
+        server.spawn();
+        server
     }
 
-    /// The client URL.
+    /// The CA that signed the secure server's certificate (PEM).
+    pub fn tls_ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
+    }
+
+    /// A client certificate and its key (PEM) signed by the secure server's CA.
+    pub fn tls_client_cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.path().join("tls/client.pem"), self.dir.path().join("tls/client.key"))
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let log = dir.join("redis.log");
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(dir);
+        match &self.secure {
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+            Some(secure) => {
+                let tls = dir.join("tls");
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()]);
+                cmd.arg("--tls-cert-file").arg(tls.join("server.pem")).arg("--tls-key-file").arg(tls.join("server.key"));
+                cmd.arg("--tls-ca-cert-file").arg(tls.join("ca.pem"));
+                cmd.args(["--tls-auth-clients", if secure.require_client_cert { "yes" } else { "optional" }]);
+                cmd.arg("--aclfile").arg(dir.join("users.acl"));
+            }
+        }
+        let starts = std::fs::read_to_string(&log).unwrap_or_default().matches("Ready to accept connections").count();
+        let child = child::spawn_logged(cmd, &log, "redis-server");
+        self.child = Some(child);
+        let port = self.port;
+        if self.secure.is_none() {
+            wait_for(20, "redis-server to answer PING", || ping(port).then_some(()));
+        } else {
+            // A TLS port answers no plain PING: wait for the log line and
+            // the listening port.
+            wait_for(20, "redis-server to accept TLS connections", || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                (text.matches("Ready to accept connections").count() > starts && TcpStream::connect(("127.0.0.1", port)).is_ok())
+                    .then_some(())
+            });
+        }
+    }
+
+    /// The client URL: `redis://127.0.0.1:<port>/`, or for a secure server
+    /// `rediss://<user>:<password>@127.0.0.1:<port>/`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.secure {
+            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(s) => format!("rediss://{}:{}@127.0.0.1:{}/", s.user, s.password, self.port),
+        }
     }
 
     /// The port.
@@ -76,4 +148,25 @@ fn ping(port: u16) -> bool {
     }
     let mut buf = [0u8; 16];
     matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// A CA, a server certificate for `127.0.0.1`/`localhost` and a client
+/// certificate, all P-256 and valid for two days, written into `dir` as
+/// `ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`.
+pub(crate) fn make_certificates(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl (needed for TLS tests)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req", "-x509"][..], &key, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bstore test CA"]].concat());
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        let (keyfile, csr, pem, ext) = (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
+        let subj = format!("/CN=bstore test {who}");
+        openssl(&[&["req"][..], &key, &["-keyout", &keyfile, "-out", &csr, "-subj", &subj]].concat());
+        openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &pem, "-days", "2", "-extfile", &ext]);
+    }
 }
