@@ -19,6 +19,29 @@ use serde::{Deserialize, Serialize};
 /// Block size for matching. Smaller finds more matches but indexes more.
 const BLOCK: usize = 32;
 
+/// Most distinct blocks of the old value indexed under one rolling hash.
+/// Honest values rarely have two; crafted ones can have thousands, and
+/// comparing against each of them at every position is what made building
+/// a delta quadratic.
+const MAX_CANDIDATES: usize = 4;
+
+/// Block comparisons allowed while scanning the new value, per block of it.
+/// A value that matches block by block needs about one per block.
+const COMPARES_PER_BLOCK: usize = 4;
+
+/// What building one delta cost, counted in steps rather than time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Work {
+    /// Block comparisons while indexing the old value.
+    index_compares: usize,
+    /// Positions of the new value looked up in the index.
+    positions: usize,
+    /// Block comparisons against candidates while scanning the new value.
+    block_compares: usize,
+    /// Bytes compared while extending matches beyond their block.
+    extended: usize,
+}
+
 /// One step of rebuilding the new value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -67,20 +90,61 @@ impl Delta {
     }
 
     /// Computes the delta from `old` to `new`.
+    ///
+    /// The work is linear in the sizes of both values whatever they hold: at
+    /// most [`MAX_CANDIDATES`] distinct blocks of `old` are kept per rolling
+    /// hash, and the block comparisons made while scanning `new` are capped
+    /// at [`COMPARES_PER_BLOCK`] per block of `new`. A value crafted to defeat
+    /// the matching (blocks that share a rolling hash but differ, repeated or
+    /// periodic content) uses up that budget; the rest of it is then recorded
+    /// as new bytes, and such a delta is too large to be preferred over the
+    /// whole value.
     pub fn between(old: &[u8], new: &[u8]) -> Self {
+        Self::between_counted(old, new).0
+    }
+
+    /// [`Delta::between`], also reporting the work it did.
+    fn between_counted(old: &[u8], new: &[u8]) -> (Self, Work) {
+        let mut work = Work::default();
         let mut ops = Vec::new();
         let mut literal_start = 0;
         if old.len() >= BLOCK && new.len() >= BLOCK {
             let mut index: HashMap<u32, Vec<u32>> = HashMap::new();
             for (i, block) in old.chunks_exact(BLOCK).enumerate() {
-                index.entry(Rolling::of(block).value()).or_default().push((i * BLOCK) as u32);
+                let offsets = index.entry(Rolling::of(block).value()).or_default();
+                if offsets.len() >= MAX_CANDIDATES {
+                    continue;
+                }
+                // A block equal to one already kept adds nothing: the kept
+                // one matches wherever this one would.
+                work.index_compares += offsets.len();
+                if offsets.iter().all(|&o| &old[o as usize..o as usize + BLOCK] != block) {
+                    offsets.push((i * BLOCK) as u32);
+                }
             }
+            let mut budget = (new.len() / BLOCK + 1) * COMPARES_PER_BLOCK;
             let mut i = 0;
             let mut roll = Rolling::of(&new[..BLOCK]);
             while i + BLOCK <= new.len() {
-                let found = index
-                    .get(&roll.value())
-                    .and_then(|offsets| offsets.iter().copied().find(|&o| old[o as usize..o as usize + BLOCK] == new[i..i + BLOCK]));
+                work.positions += 1;
+                let mut found = None;
+                if let Some(offsets) = index.get(&roll.value()) {
+                    for &o in offsets {
+                        if budget == 0 {
+                            break;
+                        }
+                        budget -= 1;
+                        work.block_compares += 1;
+                        if old[o as usize..o as usize + BLOCK] == new[i..i + BLOCK] {
+                            found = Some(o);
+                            break;
+                        }
+                    }
+                    if found.is_none() && budget == 0 {
+                        // Out of budget: everything from here is new bytes.
+                        break;
+                    }
+                }
                 if let Some(from) = found {
                     // Extend the match forward as far as it goes.
                     let (mut a, mut b) = (from as usize + BLOCK, i + BLOCK);
@@ -94,6 +158,7 @@ impl Delta {
                         from -= 1;
                         start -= 1;
                     }
+                    work.extended += (b - i - BLOCK) + (i - start);
                     if start > literal_start {
                         ops.push(Op::Insert(new[literal_start..start].to_vec()));
                     }
@@ -114,7 +179,7 @@ impl Delta {
         if literal_start < new.len() {
             ops.push(Op::Insert(new[literal_start..].to_vec()));
         }
-        Self { base_len: old.len() as u32, base_hash: fnv1a(old), len: new.len() as u32, ops }
+        (Self { base_len: old.len() as u32, base_hash: fnv1a(old), len: new.len() as u32, ops }, work)
     }
 
     /// Rebuilds the new value from `old`.
@@ -253,6 +318,106 @@ mod tests {
         let mut same_len = old.clone();
         same_len[10] ^= 1;
         assert_eq!(d.apply(&same_len), Err(WrongBase));
+    }
+
+    /// A 32-byte block of eight groups `x, 255-x, 255-x, x`, with `x` the
+    /// bytes of `n`: every such block has the same rolling hash (the sums and
+    /// the weighted sums of all groups are equal), yet any two differ.
+    fn colliding_block(n: u64) -> [u8; BLOCK] {
+        let mut block = [0u8; BLOCK];
+        for (g, x) in n.to_le_bytes().into_iter().enumerate() {
+            block[4 * g..4 * g + 4].copy_from_slice(&[x, 255 - x, 255 - x, x]);
+        }
+        block
+    }
+
+    fn colliding_value(blocks: u64, first: u64) -> Vec<u8> {
+        (first..first + blocks).flat_map(|n| colliding_block(n.wrapping_mul(0x9e37_79b9_7f4a_7c15))).collect()
+    }
+
+    /// The comparisons an index without a cap per hash would make: at each
+    /// position of `new`, one per indexed block of `old` with that hash.
+    fn uncapped_candidates(old: &[u8], new: &[u8]) -> usize {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for block in old.chunks_exact(BLOCK) {
+            *counts.entry(Rolling::of(block).value()).or_default() += 1;
+        }
+        let mut roll = Rolling::of(&new[..BLOCK]);
+        let mut total = counts.get(&roll.value()).copied().unwrap_or(0);
+        for i in 0..new.len() - BLOCK {
+            roll.roll(new[i], new[i + BLOCK]);
+            total += counts.get(&roll.value()).copied().unwrap_or(0);
+        }
+        total
+    }
+
+    /// Checks the delta and that the work stayed within its linear bound.
+    fn bounded(old: &[u8], new: &[u8]) -> (Delta, Work) {
+        let (d, work) = Delta::between_counted(old, new);
+        assert_eq!(d.apply(old).unwrap(), new, "round trip");
+        assert!(work.block_compares <= (new.len() / BLOCK + 1) * COMPARES_PER_BLOCK, "{work:?}");
+        assert!(work.index_compares <= (old.len() / BLOCK) * MAX_CANDIDATES, "{work:?}");
+        assert!(work.positions <= new.len(), "{work:?}");
+        let touched = (work.index_compares + work.block_compares) * BLOCK + work.positions + work.extended;
+        assert!(touched <= 8 * (old.len() + new.len()), "{touched} bytes touched for {} + {}: {work:?}", old.len(), new.len());
+        (d, work)
+    }
+
+    #[test]
+    fn blocks_crafted_to_share_one_rolling_hash_cost_linear_work() {
+        // 512 KiB of distinct blocks, all under one rolling hash, against
+        // another 512 KiB of them: none matches, every aligned window
+        // collides with every block of the base.
+        let old = colliding_value(16_384, 0);
+        let new = colliding_value(16_384, 1 << 20);
+        assert_eq!(old.len(), 512 << 10);
+        let naive = uncapped_candidates(&old, &new);
+        assert!(naive >= 16_384 * 16_384, "the input is adversarial: {naive} candidates uncapped");
+        let (d, work) = bounded(&old, &new);
+        assert!(naive > 1000 * work.block_compares, "{naive} uncapped, {work:?}");
+        assert!(d.encoded_len() >= new.len(), "nothing matched, so the value is stored whole");
+
+        // The same blocks shuffled into a new order still match where the
+        // index kept them, and the work stays bounded.
+        let mut shuffled = old.clone();
+        shuffled.rotate_left(BLOCK * 5_000);
+        bounded(&old, &shuffled);
+    }
+
+    #[test]
+    fn repeated_and_periodic_values_cost_linear_work() {
+        // One block repeated: the base indexes it once.
+        let block = colliding_block(7);
+        let old: Vec<u8> = block.iter().copied().cycle().take(BLOCK * 16_384).collect();
+        let (d, _) = bounded(&old, &old);
+        assert_eq!(d.ops, vec![Op::Copy { from: 0, len: old.len() as u32 }]);
+        // The repeated block with a byte changed every 1000 bytes.
+        let mut new = old.clone();
+        for i in (0..new.len()).step_by(1000) {
+            new[i] ^= 0x55;
+        }
+        bounded(&old, &new);
+        // Periods that do not divide the block size, shifted by one byte.
+        for period in [3usize, 7, 31, 33, 64] {
+            let pattern: Vec<u8> = (0..period).map(|i| (i * 37 % 256) as u8).collect();
+            let old: Vec<u8> = pattern.iter().copied().cycle().take(300_000).collect();
+            let new: Vec<u8> = pattern.iter().copied().cycle().skip(1).take(300_000).collect();
+            let (d, _) = bounded(&old, &new);
+            assert!(d.encoded_len() < 200, "period {period}: {} bytes", d.encoded_len());
+        }
+        // Colliding blocks interleaved with copies of one base block.
+        let old: Vec<u8> = (0..16_384u64).flat_map(|n| if n % 2 == 0 { colliding_block(1) } else { colliding_block(n) }).collect();
+        let new: Vec<u8> = (0..16_384u64).flat_map(|n| colliding_block(n * 3 + 1)).collect();
+        bounded(&old, &new);
+    }
+
+    #[test]
+    fn honest_rewrites_stay_within_the_budget() {
+        let old = record(1000, 2000);
+        let new = record(1001, 2001);
+        let (d, work) = bounded(&old, &new);
+        assert!(d.encoded_len() < 400);
+        assert!(work.block_compares < new.len() / BLOCK, "{work:?}");
     }
 
     #[test]
