@@ -2,8 +2,10 @@
 //! servers started by `bstore-testkit` and the real `baileys-store` binary.
 
 mod bad_input;
+mod cluster;
 mod deltas;
 mod faults;
 mod harness;
+mod ownership;
 mod projections;
 mod spine;

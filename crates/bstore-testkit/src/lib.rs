@@ -7,18 +7,22 @@
 //! `.ci/run`), then the project's `.tools/` folder, then `PATH`.
 
 mod child;
+mod cluster;
 mod mongo;
 mod nats;
 mod process;
 mod redis;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub use cluster::NatsCluster;
 pub use mongo::MongoServer;
 pub use nats::NatsServer;
 pub use process::ServiceProcess;
 pub use redis::RedisServer;
+pub use tls::TestCerts;
 
 /// A directory removed (with its contents) on drop.
 pub struct TempDir(PathBuf);
