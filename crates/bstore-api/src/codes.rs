@@ -69,7 +69,7 @@ impl ErrorCode {
             SessionError::Rejected(DomainError::InvalidId(_)) => Self::InvalidId,
             SessionError::Rejected(DomainError::LimitExceeded { .. }) | SessionError::TooLarge(_) => Self::TooLarge,
             SessionError::Conflict => Self::Conflict,
-            SessionError::Unavailable(_) => Self::Unavailable,
+            SessionError::Unavailable(_) | SessionError::NotOwner => Self::Unavailable,
             SessionError::Timeout => Self::Timeout,
             SessionError::Unreadable(_) => Self::Unreadable,
         }

@@ -4,44 +4,101 @@
 //! future, which loads it first if needed (see [`crate::load`]), and gives it
 //! back when done. After each append the log acknowledged, the actor hands
 //! the event to its [`Projector`], which updates Redis off the reply path.
+//!
+//! **The rule** (ARCHITECTURE.md, "One owner per session"): a reply — to a
+//! write or a read — is given only from a state that holds every event the
+//! log had stored for the session when the request arrived. The actor keeps
+//! it so:
+//! - it serves only while this instance holds the lease of the session's
+//!   partition (the sole writer of the session), under the epoch its state
+//!   was loaded in, and checks that again just before it answers;
+//! - a write that changes nothing is acknowledged only after the log
+//!   confirms that its last event of the session is the one the state has;
+//! - a state found ahead of the log (data loss under it, a restore) is
+//!   dropped and reloaded, never used to wedge the session.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use bstore_cluster::Ownership;
 use bstore_domain::{Limits, SessionKey, SessionState};
 use bstore_log::{EventLog, LogError};
 use bstore_redis::RedisProjection;
+use futures_util::FutureExt;
+use futures_util::future::Shared;
+use tokio::sync::oneshot;
 
 use crate::projector::Projector;
+use crate::rids::RecentRids;
 use crate::{Op, Reply, Request, SessionConfig, SessionError};
 
 /// What every session actor shares: the log, the Redis projection (if
-/// configured), the limits, the settings.
+/// configured), the ownership gate, the limits, the settings.
 pub(crate) struct Env {
     pub log: EventLog,
     pub redis: Option<RedisProjection>,
+    pub ownership: Ownership,
     pub limits: Limits,
     pub cfg: SessionConfig,
+}
+
+/// Resolves when the previous actor of the same session has stopped.
+pub(crate) type Predecessor = Shared<futures_util::future::BoxFuture<'static, ()>>;
+
+/// A loaded session: its state, the ownership epoch it was loaded under,
+/// and the request ids of its recent events.
+struct Live {
+    st: SessionState,
+    epoch: u64,
+    rids: RecentRids,
 }
 
 /// Owns one session's state and serializes everything done to it.
 pub struct SessionActor {
     key: SessionKey,
+    partition: u32,
+    /// The registry's number for this actor, to tell it apart from a later
+    /// actor of the same session.
+    generation: u64,
     env: Arc<Env>,
-    /// `None` until loaded, and again after a load failed (the next request
-    /// tries again). While a request is processed the state is moved into
-    /// its future; the atomic response guarantees nobody looks meanwhile.
-    state: Option<SessionState>,
+    /// `None` until loaded, and again after a load failed or the partition
+    /// was lost. While a request is processed the state is moved into its
+    /// future; the atomic response guarantees nobody looks meanwhile.
+    live: Option<Live>,
     last_used: Instant,
     /// The Redis projection queue, started with the actor when Redis is
     /// configured.
     projector: Option<Projector>,
+    /// The previous actor of this session, still finishing its mailbox: no
+    /// request runs here before it has stopped.
+    predecessor: Option<Predecessor>,
+    /// Told when this actor has stopped (set by [`Passivate`]).
+    on_stop: Option<oneshot::Sender<()>>,
+    registry: Recipient<Idle>,
 }
 
 impl SessionActor {
-    pub(crate) fn new(key: SessionKey, env: Arc<Env>) -> Self {
-        Self { key, env, state: None, last_used: Instant::now(), projector: None }
+    pub(crate) fn new(
+        key: SessionKey,
+        generation: u64,
+        env: Arc<Env>,
+        predecessor: Option<Predecessor>,
+        registry: Recipient<Idle>,
+    ) -> Self {
+        let partition = env.ownership.partition(&key);
+        Self {
+            key,
+            partition,
+            generation,
+            env,
+            live: None,
+            last_used: Instant::now(),
+            projector: None,
+            predecessor,
+            on_stop: None,
+            registry,
+        }
     }
 }
 
@@ -54,33 +111,50 @@ impl Actor for SessionActor {
             // A copy left behind by a Redis outage catches up even when no
             // write comes to carry a snapshot.
             ctx.run_interval(redis.config().catch_up_interval, |act, _| {
-                if let (Some(p), Some(st)) = (&act.projector, &act.state) {
-                    p.catch_up(st);
+                if let (Some(p), Some(live)) = (&act.projector, &act.live) {
+                    p.catch_up(&live.st);
                 }
             });
         }
         let idle = self.env.cfg.idle_timeout();
-        ctx.run_interval(idle / 4, move |act, ctx| {
+        ctx.run_interval(idle / 4, move |act, _| {
             if act.last_used.elapsed() >= idle {
-                tracing::debug!(session = %act.key, "stopping idle session");
-                act.final_catch_up();
-                ctx.stop();
+                // The registry stops idle actors itself, so that nothing it
+                // routes here afterwards is lost.
+                act.registry.do_send(Idle { key: act.key.clone(), generation: act.generation });
             }
         });
     }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(tx) = self.on_stop.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
-/// Asks an actor to stop once the requests already in its mailbox are done.
+/// Tells the registry that an actor has been idle for the idle time.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Passivate;
+pub(crate) struct Idle {
+    pub key: SessionKey,
+    pub generation: u64,
+}
+
+/// Asks an actor to stop once the requests already in its mailbox are done;
+/// `done` is told when it has stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Passivate {
+    pub done: oneshot::Sender<()>,
+}
 
 impl SessionActor {
     /// Last chance to bring a stale Redis copy up to date: the projection
     /// task outlives the actor until its queue is drained.
     fn final_catch_up(&self) {
-        if let (Some(p), Some(st)) = (&self.projector, &self.state) {
-            p.catch_up(st);
+        if let (Some(p), Some(live)) = (&self.projector, &self.live) {
+            p.catch_up(&live.st);
         }
     }
 }
@@ -88,56 +162,99 @@ impl SessionActor {
 impl Handler<Passivate> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Passivate, ctx: &mut Self::Context) {
         self.final_catch_up();
+        self.on_stop = Some(msg.done);
         ctx.stop();
     }
 }
 
-impl Handler<Request> for SessionActor {
-    type Result = AtomicResponse<Self, Result<Reply, SessionError>>;
+/// A request with the channel its answer goes back on. Sent with
+/// `do_send`, which never holds a message back, so an actor takes its
+/// requests exactly in the order the registry routed them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Deliver {
+    pub req: Request,
+    pub tx: oneshot::Sender<Result<Reply, SessionError>>,
+}
 
-    fn handle(&mut self, req: Request, _ctx: &mut Self::Context) -> Self::Result {
+impl Handler<Deliver> for SessionActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Deliver, _ctx: &mut Self::Context) -> Self::Result {
         self.last_used = Instant::now();
-        let state = self.state.take();
-        let (env, key, projector) = (self.env.clone(), self.key.clone(), self.projector.clone());
-        let fut = async move { process(&env, &key, projector.as_ref(), state, req).await };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(state, reply), act, _| {
-            act.state = state;
+        let live = self.live.take();
+        let predecessor = self.predecessor.take();
+        let (env, key, partition, projector) = (self.env.clone(), self.key.clone(), self.partition, self.projector.clone());
+        let Deliver { req, tx } = msg;
+        let fut = async move {
+            if let Some(p) = predecessor {
+                p.await;
+            }
+            process(&env, &key, partition, projector.as_ref(), live, req).await
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(live, reply), act, _| {
+            act.live = live;
             act.last_used = Instant::now();
-            reply
+            let _ = tx.send(reply);
         })))
     }
 }
 
-type Outcome = (Option<SessionState>, Result<Reply, SessionError>);
+type Outcome = (Option<Live>, Result<Reply, SessionError>);
 
-async fn process(env: &Env, key: &SessionKey, projector: Option<&Projector>, state: Option<SessionState>, req: Request) -> Outcome {
+async fn process(env: &Env, key: &SessionKey, partition: u32, projector: Option<&Projector>, live: Option<Live>, req: Request) -> Outcome {
     if Instant::now() >= req.deadline {
-        return (state, Err(SessionError::Timeout));
+        return (live, Err(SessionError::Timeout));
     }
-    let mut st = match state {
-        Some(st) => st,
-        None => match crate::load::load(&env.log, env.redis.as_ref(), key).await {
-            Ok(loaded) => {
-                tracing::debug!(session = %key, seq = loaded.state.seq(), source = ?loaded.source, "session loaded");
-                if let (Some(p), Some(mode)) = (projector, loaded.repair) {
-                    p.snapshot(&loaded.state, mode);
-                }
-                loaded.state
-            }
+    let Some(epoch) = env.ownership.serving(partition) else {
+        // Not ours (any more): whatever is in memory may be stale by now.
+        return (None, Err(SessionError::NotOwner));
+    };
+    let mut live = match live {
+        Some(live) if live.epoch == epoch => live,
+        _ => match load(env, key, projector, epoch).await {
+            Ok(live) => live,
             Err(e) => return (None, Err(e)),
         },
     };
     let reply = match req.op {
-        Op::GetCreds => Ok(Reply::Creds { creds: st.creds().cloned(), seq: st.seq() }),
+        Op::GetCreds => Ok(Reply::Creds { creds: live.st.creds().cloned(), seq: live.st.seq() }),
         Op::GetKeys { ty, ids } => SessionState::check_get(&env.limits, ids.len())
-            .map(|()| Reply::Keys { values: st.get_keys(&ty, &ids), seq: st.seq() })
+            .map(|()| Reply::Keys { values: live.st.get_keys(&ty, &ids), seq: live.st.seq() })
             .map_err(SessionError::from),
-        Op::Info => Ok(Reply::Info(st.info())),
-        Op::Write { cmd, rid } => write(env, key, projector, &mut st, cmd, rid, req.deadline).await,
+        Op::Info => Ok(Reply::Info(live.st.info())),
+        Op::Write { cmd, rid } => write(env, key, projector, &mut live, cmd, rid, req.deadline).await,
     };
-    (Some(st), reply)
+    // The answer leaves only while the lease still holds: after it, another
+    // instance may already have changed the session.
+    if !env.ownership.still_serving(partition, epoch) {
+        let reply = match reply {
+            Ok(Reply::Written { .. }) => {
+                Err(SessionError::Unavailable("the session moved to another instance; retry with the same rid".into()))
+            }
+            Ok(_) => Err(SessionError::NotOwner),
+            Err(e) => Err(e),
+        };
+        return (None, reply);
+    }
+    (Some(live), reply)
+}
+
+async fn load(env: &Env, key: &SessionKey, projector: Option<&Projector>, epoch: u64) -> Result<Live, SessionError> {
+    let mut rids = RecentRids::default();
+    let loaded = crate::load::load_observed(&env.log, env.redis.as_ref(), key, &mut |seq, event| {
+        if let Some(rid) = &event.rid {
+            rids.record(rid, seq, event.at_ms);
+        }
+    })
+    .await?;
+    tracing::debug!(session = %key, seq = loaded.state.seq(), source = ?loaded.source, "session loaded");
+    if let (Some(p), Some(mode)) = (projector, loaded.repair) {
+        p.snapshot(&loaded.state, mode);
+    }
+    Ok(Live { st: loaded.state, epoch, rids })
 }
 
 /// Decides, appends, and applies one write. On a conflict the session is
@@ -148,36 +265,52 @@ async fn write(
     env: &Env,
     key: &SessionKey,
     projector: Option<&Projector>,
-    st: &mut SessionState,
+    live: &mut Live,
     cmd: bstore_domain::Command,
     rid: Option<String>,
     deadline: Instant,
 ) -> Result<Reply, SessionError> {
+    let window_ms = env.log.config().duplicate_window.as_millis() as u64;
     for _ in 0..=env.cfg.conflict_retries {
-        let Some(event) = st.handle(cmd.clone(), &env.limits, now_ms(), rid.clone())? else {
-            return Ok(Reply::Written { seq: st.seq() });
+        if let Some(seq) = rid.as_deref().and_then(|r| live.rids.seq_of(r, now_ms(), window_ms)) {
+            // A retry of a write the log already stored.
+            return Ok(Reply::Written { seq });
+        }
+        let Some(event) = live.st.handle(cmd.clone(), &env.limits, now_ms(), rid.clone())? else {
+            // Nothing to change — as far as this state knows. Acknowledge
+            // only once the log confirms the state is current.
+            let last = env.log.last_seq(key).await?;
+            if last == live.st.seq() {
+                return Ok(Reply::Written { seq: last });
+            }
+            resync(env, key, live, last).await?;
+            continue;
         };
-        match env.log.append(key, st.seq(), &event).await {
+        match env.log.append(key, live.st.seq(), &event).await {
             Ok(appended) if appended.duplicate => {
-                // A retry of a request the log already stored. If another
-                // instance stored it, this actor has yet to see it.
-                if appended.seq > st.seq() {
-                    catch_up(env, key, st).await?;
+                // A retry of a request the log already stored, which this
+                // state has yet to see.
+                if appended.seq > live.st.seq() {
+                    catch_up(env, key, live).await?;
                 }
                 return Ok(Reply::Written { seq: appended.seq });
             }
             Ok(appended) => {
-                let prev = st.seq();
+                let prev = live.st.seq();
                 // The event was decided against this very state, so it fits.
-                st.apply(appended.seq, &event).map_err(|e| SessionError::Unreadable(format!("{key}: {e}")))?;
+                live.st.apply(appended.seq, &event).map_err(|e| SessionError::Unreadable(format!("{key}: {e}")))?;
+                if let Some(rid) = &event.rid {
+                    live.rids.record(rid, appended.seq, event.at_ms);
+                }
                 if let Some(p) = projector {
-                    p.after_write(prev, st, &event);
+                    p.after_write(prev, &live.st, &event);
                 }
                 return Ok(Reply::Written { seq: appended.seq });
             }
             Err(LogError::Conflict { expected }) => {
                 tracing::info!(session = %key, expected, "write conflict; catching up with the log");
-                catch_up(env, key, st).await?;
+                let last = env.log.last_seq(key).await?;
+                resync(env, key, live, last).await?;
                 if Instant::now() >= deadline {
                     return Err(SessionError::Timeout);
                 }
@@ -188,11 +321,36 @@ async fn write(
     Err(SessionError::Conflict)
 }
 
+/// Brings `live` to the log, whose last event of the session is `last`: the
+/// events after the state's, or — when the state is ahead of the log — the
+/// log alone, from scratch.
+async fn resync(env: &Env, key: &SessionKey, live: &mut Live, last: u64) -> Result<(), SessionError> {
+    if last < live.st.seq() {
+        tracing::warn!(session = %key, state_seq = live.st.seq(), log_seq = last, "the session in memory is ahead of the log; reloading it from the log");
+        let fresh = load(env, key, None, live.epoch).await?;
+        *live = fresh;
+        return Ok(());
+    }
+    catch_up(env, key, live).await
+}
+
 /// Applies every event after the state's sequence.
-async fn catch_up(env: &Env, key: &SessionKey, st: &mut SessionState) -> Result<(), SessionError> {
-    crate::load::replay_into(&env.log, key, st).await.map(|_| ())
+async fn catch_up(env: &Env, key: &SessionKey, live: &mut Live) -> Result<(), SessionError> {
+    let rids = &mut live.rids;
+    crate::load::replay_observed(&env.log, key, &mut live.st, &mut |seq, event| {
+        if let Some(rid) = &event.rid {
+            rids.record(rid, seq, event.at_ms);
+        }
+    })
+    .await
+    .map(|_| ())
 }
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Builds a predecessor future from the receiver a [`Passivate`] answers on.
+pub(crate) fn predecessor(rx: oneshot::Receiver<()>) -> Predecessor {
+    rx.map(|_| ()).boxed().shared()
 }

@@ -24,6 +24,7 @@ mod actor;
 pub mod load;
 mod projector;
 mod registry;
+mod rids;
 
 use std::time::{Duration, Instant};
 
@@ -162,6 +163,10 @@ pub enum SessionError {
     /// Stored data cannot be opened or decoded. Operator action needed.
     #[error("{0}")]
     Unreadable(String),
+    /// This instance does not serve the session's partition (now): the
+    /// request belongs to its owner. Nothing was applied.
+    #[error("this instance does not serve the session's partition")]
+    NotOwner,
 }
 
 impl From<LogError> for SessionError {

@@ -9,7 +9,7 @@
 //! with a warning for the suspicious cases, and the caller is told how to
 //! repair the copy.
 
-use bstore_domain::{SessionKey, SessionState};
+use bstore_domain::{Event, SessionKey, SessionState};
 use bstore_log::EventLog;
 use bstore_redis::{RedisError, RedisProjection, SnapshotMode};
 
@@ -40,14 +40,24 @@ pub struct Loaded {
 
 /// Loads `key` from `redis` (when configured) and the log.
 pub async fn load(log: &EventLog, redis: Option<&RedisProjection>, key: &SessionKey) -> Result<Loaded, SessionError> {
+    load_observed(log, redis, key, &mut |_, _| {}).await
+}
+
+/// Like [`load`], calling `seen` with every event replayed from the log.
+pub(crate) async fn load_observed(
+    log: &EventLog,
+    redis: Option<&RedisProjection>,
+    key: &SessionKey,
+    seen: &mut (dyn FnMut(u64, &Event) + Send),
+) -> Result<Loaded, SessionError> {
     let Some(redis) = redis else {
-        return Ok(Loaded { state: from_log(log, key).await?, source: Source::Log, repair: None });
+        return Ok(Loaded { state: from_log_observed(log, key, seen).await?, source: Source::Log, repair: None });
     };
     let (copy, last) = tokio::join!(redis.load(key), log.last_seq(key));
     let last = last?;
     let repair = match copy {
         Ok(Some(mut state)) if state.seq() <= last => {
-            match replay_into(log, key, &mut state).await {
+            match replay_observed(log, key, &mut state, seen).await {
                 Ok(tail) => {
                     let repair = (tail > 0).then_some(SnapshotMode::Guarded);
                     return Ok(Loaded { state, source: Source::Redis { tail }, repair });
@@ -74,13 +84,21 @@ pub async fn load(log: &EventLog, redis: Option<&RedisProjection>, key: &Session
             Some(SnapshotMode::Guarded)
         }
     };
-    Ok(Loaded { state: from_log(log, key).await?, source: Source::Log, repair })
+    Ok(Loaded { state: from_log_observed(log, key, seen).await?, source: Source::Log, repair })
 }
 
 /// Replays every event of `key`.
 pub async fn from_log(log: &EventLog, key: &SessionKey) -> Result<SessionState, SessionError> {
+    from_log_observed(log, key, &mut |_, _| {}).await
+}
+
+async fn from_log_observed(
+    log: &EventLog,
+    key: &SessionKey,
+    seen: &mut (dyn FnMut(u64, &Event) + Send),
+) -> Result<SessionState, SessionError> {
     let mut state = SessionState::default();
-    replay_into(log, key, &mut state).await?;
+    replay_observed(log, key, &mut state, seen).await?;
     Ok(state)
 }
 
@@ -88,11 +106,24 @@ pub async fn from_log(log: &EventLog, key: &SessionKey) -> Result<SessionState, 
 /// many were applied. An event that does not fit the state (a patch of a
 /// value the state does not hold) stops the replay as unreadable.
 pub async fn replay_into(log: &EventLog, key: &SessionKey, state: &mut SessionState) -> Result<u64, SessionError> {
+    replay_observed(log, key, state, &mut |_, _| {}).await
+}
+
+/// Like [`replay_into`], calling `seen` with every event applied.
+pub(crate) async fn replay_observed(
+    log: &EventLog,
+    key: &SessionKey,
+    state: &mut SessionState,
+    seen: &mut (dyn FnMut(u64, &Event) + Send),
+) -> Result<u64, SessionError> {
     let (mut applied, mut failed) = (0, None);
     log.replay(key, state.seq(), |seq, event| {
         if failed.is_none() {
             match state.apply(seq, &event) {
-                Ok(true) => applied += 1,
+                Ok(true) => {
+                    applied += 1;
+                    seen(seq, &event);
+                }
                 Ok(false) => {}
                 Err(e) => failed = Some(e),
             }

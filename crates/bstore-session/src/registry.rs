@@ -1,18 +1,31 @@
 //! Which actor serves which session.
+//!
+//! **Invariant: one actor per session per instance, and hand-overs in
+//! order.** The registry is the only one that starts or stops session
+//! actors. To stop one (least recently used past `max_active`, idle, or its
+//! partition given up) it removes it from the map and sends it
+//! [`Passivate`] — after every request it routed there, since requests go
+//! with `do_send`, in routing order. A request for that session arriving
+//! meanwhile starts a new actor at once, but that actor waits for its
+//! predecessor to have stopped before it loads anything: no request of a
+//! session runs on two actors, none is reordered, none is dropped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use bstore_cluster::Ownership;
 use bstore_domain::{Limits, SessionKey};
 use bstore_log::EventLog;
 use bstore_redis::RedisProjection;
+use tokio::sync::oneshot;
 
-use crate::actor::{Env, Passivate, SessionActor};
+use crate::actor::{Deliver, Env, Idle, Passivate, Predecessor, SessionActor, predecessor};
 use crate::{Reply, Request, SessionConfig, SessionError};
 
 struct Entry {
     addr: Addr<SessionActor>,
+    generation: u64,
     /// Position in the least-recently-used order.
     tick: u64,
 }
@@ -22,69 +35,70 @@ struct Entry {
 pub struct Registry {
     env: Arc<Env>,
     actors: HashMap<SessionKey, Entry>,
+    /// Actors told to stop, until they have: a new actor of the same
+    /// session waits for its predecessor.
+    retiring: HashMap<SessionKey, Predecessor>,
     /// Least recently used first.
     lru: BTreeMap<u64, SessionKey>,
     tick: u64,
+    generation: u64,
     arbiters: Vec<Arbiter>,
     next_arbiter: usize,
 }
 
-/// A routed request; `retried` marks the second attempt after the first
-/// actor had stopped before it could take the request.
+/// A routed request and where its answer goes.
 struct Route {
     req: Request,
-    retried: bool,
+    tx: oneshot::Sender<Result<Reply, SessionError>>,
 }
 
 impl Message for Route {
-    type Result = Result<Reply, SessionError>;
+    type Result = ();
 }
 
 impl Registry {
-    fn lookup(&mut self, key: &SessionKey) -> Addr<SessionActor> {
+    fn route(&mut self, key: &SessionKey, ctx: &mut Context<Self>) -> &Entry {
         self.tick += 1;
         let tick = self.tick;
         if let Some(entry) = self.actors.get_mut(key) {
-            if entry.addr.connected() {
-                self.lru.remove(&entry.tick);
-                entry.tick = tick;
-                self.lru.insert(tick, key.clone());
-                return entry.addr.clone();
-            }
             self.lru.remove(&entry.tick);
-            self.actors.remove(key);
+            entry.tick = tick;
+            self.lru.insert(tick, key.clone());
+            return &self.actors[key];
         }
         while self.actors.len() >= self.env.cfg.max_active.max(1) {
             let Some((_, victim)) = self.lru.pop_first() else { break };
-            if let Some(entry) = self.actors.remove(&victim) {
-                tracing::debug!(session = %victim, "passivating least recently used session");
-                entry.addr.do_send(Passivate);
-            }
+            tracing::debug!(session = %victim, "passivating least recently used session");
+            self.retire(&victim);
         }
-        let (k, env) = (key.clone(), self.env.clone());
+        self.retiring.retain(|_, p| p.peek().is_none());
+        let before = self.retiring.get(key).cloned();
+        self.generation += 1;
+        let (k, env, generation, me) = (key.clone(), self.env.clone(), self.generation, ctx.address().recipient());
         let addr = if self.arbiters.is_empty() {
             // On the registry's own thread, beside the NATS connection.
-            SessionActor::new(k, env).start()
+            SessionActor::new(k, generation, env, before, me).start()
         } else {
             let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
             self.next_arbiter += 1;
-            SessionActor::start_in_arbiter(&arbiter.handle(), move |_| SessionActor::new(k, env))
+            SessionActor::start_in_arbiter(&arbiter.handle(), move |_| SessionActor::new(k, generation, env, before, me))
         };
-        self.actors.insert(key.clone(), Entry { addr: addr.clone(), tick });
+        self.actors.insert(key.clone(), Entry { addr, generation, tick });
         self.lru.insert(tick, key.clone());
-        addr
+        &self.actors[key]
     }
 
-    /// Drops entries of actors that stopped on their own (idle).
-    fn prune(&mut self) {
-        let lru = &mut self.lru;
-        self.actors.retain(|_, e| {
-            let alive = e.addr.connected();
-            if !alive {
-                lru.remove(&e.tick);
-            }
-            alive
-        });
+    /// Stops `key`'s actor after the requests already routed to it.
+    fn retire(&mut self, key: &SessionKey) -> Option<Predecessor> {
+        let entry = self.actors.remove(key)?;
+        self.lru.remove(&entry.tick);
+        let (done, stopped) = oneshot::channel();
+        entry.addr.do_send(Passivate { done });
+        let stopped = predecessor(stopped);
+        // If an earlier actor of the session is still stopping, this one
+        // waited for it; waiting for this one covers both.
+        self.retiring.insert(key.clone(), stopped.clone());
+        Some(stopped)
     }
 }
 
@@ -92,7 +106,7 @@ impl Actor for Registry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.env.cfg.idle_timeout() / 2, |act, _| act.prune());
+        ctx.run_interval(self.env.cfg.idle_timeout() / 2, |act, _| act.retiring.retain(|_, p| p.peek().is_none()));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -103,25 +117,43 @@ impl Actor for Registry {
 }
 
 impl Handler<Route> for Registry {
-    type Result = ResponseFuture<Result<Reply, SessionError>>;
+    type Result = ();
 
-    fn handle(&mut self, route: Route, ctx: &mut Self::Context) -> Self::Result {
-        let addr = self.lookup(&route.req.key);
-        let me = ctx.address();
-        Box::pin(async move {
-            let Route { req, retried } = route;
-            match addr.send(req.clone()).await {
-                Ok(reply) => reply,
-                // The actor stopped (idle or evicted) before taking the
-                // request, so it was not applied: start a fresh one, once.
-                Err(MailboxError::Closed) if !retried => me
-                    .send(Route { req, retried: true })
-                    .await
-                    .unwrap_or_else(|_| Err(SessionError::Unavailable("the session registry stopped".into()))),
-                Err(MailboxError::Closed) => Err(SessionError::Unavailable("the session actor stopped".into())),
-                Err(MailboxError::Timeout) => Err(SessionError::Timeout),
-            }
-        })
+    fn handle(&mut self, Route { req, tx }: Route, ctx: &mut Self::Context) {
+        let key = req.key.clone();
+        self.route(&key, ctx).addr.do_send(Deliver { req, tx });
+    }
+}
+
+impl Handler<Idle> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, idle: Idle, _: &mut Self::Context) {
+        // Only the actor that reported it: a newer actor of the session may
+        // have been started since.
+        if self.actors.get(&idle.key).is_some_and(|e| e.generation == idle.generation) {
+            tracing::debug!(session = %idle.key, "stopping idle session");
+            self.retire(&idle.key);
+        }
+    }
+}
+
+/// Stops every actor of one partition; answers once they have all stopped.
+struct DropPartition(u32);
+
+impl Message for DropPartition {
+    type Result = Vec<Predecessor>;
+}
+
+impl Handler<DropPartition> for Registry {
+    type Result = MessageResult<DropPartition>;
+
+    fn handle(&mut self, DropPartition(p): DropPartition, _: &mut Self::Context) -> Self::Result {
+        let keys: Vec<SessionKey> = self.actors.keys().filter(|k| self.env.ownership.partition(k) == p).cloned().collect();
+        let mut waits: Vec<Predecessor> = keys.iter().filter_map(|k| self.retire(k)).collect();
+        // Actors of the partition retired earlier may still be stopping.
+        waits.extend(self.retiring.iter().filter(|(k, _)| self.env.ownership.partition(k) == p).map(|(_, w)| w.clone()));
+        MessageResult(waits)
     }
 }
 
@@ -134,7 +166,6 @@ impl Handler<Count> for Registry {
     type Result = usize;
 
     fn handle(&mut self, _: Count, _: &mut Self::Context) -> usize {
-        self.prune();
         self.actors.len()
     }
 }
@@ -144,32 +175,67 @@ impl Handler<Count> for Registry {
 pub struct Sessions {
     registry: Addr<Registry>,
     timeout: std::time::Duration,
+    ownership: Ownership,
 }
 
 impl Sessions {
-    /// Starts the registry and its arbiters. Must run inside an actix system.
+    /// Starts the registry and its arbiters, serving every session (no
+    /// other instance). Must run inside an actix system.
     pub fn start(log: EventLog, limits: Limits, cfg: SessionConfig) -> Self {
-        Self::start_with(log, None, limits, cfg)
+        let ownership = Ownership::sole(&bstore_cluster::ClusterConfig::default());
+        Self::start_with(log, None, ownership, limits, cfg)
     }
 
-    /// Like [`Sessions::start`], with sessions loading from and projecting
-    /// into `redis` when it is given.
-    pub fn start_with(log: EventLog, redis: Option<RedisProjection>, limits: Limits, cfg: SessionConfig) -> Self {
+    /// Like [`Sessions::start`], serving the sessions whose partitions
+    /// `ownership` holds, loading from and projecting into `redis` when it
+    /// is given.
+    pub fn start_with(log: EventLog, redis: Option<RedisProjection>, ownership: Ownership, limits: Limits, cfg: SessionConfig) -> Self {
         let timeout = cfg.request_timeout();
         let arbiters = (0..cfg.workers).map(|_| Arbiter::new()).collect();
-        let env = Arc::new(Env { log, redis, limits, cfg });
-        let registry = Registry { env, actors: HashMap::new(), lru: BTreeMap::new(), tick: 0, arbiters, next_arbiter: 0 }.start();
-        Self { registry, timeout }
+        let env = Arc::new(Env { log, redis, ownership: ownership.clone(), limits, cfg });
+        let registry = Registry {
+            env,
+            actors: HashMap::new(),
+            retiring: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            generation: 0,
+            arbiters,
+            next_arbiter: 0,
+        }
+        .start();
+        Self { registry, timeout, ownership }
+    }
+
+    /// The ownership gate the sessions are served under.
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
     }
 
     /// Routes `req` to its session and waits for the answer, at most until
     /// the request's deadline.
     pub async fn call(&self, req: Request) -> Result<Reply, SessionError> {
         let wait = req.deadline.saturating_duration_since(std::time::Instant::now());
-        match tokio::time::timeout(wait, self.registry.send(Route { req, retried: false })).await {
+        let (tx, rx) = oneshot::channel();
+        // `do_send` queues even past the mailbox's nominal capacity, so
+        // requests reach the registry in the order they were made. If the
+        // registry has stopped, `tx` is dropped and the answer says so.
+        self.registry.do_send(Route { req, tx });
+        match tokio::time::timeout(wait, rx).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(SessionError::Unavailable("the session registry stopped".into())),
+            // The registry or the actor went away without answering (only
+            // at shutdown, or on a panic): the request may or may not have
+            // run, so the client retries with the same rid.
+            Ok(Err(_)) => Err(SessionError::Unavailable("the session actor stopped".into())),
             Err(_) => Err(SessionError::Timeout),
+        }
+    }
+
+    /// Stops every session of partition `p` and waits until they have all
+    /// stopped (their requests in flight answered).
+    pub async fn drop_partition(&self, p: u32) {
+        if let Ok(waits) = self.registry.send(DropPartition(p)).await {
+            futures_util::future::join_all(waits).await;
         }
     }
 
