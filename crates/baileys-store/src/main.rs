@@ -7,6 +7,8 @@ use anyhow::Context as _;
 use baileys_store::{Config, telemetry};
 use clap::{Parser, Subcommand};
 
+mod tenant;
+
 /// Auth-state store for fleets of Baileys bots.
 #[derive(Parser)]
 #[command(version, about)]
@@ -46,6 +48,11 @@ enum Cmd {
         #[arg(value_enum)]
         target: baileys_store::projections::Target,
     },
+    /// Tenants' NATS accounts.
+    Tenant {
+        #[command(subcommand)]
+        cmd: tenant::TenantCmd,
+    },
     /// Replay the log and compare it with Redis and Mongo (those configured); print every difference and exit non-zero on any.
     Verify {
         /// Only this tenant's session (with --session).
@@ -74,6 +81,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("{}", bstore_codec::Keyring::format_entry(id, &bstore_codec::Keyring::generate_key()));
             Ok(())
         }
+        Cmd::Tenant { cmd } => tenant::run(cmd),
         Cmd::Serve => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;

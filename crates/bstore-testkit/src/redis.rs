@@ -1,13 +1,13 @@
 //! A real redis-server: plain on loopback, or TLS-only with an ACL user
-//! and throw-away certificates made with the `openssl` command.
+//! and throw-away certificates ([`TestCerts`]).
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use crate::{TempDir, child, find_bin, free_port, wait_for};
+use crate::{TempDir, TestCerts, child, find_bin, free_port, wait_for};
 
 /// The ACL rule of the service's user in the secure server: its own keys,
 /// the commands the projection sends, nothing dangerous. `docs/deploy.md`
@@ -26,6 +26,7 @@ pub struct RedisServer {
 
 /// TLS-only with one ACL user; the `default` user is off.
 struct Secure {
+    certs: TestCerts,
     user: String,
     password: String,
     require_client_cert: bool,
@@ -54,10 +55,10 @@ impl RedisServer {
     pub fn start_secure(user: &str, password: &str, require_client_cert: bool) -> Self {
         let bin = find_bin("REDIS_SERVER_BIN", ".tools/redis/bin/redis-server", "redis-server");
         let dir = TempDir::new("redis-tls");
-        make_certificates(&dir.path().join("tls"));
+        let certs = TestCerts::generate();
         let acl = format!("user default off\nuser {user} on >{password} {SERVICE_ACL}\n");
         std::fs::write(dir.path().join("users.acl"), acl).unwrap();
-        let secure = Secure { user: user.to_owned(), password: password.to_owned(), require_client_cert };
+        let secure = Secure { certs, user: user.to_owned(), password: password.to_owned(), require_client_cert };
         let mut server = Self { dir, bin, child: None, port: free_port(), secure: Some(secure) };
         server.spawn();
         server
@@ -65,12 +66,16 @@ impl RedisServer {
 
     /// The CA that signed the secure server's certificate (PEM).
     pub fn tls_ca_file(&self) -> PathBuf {
-        self.dir.path().join("tls/ca.pem")
+        self.certs().ca()
     }
 
     /// A client certificate and its key (PEM) signed by the secure server's CA.
     pub fn tls_client_cert(&self) -> (PathBuf, PathBuf) {
-        (self.dir.path().join("tls/client.pem"), self.dir.path().join("tls/client.key"))
+        (self.certs().client_cert(), self.certs().client_key())
+    }
+
+    fn certs(&self) -> &TestCerts {
+        &self.secure.as_ref().expect("a secure server (start_secure)").certs
     }
 
     fn spawn(&mut self) {
@@ -83,10 +88,9 @@ impl RedisServer {
                 cmd.args(["--port", &self.port.to_string()]);
             }
             Some(secure) => {
-                let tls = dir.join("tls");
                 cmd.args(["--port", "0", "--tls-port", &self.port.to_string()]);
-                cmd.arg("--tls-cert-file").arg(tls.join("server.pem")).arg("--tls-key-file").arg(tls.join("server.key"));
-                cmd.arg("--tls-ca-cert-file").arg(tls.join("ca.pem"));
+                cmd.arg("--tls-cert-file").arg(secure.certs.server_cert()).arg("--tls-key-file").arg(secure.certs.server_key());
+                cmd.arg("--tls-ca-cert-file").arg(secure.certs.ca());
                 cmd.args(["--tls-auth-clients", if secure.require_client_cert { "yes" } else { "optional" }]);
                 cmd.arg("--aclfile").arg(dir.join("users.acl"));
             }
@@ -148,25 +152,4 @@ fn ping(port: u16) -> bool {
     }
     let mut buf = [0u8; 16];
     matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-}
-
-/// A CA, a server certificate for `127.0.0.1`/`localhost` and a client
-/// certificate, all P-256 and valid for two days, written into `dir` as
-/// `ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`.
-pub(crate) fn make_certificates(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl (needed for TLS tests)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(&[&["req", "-x509"][..], &key, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bstore test CA"]].concat());
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for who in ["server", "client"] {
-        let (keyfile, csr, pem, ext) = (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
-        let subj = format!("/CN=bstore test {who}");
-        openssl(&[&["req"][..], &key, &["-keyout", &keyfile, "-out", &csr, "-subj", &subj]].concat());
-        openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &pem, "-days", "2", "-extfile", &ext]);
-    }
 }
