@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_bytes::ByteBuf;
 
 use bstore_domain::SessionInfo;
+
+use crate::protocol::{CredsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
 
 /// What a request can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,45 +50,6 @@ pub struct SessionClient {
     nc: async_nats::Client,
     base: String,
     timeout: Duration,
-}
-
-#[derive(Serialize)]
-struct KeysGetBody<'a> {
-    #[serde(rename = "type")]
-    ty: &'a str,
-    ids: &'a [&'a str],
-}
-
-#[derive(Serialize)]
-struct KeysSetBody<'a> {
-    rid: &'a str,
-    data: &'a BTreeMap<String, BTreeMap<String, Option<ByteBuf>>>,
-}
-
-#[derive(Serialize)]
-struct CredsPutBody<'a> {
-    rid: &'a str,
-    creds: &'a serde_bytes::Bytes,
-}
-
-#[derive(Serialize)]
-struct RidBody<'a> {
-    rid: &'a str,
-}
-
-#[derive(Deserialize)]
-struct SeqReply {
-    seq: u64,
-}
-
-#[derive(Deserialize)]
-struct CredsReply {
-    creds: Option<ByteBuf>,
-}
-
-#[derive(Deserialize)]
-struct KeysReply {
-    values: HashMap<String, ByteBuf>,
 }
 
 /// Key changes for [`SessionClient::keys_set`]: type → id → value (`None` deletes).
@@ -134,45 +97,50 @@ impl SessionClient {
         Ok(msg.payload)
     }
 
-    async fn call<T: for<'de> Deserialize<'de>>(&self, op: &str, body: &impl Serialize) -> Result<T, ClientError> {
-        let body = rmp_serde::to_vec_named(body).map_err(|e| ClientError::Other(e.to_string()))?;
-        let reply = self.raw(op, body).await?;
+    /// Sends `body` to its op and decodes the reply.
+    async fn call<T: for<'de> Deserialize<'de>>(&self, body: RequestBody<'_>) -> Result<T, ClientError> {
+        let reply = self.raw(body.op().as_str(), body.encode()).await?;
         rmp_serde::from_slice(&reply).map_err(|e| ClientError::Other(format!("undecodable reply: {e}")))
     }
 
     /// `creds.get`.
     pub async fn creds_get(&self) -> Result<Option<Vec<u8>>, ClientError> {
-        let r: CredsReply = self.call("creds.get", &BTreeMap::<String, ()>::new()).await?;
+        let r: CredsReply<ByteBuf> = self.call(RequestBody::CredsGet).await?;
         Ok(r.creds.map(ByteBuf::into_vec))
     }
 
     /// `creds.put`; returns the sequence.
     pub async fn creds_put(&self, rid: &str, creds: &[u8]) -> Result<u64, ClientError> {
-        let r: SeqReply = self.call("creds.put", &CredsPutBody { rid, creds: serde_bytes::Bytes::new(creds) }).await?;
+        let r: WrittenReply = self.call(RequestBody::CredsPut { rid: Some(rid), creds }).await?;
         Ok(r.seq)
     }
 
     /// `keys.get`: the found ids and their values.
     pub async fn keys_get(&self, ty: &str, ids: &[&str]) -> Result<HashMap<String, Vec<u8>>, ClientError> {
-        let r: KeysReply = self.call("keys.get", &KeysGetBody { ty, ids }).await?;
+        let r: KeysReply<HashMap<String, ByteBuf>> = self.call(RequestBody::KeysGet { ty, ids: ids.to_vec() }).await?;
         Ok(r.values.into_iter().map(|(k, v)| (k, v.into_vec())).collect())
     }
 
     /// `keys.set`; returns the sequence.
     pub async fn keys_set(&self, rid: &str, data: &KeyData) -> Result<u64, ClientError> {
-        let r: SeqReply = self.call("keys.set", &KeysSetBody { rid, data }).await?;
+        let data = data
+            .iter()
+            .map(|(ty, ids)| (ty.as_str(), ids.iter().map(|(id, v)| (id.as_str(), v.as_deref().map(|v| &v[..]))).collect()))
+            .collect();
+        let r: WrittenReply = self.call(RequestBody::KeysSet { rid: Some(rid), data }).await?;
         Ok(r.seq)
     }
 
     /// `session.delete`; returns the sequence.
     pub async fn delete(&self, rid: &str) -> Result<u64, ClientError> {
-        let r: SeqReply = self.call("session.delete", &RidBody { rid }).await?;
+        let r: WrittenReply = self.call(RequestBody::SessionDelete { rid: Some(rid) }).await?;
         Ok(r.seq)
     }
 
     /// `session.info`.
     pub async fn info(&self) -> Result<SessionInfo, ClientError> {
-        self.call("session.info", &BTreeMap::<String, ()>::new()).await
+        let r: InfoReply = self.call(RequestBody::SessionInfo).await?;
+        Ok(r)
     }
 }
 

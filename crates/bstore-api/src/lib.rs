@@ -12,6 +12,7 @@
 pub mod client;
 mod codes;
 mod metrics;
+mod protocol;
 mod wire;
 
 use std::future::Future;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use crate::ErrorCode;
-use crate::wire::OPS;
+use crate::protocol::ApiOp;
 
 /// Upper bounds of the latency buckets, in microseconds (the last is +Inf).
 const BOUNDS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000, 1_000_000, u64::MAX];
@@ -34,21 +34,22 @@ struct OpMetrics {
 /// Counters shared by every request task. Lock-free: only atomics.
 #[derive(Default)]
 pub struct Metrics {
-    ops: [OpMetrics; OPS.len()],
+    ops: [OpMetrics; ApiOp::ALL.len()],
     /// Requests whose subject named no known op.
     unknown: AtomicU64,
     codes: [AtomicU64; CODES.len()],
 }
 
 impl Metrics {
-    /// Records one answered request.
+    /// Records one answered request; `op` is its op token, if the subject
+    /// named a known op.
     pub(crate) fn record(&self, op: Option<&str>, error: Option<ErrorCode>, took: Duration) {
         if let Some(code) = error
             && let Some(i) = CODES.iter().position(|c| *c == code)
         {
             self.codes[i].fetch_add(1, Relaxed);
         }
-        let Some(m) = op.and_then(|op| OPS.iter().position(|o| *o == op)).map(|i| &self.ops[i]) else {
+        let Some(m) = op.and_then(ApiOp::parse).map(|op| &self.ops[op.index()]) else {
             self.unknown.fetch_add(1, Relaxed);
             return;
         };
@@ -64,7 +65,7 @@ impl Metrics {
     /// The figures as JSON for `$SRV.STATS`.
     pub fn snapshot(&self) -> Value {
         let mut ops = Map::new();
-        for (name, m) in OPS.iter().zip(&self.ops) {
+        for (op, m) in ApiOp::ALL.iter().zip(&self.ops) {
             // Cumulative buckets, as Prometheus histograms count them.
             let mut total = 0;
             let mut buckets = Map::new();
@@ -74,7 +75,7 @@ impl Metrics {
                 buckets.insert(le, total.into());
             }
             ops.insert(
-                (*name).to_string(),
+                op.as_str().to_string(),
                 json!({ "requests": m.requests.load(Relaxed), "errors": m.errors.load(Relaxed), "latency_us_le": buckets }),
             );
         }

@@ -1,155 +1,158 @@
 //! Subjects and bodies: decoding requests, encoding replies.
+//!
+//! The protocol itself (ops, body shapes, the strict decoder) is in
+//! [`crate::protocol`]; this module turns a subject and a decoded body into
+//! what a session actor does, and a reply into its body.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use async_nats::service::Request as NatsRequest;
-use bstore_domain::{Command, IdError, KeyChanges, KeyId, KeyType, SessionKey};
+use bstore_domain::{Command, IdError, KeyChanges, KeyId, KeyType, Limits, SessionKey};
 use bstore_session::{Op, Reply, Request, Sessions};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 
 use crate::metrics::Metrics;
+use crate::protocol::{ApiOp, BodyError, CredsReply, KeysReply, RequestBody, WrittenReply};
 use crate::{ApiConfig, ErrorCode, service_error};
 
-/// The ops of protocol version 1.
-pub(crate) const OPS: [&str; 6] = ["creds.get", "creds.put", "keys.get", "keys.set", "session.delete", "session.info"];
-
-/// A refused request: its code and a message for humans.
+/// A refused request: its code and a message for humans. The message names
+/// the op token or the field at fault, never the subject, tenant or session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal(pub ErrorCode, pub String);
 
 impl From<IdError> for Refusal {
+    /// Says which id broke which rule, without the id itself.
     fn from(e: IdError) -> Self {
-        Refusal(ErrorCode::InvalidId, e.to_string())
+        Refusal(ErrorCode::InvalidId, format!("invalid {}: {}", e.what, e.reason))
     }
 }
 
+impl From<BodyError> for Refusal {
+    fn from(e: BodyError) -> Self {
+        let code = match e {
+            BodyError::Malformed(_) => ErrorCode::BadRequest,
+            BodyError::TooLarge { .. } => ErrorCode::TooLarge,
+        };
+        Refusal(code, e.to_string())
+    }
+}
+
+/// Op families: the first op token of every op. An unknown op is named in
+/// its refusal only when it looks like one (a family, then a word of
+/// lowercase letters), so a subject missing a token never has its session or
+/// tenant echoed back as an "op".
+const OP_FAMILIES: [&str; 3] = ["creds", "keys", "session"];
+
 /// Splits `<prefix>.<tenant>.<session>.<op>` and validates each part.
-pub(crate) fn parse_subject<'a>(prefix: &str, subject: &'a str) -> Result<(SessionKey, &'a str), Refusal> {
+pub(crate) fn split_subject(prefix: &str, subject: &str) -> Result<(SessionKey, ApiOp), Refusal> {
     let rest = subject
         .strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('.'))
-        .ok_or_else(|| Refusal(ErrorCode::UnknownOp, format!("subject {subject:?} is outside the prefix {prefix:?}")))?;
+        .ok_or_else(|| Refusal(ErrorCode::UnknownOp, format!("the subject does not start with the prefix {prefix:?}")))?;
     // The op is the last two tokens; everything before them must be exactly
     // `<tenant>.<session>`.
     let Some(ids) = rest.rsplitn(3, '.').nth(2) else {
-        return Err(Refusal(ErrorCode::UnknownOp, format!("expected {prefix}.<tenant>.<session>.<op>, got {subject:?}")));
+        return Err(Refusal(ErrorCode::UnknownOp, format!("expected {prefix}.<tenant>.<session>.<op>")));
     };
-    let op = &rest[ids.len() + 1..];
-    if !OPS.contains(&op) {
-        return Err(Refusal(ErrorCode::UnknownOp, format!("unknown op in {subject:?}; known: {}", OPS.join(", "))));
-    }
+    let token = &rest[ids.len() + 1..];
+    let Some(op) = ApiOp::parse(token) else {
+        let known = ApiOp::ALL.map(ApiOp::as_str).join(", ");
+        let named = match token.split_once('.') {
+            Some((family, action))
+                if OP_FAMILIES.contains(&family) && (1..=32).contains(&action.len()) && action.bytes().all(|b| b.is_ascii_lowercase()) =>
+            {
+                format!(" {token:?}")
+            }
+            _ => String::new(),
+        };
+        return Err(Refusal(ErrorCode::UnknownOp, format!("unknown op{named}; known: {known}")));
+    };
     match ids.split_once('.') {
         Some((tenant, session)) if !session.contains('.') => Ok((SessionKey::parse(tenant, session)?, op)),
         _ => Err(Refusal(ErrorCode::InvalidId, "tenant and session must be single subject tokens without '.'".into())),
     }
 }
 
-#[derive(Deserialize, Default)]
-struct Empty {}
-
-#[derive(Deserialize)]
-struct CredsPut {
-    #[serde(default)]
-    rid: Option<String>,
-    creds: ByteBuf,
-}
-
-#[derive(Deserialize)]
-struct KeysGet {
-    #[serde(rename = "type")]
-    ty: String,
-    ids: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct KeysSet {
-    #[serde(default)]
-    rid: Option<String>,
-    data: BTreeMap<String, BTreeMap<String, Option<ByteBuf>>>,
-}
-
-#[derive(Deserialize, Default)]
-struct Delete {
-    #[serde(default)]
-    rid: Option<String>,
-}
-
-fn decode<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Refusal> {
-    if body.is_empty() { Ok(T::default()) } else { decode_required(body) }
-}
-
-fn decode_required<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
-    rmp_serde::from_slice(body).map_err(|e| Refusal(ErrorCode::BadRequest, format!("body is not a valid MessagePack request: {e}")))
-}
-
-fn check_rid(rid: Option<String>) -> Result<Option<String>, Refusal> {
-    if let Some(r) = &rid {
+fn check_rid(rid: Option<&str>) -> Result<Option<String>, Refusal> {
+    if let Some(r) = rid {
         let ok = !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !ok {
             return Err(Refusal(ErrorCode::InvalidId, "rid must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'".into()));
         }
     }
-    Ok(rid)
+    Ok(rid.map(str::to_owned))
 }
 
-/// Turns an op and its body into what the session actor does.
-pub(crate) fn parse_op(op: &str, body: &[u8]) -> Result<Op, Refusal> {
-    Ok(match op {
-        "creds.get" => {
-            decode::<Empty>(body)?;
-            Op::GetCreds
+/// Decodes a request body for `op` and turns it into what the session actor
+/// does. The size of the body, then every count and size inside it, is
+/// checked before anything is built from it: 413 for a limit, 400 for a body
+/// of the wrong shape, 422 for a malformed id.
+pub(crate) fn parse_body(op: ApiOp, body: &[u8], limits: &Limits, max_request_bytes: usize) -> Result<Op, Refusal> {
+    if body.len() > max_request_bytes {
+        return Err(Refusal(ErrorCode::TooLarge, format!("body is {} bytes, over the limit of {max_request_bytes}", body.len())));
+    }
+    Ok(match RequestBody::decode(op, body, limits)? {
+        RequestBody::CredsGet => Op::GetCreds,
+        RequestBody::SessionInfo => Op::Info,
+        RequestBody::CredsPut { rid, creds } => {
+            let rid = check_rid(rid)?;
+            Op::Write { cmd: Command::PutCreds { creds: Bytes::copy_from_slice(creds) }, rid }
         }
-        "session.info" => {
-            decode::<Empty>(body)?;
-            Op::Info
-        }
-        "creds.put" => {
-            let r: CredsPut = decode_required(body)?;
-            Op::Write { cmd: Command::PutCreds { creds: Bytes::from(r.creds.into_vec()) }, rid: check_rid(r.rid)? }
-        }
-        "keys.get" => {
-            let r: KeysGet = decode_required(body)?;
-            let ty = KeyType::parse(&r.ty)?;
-            let ids = r.ids.iter().map(|i| KeyId::parse(i)).collect::<Result<_, _>>()?;
+        RequestBody::KeysGet { ty, ids } => {
+            let ty = KeyType::parse(ty)?;
+            let ids = ids.into_iter().map(KeyId::parse).collect::<Result<_, _>>()?;
             Op::GetKeys { ty, ids }
         }
-        "keys.set" => {
-            let r: KeysSet = decode_required(body)?;
+        RequestBody::KeysSet { rid, data } => {
+            let rid = check_rid(rid)?;
             let mut keys = KeyChanges::new();
-            for (ty, ids) in r.data {
-                let ty = KeyType::parse(&ty)?;
-                let of_type = keys.entry(ty).or_default();
+            for (ty, ids) in data {
+                if ids.is_empty() {
+                    KeyType::parse(ty)?;
+                    continue;
+                }
+                // The decoder refused repeated types and ids, so nothing
+                // here overwrites an earlier entry.
+                let of_type = keys.entry(KeyType::parse(ty)?).or_default();
                 for (id, value) in ids {
-                    of_type.insert(KeyId::parse(&id)?, value.map(|v| Bytes::from(v.into_vec())));
+                    of_type.insert(KeyId::parse(id)?, value.map(Bytes::copy_from_slice));
                 }
             }
-            Op::Write { cmd: Command::SetKeys { keys }, rid: check_rid(r.rid)? }
+            Op::Write { cmd: Command::SetKeys { keys }, rid }
         }
-        "session.delete" => {
-            let r: Delete = decode(body)?;
-            Op::Write { cmd: Command::DeleteSession, rid: check_rid(r.rid)? }
-        }
-        other => return Err(Refusal(ErrorCode::UnknownOp, format!("unknown op {other:?}"))),
+        RequestBody::SessionDelete { rid } => Op::Write { cmd: Command::DeleteSession, rid: check_rid(rid)? },
     })
 }
 
-#[derive(Serialize)]
-struct CredsReply<'a> {
-    creds: Option<&'a Bytes>,
-    seq: u64,
+/// Everything a request's subject and body say, checked: the session, the
+/// op, and what the session actor is to do. Nothing is loaded or allocated
+/// for a request that a limit refuses.
+pub(crate) fn parse_request(
+    prefix: &str,
+    subject: &str,
+    body: &[u8],
+    limits: &Limits,
+    max_request_bytes: usize,
+) -> Result<(SessionKey, ApiOp, Op), Refusal> {
+    let (key, api_op) = split_subject(prefix, subject)?;
+    let op = parse_body(api_op, body, limits, max_request_bytes)?;
+    Ok((key, api_op, op))
 }
 
-#[derive(Serialize)]
-struct KeysReply<'a> {
-    values: HashMap<&'a str, &'a Bytes>,
-    seq: u64,
+/// [`split_subject`] with the op as its token, and [`parse_op`]: the
+/// entry points of callers not yet moved to [`parse_request`]; remove them
+/// once none is left.
+#[allow(dead_code)]
+pub(crate) fn parse_subject<'a>(prefix: &str, subject: &'a str) -> Result<(SessionKey, &'a str), Refusal> {
+    split_subject(prefix, subject).map(|(key, op)| (key, op.as_str()))
 }
 
-#[derive(Serialize)]
-struct WrittenReply {
-    seq: u64,
+/// See [`parse_subject`]. Decodes as strictly as [`parse_body`], with the
+/// default limits.
+#[allow(dead_code)]
+pub(crate) fn parse_op(op: &str, body: &[u8]) -> Result<Op, Refusal> {
+    let op = ApiOp::parse(op).ok_or_else(|| Refusal(ErrorCode::UnknownOp, "unknown op".into()))?;
+    parse_body(op, body, &Limits::default(), usize::MAX)
 }
 
 /// Encodes a reply body.
@@ -157,7 +160,8 @@ pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
     let named = match reply {
         Reply::Creds { creds, seq } => rmp_serde::to_vec_named(&CredsReply { creds: creds.as_ref(), seq: *seq }),
         Reply::Keys { values, seq } => {
-            let values = values.iter().map(|(id, v)| (id.as_str(), v)).collect();
+            // A map, so an id asked for twice is answered once.
+            let values: HashMap<&str, &Bytes> = values.iter().map(|(id, v)| (id.as_str(), v)).collect();
             rmp_serde::to_vec_named(&KeysReply { values, seq: *seq })
         }
         Reply::Written { seq } => rmp_serde::to_vec_named(&WrittenReply { seq: *seq }),
@@ -172,13 +176,15 @@ pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, metrics: &Metri
     let subject = request.message.subject.as_str();
     let mut known_op = None;
     let result = async {
-        let (key, op) = parse_subject(&cfg.prefix, subject)?;
-        known_op = Some(op);
-        let body = &request.message.payload;
-        if body.len() > cfg.max_request_bytes {
-            return Err(Refusal(ErrorCode::TooLarge, format!("body is {} bytes, over the limit of {}", body.len(), cfg.max_request_bytes)));
-        }
-        let op = parse_op(op, body)?;
+        let parsed = parse_request(&cfg.prefix, subject, &request.message.payload, &Limits::default(), cfg.max_request_bytes);
+        let (key, api_op, op) = match parsed {
+            Ok(parsed) => parsed,
+            Err(refusal) => {
+                known_op = split_subject(&cfg.prefix, subject).ok().map(|(_, op)| op);
+                return Err(refusal);
+            }
+        };
+        known_op = Some(api_op);
         let req = Request { key, op, deadline: sessions.deadline() };
         sessions.call(req).await.map_err(|e| Refusal(ErrorCode::of(&e), e.to_string()))
     }
@@ -193,7 +199,7 @@ pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, metrics: &Metri
         }
         Ok(body)
     });
-    metrics.record(known_op, result.as_ref().err().map(|r| r.0), started.elapsed());
+    metrics.record(known_op.map(ApiOp::as_str), result.as_ref().err().map(|r| r.0), started.elapsed());
     let response = match result {
         Ok(body) => Ok(body.into()),
         Err(Refusal(code, message)) => {
@@ -212,40 +218,207 @@ pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, metrics: &Metri
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Serialize;
+
     use super::*;
 
     fn code(r: Result<impl std::fmt::Debug, Refusal>) -> u16 {
         r.unwrap_err().0.number()
     }
 
+    const MAX: usize = 4 << 20;
+
+    fn parse(op: &str, body: &[u8]) -> Result<Op, Refusal> {
+        parse_body(ApiOp::parse(op).unwrap(), body, &Limits::default(), MAX)
+    }
+
+    fn request(subject: &str, body: &[u8]) -> Result<(SessionKey, ApiOp, Op), Refusal> {
+        parse_request("bstore", subject, body, &Limits::default(), MAX)
+    }
+
     #[test]
     fn subjects_split_into_session_and_op() {
-        let (key, op) = parse_subject("bstore", "bstore.acme.bot-1.keys.set").unwrap();
-        assert_eq!((key.tenant.as_str(), key.session.as_str(), op), ("acme", "bot-1", "keys.set"));
-        let (_, op) = parse_subject("a.b", "a.b.t.s.session.info").unwrap();
-        assert_eq!(op, "session.info");
+        let (key, op) = split_subject("bstore", "bstore.acme.bot-1.keys.set").unwrap();
+        assert_eq!((key.tenant.as_str(), key.session.as_str(), op), ("acme", "bot-1", ApiOp::KeysSet));
+        let (_, op) = split_subject("a.b", "a.b.t.s.session.info").unwrap();
+        assert_eq!(op, ApiOp::SessionInfo);
     }
 
     #[test]
     fn bad_subjects_get_the_right_codes() {
-        assert_eq!(code(parse_subject("bstore", "bstore.t.s.keys.drop")), 404);
-        assert_eq!(code(parse_subject("bstore", "bstore.t.keys.get")), 422, "no session token");
-        assert_eq!(code(parse_subject("bstore", "bstore.t.s")), 404);
-        assert_eq!(code(parse_subject("bstore", "bstore.t.s.x.keys.get")), 422, "a dot inside the session");
-        assert_eq!(code(parse_subject("bstore", "bstore.t.s%.keys.get")), 422);
-        assert_eq!(code(parse_subject("bstore", "other.t.s.keys.get")), 404);
+        assert_eq!(code(split_subject("bstore", "bstore.t.s.keys.drop")), 404);
+        assert_eq!(code(split_subject("bstore", "bstore.t.keys.get")), 422, "no session token");
+        assert_eq!(code(split_subject("bstore", "bstore.t.s")), 404);
+        assert_eq!(code(split_subject("bstore", "bstore.t.s.x.keys.get")), 422, "a dot inside the session");
+        assert_eq!(code(split_subject("bstore", "bstore.t.s%.keys.get")), 422);
+        assert_eq!(code(split_subject("bstore", "bstore.t.*.keys.get")), 422);
+        assert_eq!(code(split_subject("bstore", "bstore.>.s.keys.get")), 422);
+        assert_eq!(code(split_subject("bstore", "other.t.s.keys.get")), 404);
+    }
+
+    #[test]
+    fn refusals_name_the_op_or_field_but_never_the_subject_tenant_or_session() {
+        let (tenant, session) = ("victimcorp", "bot-4471-secret");
+        let cases = [
+            format!("bstore.{tenant}.{session}.keys.drop"),
+            format!("bstore.{tenant}.{session}.nothing"),
+            format!("bstore.{tenant}.{session}"),
+            format!("bstore.{tenant}.{session}.x.keys.get"),
+            format!("bstore.{tenant}%.{session}.keys.get"),
+            format!("bstore.{tenant}.{session}%.keys.get"),
+            format!("bstore.{tenant}.{}.keys.get", "s".repeat(129)),
+            format!("other.{tenant}.{session}.keys.get"),
+            format!("bstore.{tenant}.{session}.keys.{session}"),
+        ];
+        for subject in &cases {
+            let Refusal(_, message) = split_subject("bstore", subject).unwrap_err();
+            assert!(!message.contains(tenant) && !message.contains(session), "{subject}: {message}");
+        }
+        let Refusal(_, message) = split_subject("bstore", &cases[0]).unwrap_err();
+        assert!(message.contains("\"keys.drop\""), "the op token is named: {message}");
+        // Nor a key type, key id or rid from the body.
+        let body = |json: serde_json::Value| rmp_serde::to_vec_named(&json).unwrap();
+        for (op, b) in [
+            ("keys.get", body(serde_json::json!({"type": "pre-key", "ids": [format!("{session}\n")]}))),
+            ("keys.get", body(serde_json::json!({"type": format!("{session} "), "ids": []}))),
+            ("session.delete", body(serde_json::json!({"rid": format!("{session}!")}))),
+        ] {
+            let Refusal(c, message) = request(&format!("bstore.{tenant}.{session}.{op}"), &b).unwrap_err();
+            assert_eq!(c.number(), 422);
+            assert!(!message.contains(tenant) && !message.contains(session), "{op}: {message}");
+        }
     }
 
     #[test]
     fn bodies_decode_or_refuse_with_400() {
-        assert_eq!(code(parse_op("keys.get", b"\xc1garbage")), 400);
-        assert_eq!(code(parse_op("creds.get", b"\x93\x01")), 400, "truncated array");
-        assert_eq!(code(parse_op("creds.put", b"")), 400, "creds are required");
-        assert!(matches!(parse_op("creds.get", b""), Ok(Op::GetCreds)));
+        assert_eq!(code(parse("keys.get", b"\xc1garbage")), 400);
+        assert_eq!(code(parse("creds.get", b"\x93\x01")), 400, "truncated array");
+        assert_eq!(code(parse("creds.put", b"")), 400, "creds are required");
+        assert!(matches!(parse("creds.get", b""), Ok(Op::GetCreds)));
         let body = rmp_serde::to_vec_named(&serde_json_like()).unwrap();
-        let Op::Write { cmd: Command::SetKeys { keys }, rid } = parse_op("keys.set", &body).unwrap() else { panic!() };
+        let Op::Write { cmd: Command::SetKeys { keys }, rid } = parse("keys.set", &body).unwrap() else { panic!() };
         assert_eq!(rid.as_deref(), Some("r-1"));
         assert_eq!(keys.values().map(|m| m.len()).sum::<usize>(), 2);
+    }
+
+    /// Each lenient body that serde-based decoding accepted, for each op it
+    /// was accepted for: all are 400 now.
+    #[test]
+    fn lenient_bodies_are_400() {
+        let json = |v: serde_json::Value| rmp_serde::to_vec_named(&v).unwrap();
+        let garbage_after = |mut b: Vec<u8>| {
+            b.extend_from_slice(b"\xc1garbage");
+            b
+        };
+        let every_op = [
+            b"\x90".to_vec(),                         // []
+            b"\x91\xa3r-1".to_vec(),                  // [rid]
+            b"\x81\x01\x02".to_vec(),                 // {1: 2}
+            b"\x81\x00\xa1x".to_vec(),                // {0: "x"}
+            b"\x80\x00".to_vec(),                     // {} followed by a byte
+            garbage_after(b"\x80".to_vec()),          // {} followed by garbage
+            b"\xc0".to_vec(),                         // nil
+            b"\x82\xa3rid\xa1a\xa3rid\xa1b".to_vec(), // a repeated key
+        ];
+        for op in ApiOp::ALL {
+            for body in &every_op {
+                assert_eq!(code(parse(op.as_str(), body)), 400, "{op} {body:x?}");
+            }
+        }
+        for (op, body) in [
+            // Arrays for maps: serde read a struct from an array of its fields.
+            ("creds.put", json(serde_json::json!(["r-1", [1, 2]]))),
+            ("keys.get", json(serde_json::json!(["pre-key", ["1"]]))),
+            ("keys.set", json(serde_json::json!(["r-1", {"pre-key": {"1": [1]}}]))),
+            ("session.delete", json(serde_json::json!(["r-1"]))),
+            // Bytes as an array of small integers.
+            ("creds.put", json(serde_json::json!({"creds": [1, 2, 3]}))),
+            ("keys.set", json(serde_json::json!({"data": {"pre-key": {"1": [1, 2, 3]}}}))),
+            // Maps where arrays are documented, and the reverse.
+            ("keys.get", json(serde_json::json!({"type": "pre-key", "ids": {"0": "1"}}))),
+            ("keys.set", json(serde_json::json!({"data": [["pre-key", {"1": null}]]}))),
+            ("keys.set", json(serde_json::json!({"data": {"pre-key": [null]}}))),
+            // A nil rid.
+            ("session.delete", json(serde_json::json!({"rid": null}))),
+            ("creds.put", json(serde_json::json!({"rid": null, "creds": "x"}))),
+            // Valid bodies with trailing bytes.
+            ("creds.put", garbage_after(json(serde_json::json!({"creds": "x"})))),
+            ("keys.get", [json(serde_json::json!({"type": "pre-key", "ids": ["1"]})), b"\x80".to_vec()].concat()),
+            ("keys.set", [json(serde_json::json!({"data": {}})), b"\x00".to_vec()].concat()),
+            // A repeated type or id: serde kept the last one.
+            ("keys.set", b"\x81\xa4data\x81\xa7pre-key\x82\xa11\xc4\x01a\xa11\xc4\x01b".to_vec()),
+            ("keys.set", b"\x81\xa4data\x82\xa7pre-key\x81\xa11\xc0\xa7pre-key\x81\xa12\xc0".to_vec()),
+            // Integer keys inside data.
+            ("keys.set", b"\x81\xa4data\x81\xa7pre-key\x81\x01\xc4\x01a".to_vec()),
+            ("keys.set", b"\x81\xa4data\x81\x01\x81\xa11\xc4\x01a".to_vec()),
+        ] {
+            assert_eq!(code(parse(op, &body)), 400, "{op} {body:x?}");
+        }
+    }
+
+    #[test]
+    fn the_documented_str_for_bin_allowance_is_kept() {
+        let body = rmp_serde::to_vec_named(&serde_json::json!({"rid": "r", "creds": "plain text"})).unwrap();
+        let Ok(Op::Write { cmd: Command::PutCreds { creds }, .. }) = parse("creds.put", &body) else { panic!() };
+        assert_eq!(&creds[..], b"plain text");
+        let body = rmp_serde::to_vec_named(&serde_json::json!({"data": {"pre-key": {"1": "text", "2": null}}})).unwrap();
+        let Ok(Op::Write { cmd: Command::SetKeys { keys }, .. }) = parse("keys.set", &body) else { panic!() };
+        let of_type = &keys[&KeyType::parse("pre-key").unwrap()];
+        assert_eq!(of_type[&KeyId::parse("1").unwrap()].as_deref(), Some(&b"text"[..]));
+        assert_eq!(of_type[&KeyId::parse("2").unwrap()], None);
+    }
+
+    #[test]
+    fn limits_are_refused_with_413_before_the_body_is_read() {
+        // The body size first.
+        assert_eq!(code(parse_body(ApiOp::CredsGet, &[0x80; 11], &Limits::default(), 10)), 413);
+        // 2.1 M ids in a body under the request limit: refused at the array
+        // header, so a body cut right after the header gets the same answer.
+        let mut bomb = b"\x82\xa4type\xa7pre-key\xa3ids\xdd".to_vec();
+        bomb.extend_from_slice(&2_100_000u32.to_be_bytes());
+        let header = bomb.clone();
+        for i in 0..2_100_000u32 {
+            bomb.extend_from_slice(if i % 20 == 0 { b"\xa0" } else { b"\xa1x" });
+        }
+        assert!(bomb.len() < MAX);
+        let (c, message) = match request("bstore.t.s.keys.get", &bomb) {
+            Err(Refusal(c, m)) => (c, m),
+            Ok(_) => panic!("accepted"),
+        };
+        assert_eq!((c.number(), message.as_str()), (413, "ids in one keys.get is 2100000, over the limit of 10000"));
+        assert_eq!(code(request("bstore.t.s.keys.get", &header)), 413);
+        // keys.set: ids over all types, each value and the total.
+        let limits = Limits { max_ids_per_call: 2, max_value_bytes: 4, max_set_bytes: 6 };
+        let set = |data: serde_json::Value| {
+            #[derive(Serialize)]
+            struct S {
+                data: BTreeMap<String, BTreeMap<String, serde_bytes::ByteBuf>>,
+            }
+            let data: BTreeMap<String, BTreeMap<String, String>> = serde_json::from_value(data).unwrap();
+            let data = data
+                .into_iter()
+                .map(|(t, ids)| (t, ids.into_iter().map(|(i, v)| (i, serde_bytes::ByteBuf::from(v.into_bytes()))).collect()))
+                .collect();
+            parse_body(ApiOp::KeysSet, &rmp_serde::to_vec_named(&S { data }).unwrap(), &limits, MAX)
+        };
+        assert_eq!(code(set(serde_json::json!({"a": {"1": "x", "2": "x"}, "b": {"3": "x"}}))), 413);
+        assert_eq!(code(set(serde_json::json!({"a": {"1": "12345"}}))), 413);
+        assert_eq!(code(set(serde_json::json!({"a": {"1": "1234", "2": "123"}}))), 413);
+        assert!(set(serde_json::json!({"a": {"1": "1234"}, "b": {"2": "12"}})).is_ok());
+    }
+
+    #[test]
+    fn repeated_ids_in_a_keys_get_are_kept_and_answered_once() {
+        let body = rmp_serde::to_vec_named(&serde_json::json!({"type": "pre-key", "ids": ["1", "1"]})).unwrap();
+        let Ok(Op::GetKeys { ids, .. }) = parse("keys.get", &body) else { panic!() };
+        assert_eq!(ids.len(), 2);
+        let one = KeyId::parse("1").unwrap();
+        let reply = Reply::Keys { values: vec![(one.clone(), Bytes::from_static(b"v")), (one, Bytes::from_static(b"v"))], seq: 1 };
+        let decoded: KeysReply<HashMap<String, serde_bytes::ByteBuf>> = rmp_serde::from_slice(&encode_reply(&reply)).unwrap();
+        assert_eq!(decoded.values.len(), 1);
+        assert_eq!(encode_reply(&reply)[..2], [0x82, 0xa6], "a map of two fields, `values` first");
     }
 
     fn serde_json_like() -> BTreeMap<&'static str, rmpv_like::Value> {
@@ -295,15 +468,18 @@ mod tests {
             ids: Vec<&'a str>,
         }
         let body = rmp_serde::to_vec_named(&G { ty: "bad type", ids: vec!["1"] }).unwrap();
-        assert_eq!(code(parse_op("keys.get", &body)), 422);
+        assert_eq!(code(parse("keys.get", &body)), 422);
         let body = rmp_serde::to_vec_named(&G { ty: "pre-key", ids: vec!["a\nb"] }).unwrap();
-        assert_eq!(code(parse_op("keys.get", &body)), 422);
+        assert_eq!(code(parse("keys.get", &body)), 422);
         #[derive(Serialize)]
         struct D<'a> {
             rid: &'a str,
         }
         let body = rmp_serde::to_vec_named(&D { rid: "has space" }).unwrap();
-        assert_eq!(code(parse_op("session.delete", &body)), 422);
+        assert_eq!(code(parse("session.delete", &body)), 422);
+        // A malformed type is refused even with no ids under it.
+        let body = rmp_serde::to_vec_named(&serde_json::json!({"data": {"bad type": {}}})).unwrap();
+        assert_eq!(code(parse("keys.set", &body)), 422);
     }
 
     #[test]
@@ -313,5 +489,10 @@ mod tests {
         // fixmap(2) "values" fixmap(1) "1" bin8(1) 0x00 "seq" 3
         assert_eq!(bytes[0], 0x82);
         assert!(bytes.windows(3).any(|w| w == [0xc4, 1, 0]), "{bytes:x?}");
+        let creds = encode_reply(&Reply::Creds { creds: Some(Bytes::from_static(b"c")), seq: 2 });
+        let decoded: CredsReply<serde_bytes::ByteBuf> = rmp_serde::from_slice(&creds).unwrap();
+        assert_eq!((decoded.creds.unwrap().into_vec(), decoded.seq), (b"c".to_vec(), 2));
+        let written: WrittenReply = rmp_serde::from_slice(&encode_reply(&Reply::Written { seq: 9 })).unwrap();
+        assert_eq!(written.seq, 9);
     }
 }
