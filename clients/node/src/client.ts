@@ -2,8 +2,14 @@ import { randomBytes } from 'node:crypto'
 import { decode, encode } from '@msgpack/msgpack'
 import type { Msg, NatsConnection } from 'nats'
 import { BaileysStoreError } from './errors.js'
+import { type RetryClock, type RetryOptions, RetryPolicy, systemClock } from './retry.js'
 
-export interface StoreOptions {
+/**
+ * Retries (the README's "Retries and outages" says why the budget is 30 s): time-outs, no responders, a
+ * lost or closed connection, and the service codes 409, 503 and 504 are retried
+ * with the same body until `retryBudgetMs` has passed since the first attempt.
+ */
+export interface StoreOptions extends RetryOptions {
 	/** Tenant: 1–128 characters of `[A-Za-z0-9_-]`. */
 	tenant: string
 	/** Session (one WhatsApp account): 1–128 characters of `[A-Za-z0-9_-]`. */
@@ -12,12 +18,6 @@ export interface StoreOptions {
 	prefix?: string
 	/** How long to wait for one reply, per attempt. Default 5000 ms. */
 	timeoutMs?: number
-	/** Extra attempts after a time-out, "no responders", 409, 503 or 504. Default 5 (about 3 s of pauses). */
-	retries?: number
-	/** First pause before a retry; doubles each time up to `maxRetryDelayMs`. Default 100 ms. */
-	retryDelayMs?: number
-	/** Longest pause between two attempts. Default 2000 ms. */
-	maxRetryDelayMs?: number
 	/** Largest request body sent; must not exceed the service's `api.max_request_bytes`. Default 4 MiB. */
 	maxRequestBytes?: number
 	/** Largest encoded value or creds; the service's `limits.max_value_bytes`. Default 2 MiB. */
@@ -26,6 +26,8 @@ export interface StoreOptions {
 	maxIdsPerGet?: number
 	/** Told about each retry (a pino logger fits). */
 	logger?: { warn(obj: object, msg?: string): void }
+	/** Time, waiting and jitter of the retries; tests pass a virtual clock. Default: the real ones. */
+	clock?: RetryClock
 }
 
 export interface SessionInfo {
@@ -55,10 +57,13 @@ export function assertName(what: 'tenant' | 'session', name: string): void {
 }
 
 function assertKey(op: string, type: string, id?: string): void {
-	if (!KEY_TYPE.test(type)) {
+	if (typeof type !== 'string' || !KEY_TYPE.test(type)) {
 		throw new BaileysStoreError('INVALID_ID', op, `key type must be 1-64 characters of [A-Za-z0-9_.:-], got ${JSON.stringify(type)}`)
 	}
 	if (id !== undefined) {
+		if (typeof id !== 'string') {
+			throw new BaileysStoreError('INVALID_ID', op, `key id must be a string, got ${typeof id}`)
+		}
 		const len = Buffer.byteLength(id)
 		if (len < 1 || len > 512 || CONTROL.test(id)) {
 			throw new BaileysStoreError('INVALID_ID', op, `key id must be 1-512 bytes without control characters, got ${JSON.stringify(id)}`)
@@ -69,8 +74,6 @@ function assertKey(op: string, type: string, id?: string): void {
 /** A write's request id: 22 characters of base64url (128 random bits). */
 const newRid = (): string => randomBytes(16).toString('base64url')
 
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
-
 /**
  * One session of baileys-store: the six operations of the wire protocol, with
  * validation, size limits and retries. Values are opaque bytes here.
@@ -78,9 +81,8 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
 export class BaileysStoreClient {
 	readonly subjectBase: string
 	private readonly timeoutMs: number
-	private readonly retries: number
-	private readonly retryDelayMs: number
-	private readonly maxRetryDelayMs: number
+	/** The retry policy in force (budget, count, pauses). */
+	readonly retry: RetryPolicy
 	private readonly maxRequestBytes: number
 	private readonly maxValueBytes: number
 	private readonly maxIdsPerGet: number
@@ -98,9 +100,7 @@ export class BaileysStoreClient {
 		}
 		this.subjectBase = `${prefix}.${options.tenant}.${options.session}`
 		this.timeoutMs = options.timeoutMs ?? 5000
-		this.retries = options.retries ?? 5
-		this.retryDelayMs = options.retryDelayMs ?? 100
-		this.maxRetryDelayMs = options.maxRetryDelayMs ?? 2000
+		this.retry = new RetryPolicy(options, options.clock ?? systemClock)
 		this.maxRequestBytes = options.maxRequestBytes ?? 4 * MiB
 		this.maxValueBytes = options.maxValueBytes ?? 2 * MiB
 		this.maxIdsPerGet = options.maxIdsPerGet ?? 1000
@@ -117,12 +117,14 @@ export class BaileysStoreClient {
 
 	/** Replaces the creds. Returns the event sequence of the write. */
 	async putCreds(creds: Uint8Array): Promise<number> {
-		this.assertValueSize('creds.put', 'creds', creds)
+		this.assertValue('creds.put', 'creds', creds)
 		return seqOf('creds.put', await this.request('creds.put', { rid: newRid(), creds }))
 	}
 
 	/** The stored values of `ids`; ids not stored are left out. */
 	async getKeys(type: string, ids: string[]): Promise<Record<string, Uint8Array>> {
+		assertKey('keys.get', type)
+		if (!Array.isArray(ids)) throw new BaileysStoreError('INVALID_ID', 'keys.get', 'ids must be an array of strings')
 		const unique = [...new Set(ids)]
 		for (const id of unique) assertKey('keys.get', type, id)
 		if (unique.length === 0) return {}
@@ -155,16 +157,29 @@ export class BaileysStoreClient {
 
 	/** Writes and deletes (`null`) keys of any number of types in one atomic request. */
 	async setKeys(data: EncodedKeyData): Promise<number | undefined> {
+		// Copied into a body of exactly the protocol's shape: bin or nil, nothing else.
+		const body: Record<string, Record<string, Uint8Array | null>> = {}
 		let count = 0
 		for (const [type, values] of Object.entries(data)) {
-			for (const [id, value] of Object.entries(values)) {
+			assertKey('keys.set', type)
+			if (values === null || values === undefined) continue
+			const entries = Object.entries(values)
+			if (entries.length === 0) continue
+			const out: Record<string, Uint8Array | null> = {}
+			for (const [id, value] of entries) {
 				assertKey('keys.set', type, id)
-				if (value !== null) this.assertValueSize('keys.set', `${type}/${id}`, value)
+				if (value === null || value === undefined) {
+					out[id] = null
+				} else {
+					this.assertValue('keys.set', `${type}/${id}`, value)
+					out[id] = value
+				}
 				count++
 			}
+			body[type] = out
 		}
 		if (count === 0) return undefined
-		return seqOf('keys.set', await this.request('keys.set', { rid: newRid(), data }))
+		return seqOf('keys.set', await this.request('keys.set', { rid: newRid(), data: body }))
 	}
 
 	/** Deletes the creds and every key of the session (logout). */
@@ -176,7 +191,10 @@ export class BaileysStoreClient {
 		return (await this.request('session.info', {})) as unknown as SessionInfo
 	}
 
-	private assertValueSize(op: string, what: string, value: Uint8Array): void {
+	private assertValue(op: string, what: string, value: Uint8Array): void {
+		if (!(value instanceof Uint8Array)) {
+			throw new BaileysStoreError('INVALID_VALUE', op, `${what} must be a Uint8Array or Buffer, got ${value === null ? 'null' : typeof value}`)
+		}
 		if (value.byteLength > this.maxValueBytes) {
 			throw new BaileysStoreError('TOO_LARGE', op, `${what} is ${value.byteLength} bytes, over maxValueBytes ${this.maxValueBytes}`)
 		}
@@ -189,18 +207,16 @@ export class BaileysStoreClient {
 			throw new BaileysStoreError('TOO_LARGE', op, `request is ${data.byteLength} bytes, over maxRequestBytes ${this.maxRequestBytes}`)
 		}
 		const subject = `${this.subjectBase}.${op}`
-		for (let attempt = 0; ; attempt++) {
-			try {
-				return await this.requestOnce(op, subject, data)
-			} catch (err) {
-				if (!(err instanceof BaileysStoreError) || !err.retryable || attempt >= this.retries) throw err
-				const delay = Math.min(this.retryDelayMs * 2 ** attempt, this.maxRetryDelayMs)
-				// Jitter keeps many bots that failed together from retrying together.
-				const pause = delay / 2 + Math.random() * (delay / 2)
-				this.options.logger?.warn({ op, subject, code: err.code, attempt: attempt + 1, pauseMs: Math.round(pause) }, 'baileys-store request failed, retrying')
-				await sleep(pause)
-			}
-		}
+		const logger = this.options.logger
+		return this.retry.run(
+			() => this.requestOnce(op, subject, data),
+			logger &&
+				(({ error, retry, pauseMs, elapsedMs }) =>
+					logger.warn(
+						{ op, subject, code: error.code, attempt: retry, pauseMs: Math.round(pauseMs), elapsedMs: Math.round(elapsedMs) },
+						'baileys-store request failed, retrying'
+					))
+		)
 	}
 
 	private async requestOnce(op: string, subject: string, data: Uint8Array): Promise<Record<string, unknown>> {
@@ -236,6 +252,10 @@ function fromNatsError(op: string, err: unknown): BaileysStoreError {
 			return new BaileysStoreError('TIMEOUT', op, 'no reply in time', { cause: err })
 		case '503':
 			return new BaileysStoreError('NO_RESPONDERS', op, 'no service instance is listening', { cause: err })
+		case 'DISCONNECT':
+			return new BaileysStoreError('DISCONNECTED', op, 'the NATS connection was lost', { cause: err })
+		case 'CONNECTION_CLOSED':
+			return new BaileysStoreError('CLOSED', op, 'the NATS connection is closed', { cause: err })
 		case 'MAX_PAYLOAD_EXCEEDED':
 			return new BaileysStoreError('TOO_LARGE', op, "request is over the NATS server's max_payload", { cause: err })
 		default:
