@@ -1,6 +1,7 @@
 //! The one integration-test binary. Every test here runs against real
 //! servers started by `bstore-testkit` and the real `baileys-store` binary.
 
+mod auth;
 mod bad_input;
 mod cluster;
 mod deltas;

@@ -9,7 +9,10 @@
 //! (`BSTORE__SESSIONS__WORKERS=2`); values are read as TOML when they parse
 //! (numbers, booleans) and as strings otherwise. Shorthands for the common
 //! ones: `BSTORE_CONFIG` (file path), `BSTORE_DATA_DIR`, `BSTORE_NATS_URL`
-//! (comma-separated), `BSTORE_NATS_SERVER_BIN`, `BSTORE_KEYS`,
+//! (comma-separated), `BSTORE_NATS_USER`, `BSTORE_NATS_PASSWORD`,
+//! `BSTORE_NATS_TOKEN`, `BSTORE_NATS_NKEY` (a seed), `BSTORE_NATS_NKEY_FILE`,
+//! `BSTORE_NATS_CREDS` (a creds file), `BSTORE_NATS_CA`, `BSTORE_NATS_CERT`,
+//! `BSTORE_NATS_KEY` (TLS files), `BSTORE_NATS_SERVER_BIN`, `BSTORE_KEYS`,
 //! `BSTORE_KEY_FILE`, `BSTORE_LOG` (filter), `BSTORE_LOG_FORMAT`,
 //! `BSTORE_REDIS_URL`, `BSTORE_MONGO_URL`.
 
@@ -56,15 +59,164 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-/// How to reach NATS.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How to reach NATS: the servers, who the service is, and TLS.
+///
+/// One kind of credential at a time: user and password (also accepted in
+/// the URLs, `nats://user:pass@host:4222`), a token, an NKey seed, or a
+/// creds file (a user JWT and its seed, for decentralized auth). TLS is
+/// independent of that: a server may identify clients by certificate alone.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs. Empty (the default) starts the embedded server.
     pub urls: Vec<String>,
-    /// Token for servers that require one. User and password can be given
-    /// in the URLs (`nats://user:pass@host:4222`).
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<String>,
+    /// Token for servers that require one.
     pub token: Option<String>,
+    /// An NKey user seed (`SU...`), inline. Prefer `nkey_file`.
+    pub nkey: Option<String>,
+    /// A file holding an NKey user seed.
+    pub nkey_file: Option<PathBuf>,
+    /// A creds file: user JWT and seed (decentralized auth, as `nsc` writes it).
+    pub creds_file: Option<PathBuf>,
+    /// TLS to the servers.
+    pub tls: NatsTls,
+    /// Other credentials for the connection that serves bots' requests;
+    /// unset: the ones above. Lets that identity be confined to
+    /// subscribing to the request subjects and publishing replies
+    /// (`allow_responses`), while only the other one reaches JetStream.
+    pub serve: NatsAuth,
+    /// Seconds to keep trying to reach a server at start-up before giving
+    /// up. A refused credential or a failed TLS handshake ends the start at
+    /// once. Default 30.
+    #[serde(with = "bstore_domain::secs")]
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            user: None,
+            password: None,
+            token: None,
+            nkey: None,
+            nkey_file: None,
+            creds_file: None,
+            tls: NatsTls::default(),
+            serve: NatsAuth::default(),
+            connect_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The main credentials (those of the JetStream connection and the tools).
+    pub fn auth(&self) -> NatsAuth {
+        NatsAuth {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            nkey: self.nkey.clone(),
+            nkey_file: self.nkey_file.clone(),
+            creds_file: self.creds_file.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("urls", &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
+            .field("auth", &self.auth())
+            .field("tls", &self.tls)
+            .field("serve", &self.serve)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// One set of NATS credentials; at most one kind may be set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsAuth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// An NKey user seed, inline.
+    pub nkey: Option<String>,
+    /// A file holding an NKey user seed.
+    pub nkey_file: Option<PathBuf>,
+    /// A creds file (user JWT and seed).
+    pub creds_file: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// Whether any credential is set.
+    pub fn is_set(&self) -> bool {
+        self.user.is_some()
+            || self.password.is_some()
+            || self.token.is_some()
+            || self.nkey.is_some()
+            || self.nkey_file.is_some()
+            || self.creds_file.is_some()
+    }
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("nkey", &hidden(&self.nkey))
+            .field("nkey_file", &self.nkey_file)
+            .field("creds_file", &self.creds_file)
+            .finish()
+    }
+}
+
+/// TLS to the NATS servers. A `tls://` URL or a server that requires TLS
+/// turns it on as well.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file of the CA(s) to trust for the servers' certificates; unset:
+    /// the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS. Default false (but see above).
+    pub required: bool,
+}
+
+/// `url` with any password (or token) in it replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = match userinfo.find(':') {
+                Some(colon) => format!("{}:***", &userinfo[..colon]),
+                None => "***".to_owned(),
+            };
+            format!("{scheme}{user}{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// How durable an acknowledged write is on the embedded server.
@@ -188,6 +340,15 @@ fn apply_env(table: &mut toml::Table, name: &str, value: &str) -> anyhow::Result
             let urls = value.split(',').map(str::trim).filter(|u| !u.is_empty()).map(s).collect();
             set(table, &["nats", "urls"], toml::Value::Array(urls));
         }
+        "BSTORE_NATS_USER" => set(table, &["nats", "user"], s(value)),
+        "BSTORE_NATS_PASSWORD" => set(table, &["nats", "password"], s(value)),
+        "BSTORE_NATS_TOKEN" => set(table, &["nats", "token"], s(value)),
+        "BSTORE_NATS_NKEY" => set(table, &["nats", "nkey"], s(value)),
+        "BSTORE_NATS_NKEY_FILE" => set(table, &["nats", "nkey_file"], s(value)),
+        "BSTORE_NATS_CREDS" => set(table, &["nats", "creds_file"], s(value)),
+        "BSTORE_NATS_CA" => set(table, &["nats", "tls", "ca_file"], s(value)),
+        "BSTORE_NATS_CERT" => set(table, &["nats", "tls", "cert_file"], s(value)),
+        "BSTORE_NATS_KEY" => set(table, &["nats", "tls", "key_file"], s(value)),
         "BSTORE_NATS_SERVER_BIN" => set(table, &["embedded", "server_bin"], s(value)),
         "BSTORE_KEYS" => set(table, &["keys", "keys"], s(value)),
         "BSTORE_KEY_FILE" => set(table, &["keys", "file"], s(value)),

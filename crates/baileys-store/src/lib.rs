@@ -26,11 +26,20 @@ const HEADER_ROOM: usize = 8 << 10;
 
 /// Runs the service until `shutdown` resolves. Must be called inside an actix
 /// system (`actix::System::new().block_on(run(..))`).
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+///
+/// With no NATS URL configured it starts the embedded nats-server first
+/// (see [`embedded`]), connects to it as the service user, and writes the
+/// bots' URL into `data_dir/bot.url`.
+pub async fn run(mut cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let embedded = if cfg.nats.urls.is_empty() {
-        let server = embedded::EmbeddedNats::start(&cfg.embedded, &cfg.data_dir.join("nats")).await?;
-        tracing::info!(url = %server.url, data_dir = %cfg.data_dir.display(), "started the embedded nats-server; bots connect here");
-        std::fs::write(cfg.data_dir.join("nats.url"), format!("{}\n", server.url))?;
+        let server = embedded::EmbeddedNats::start(&cfg.embedded, &embedded::dir(&cfg.data_dir), &embedded::Subjects::of(&cfg)).await?;
+        server.write_url_files(&cfg.data_dir)?;
+        tracing::info!(
+            url = %server.url,
+            bot_url_file = %cfg.data_dir.join(embedded::BOT_URL_FILE).display(),
+            "started the embedded nats-server; bots connect with the URL (and password) in the bot URL file"
+        );
+        embedded_identity(&mut cfg.nats, &server.service);
         Some(server)
     } else {
         None
@@ -40,10 +49,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => cfg.nats.urls.clone(),
     };
     let result = serve(cfg, urls, embedded.is_some(), shutdown).await;
+    nats::mark_closing();
     if let Some(server) = embedded {
         server.stop().await;
     }
     result
+}
+
+/// On the embedded default the service connects as the embedded server's
+/// service user, whatever else `[nats]` says.
+fn embedded_identity(nats: &mut config::NatsConfig, service: &embedded::Credentials) {
+    if nats.auth().is_set() || nats.serve.is_set() || nats.tls != config::NatsTls::default() {
+        tracing::warn!("no NATS URL is configured: the credentials and TLS settings under [nats] are ignored for the embedded server");
+    }
+    *nats = config::NatsConfig {
+        user: Some(service.user.clone()),
+        password: Some(service.password.clone()),
+        connect_timeout: nats.connect_timeout,
+        ..Default::default()
+    };
 }
 
 async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -79,19 +103,22 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
 }
 
 /// For the command-line tools: a NATS connection (to the configured servers,
-/// or to the running embedded one) and the codec.
+/// or to the running embedded one, as its service user) and the codec.
 pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Client, Codec)> {
     let embedded = cfg.nats.urls.is_empty();
+    let mut nats_cfg = cfg.nats.clone();
     let urls = if embedded {
-        let file = cfg.data_dir.join("nats.url");
+        let file = cfg.data_dir.join(embedded::URL_FILE);
         let url = std::fs::read_to_string(&file)
             .with_context(|| format!("no NATS URL configured and no running embedded server ({} missing)", file.display()))?;
+        let service = embedded::service_credentials(&embedded::dir(&cfg.data_dir))?;
+        embedded_identity(&mut nats_cfg, &service);
         vec![url.trim().to_owned()]
     } else {
         cfg.nats.urls.clone()
     };
     let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
-    let client = nats::connect(&cfg.nats, &urls, nats::Role::Tool).await?;
+    let client = nats::connect(&nats_cfg, &urls, nats::Role::Tool).await?;
     Ok((client, Codec::new(keyring)))
 }
 
