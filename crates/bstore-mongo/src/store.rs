@@ -32,8 +32,9 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{Binary, Bson, DateTime, Document, doc};
+use mongodb::error::PartialBulkWriteResult;
 use mongodb::options::{ClientOptions, IndexOptions, UpdateManyModel, UpdateOneModel, WriteModel};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use crate::{MongoConfig, MongoError};
 
@@ -73,8 +74,11 @@ pub struct Applied {
     pub session_wipes: usize,
     /// Session document upserts sent.
     pub session_writes: usize,
-    /// Writes the server found already applied (11000 on a guarded upsert).
+    /// Writes found already applied: not sent because the document was
+    /// read as new enough, or matched nothing on the server.
     pub already_applied: usize,
+    /// Sessions whose counts per type were recomputed.
+    pub recounts: usize,
 }
 
 /// A session as Mongo holds it, values opened. For `verify`.
@@ -104,6 +108,8 @@ pub struct Store {
     checkpoints: Collection<Document>,
     codec: Codec,
     retention_secs: u64,
+    #[cfg(test)]
+    gate: Option<std::sync::Arc<crate::tests::Gate>>,
 }
 
 impl Store {
@@ -125,6 +131,8 @@ impl Store {
             db,
             codec,
             retention_secs: cfg.tombstone_retention_secs,
+            #[cfg(test)]
+            gate: None,
         })
     }
 
@@ -162,6 +170,26 @@ impl Store {
                 }
                 Err(e) => return Err(unavailable(e)),
             }
+        }
+        self.migrate().await
+    }
+
+    /// Brings session documents written before the creds had a register of
+    /// their own (`creds_seq`) in line: their creds are as of their `seq`.
+    /// Without this, such a document's creds would count as older than any
+    /// event, and a redelivered older creds put would replace them.
+    async fn migrate(&self) -> Result<(), MongoError> {
+        let filter = doc! { "creds_seq": { "$exists": false }, "seq": { "$exists": true } };
+        let mut cursor = self.sessions.find(filter).projection(doc! { "seq": 1 }).await.map_err(unavailable)?;
+        let mut old = Vec::new();
+        while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+            if let Ok(id) = d.get_str("_id") {
+                old.push((id.to_owned(), int(&d, "seq")));
+            }
+        }
+        for (id, seq) in old {
+            let filter = doc! { "_id": id, "creds_seq": { "$exists": false } };
+            self.sessions.update_one(filter, doc! { "$set": { "creds_seq": seq as i64 } }).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -203,9 +231,11 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a batch of events. Idempotent and order-insensitive: repeats,
-    /// events already applied and events older than what a document holds
-    /// change nothing.
+    /// Writes a batch of events. Idempotent and order-insensitive, also
+    /// against other instances applying other batches (or the same one) at
+    /// the same time: repeats, events already applied and events older than
+    /// what a document holds change no fact. See the module documentation
+    /// for why each step is safe under every interleaving.
     pub async fn apply(&self, batch: &[LoggedEvent]) -> Result<Applied, MongoError> {
         let mut events: Vec<&LoggedEvent> = batch.iter().collect();
         events.sort_by_key(|e| e.seq);
@@ -215,41 +245,34 @@ impl Store {
             return Ok(stats);
         }
 
-        // What Mongo knows of each session: how far it is, and when the
-        // session was last deleted.
-        let sids: BTreeSet<String> = events.iter().map(|e| sid(&e.session)).collect();
-        let mut accs: HashMap<String, SessionAcc> = HashMap::new();
-        let mut cursor =
-            self.sessions.find(doc! { "_id": { "$in": sids.iter().cloned().collect::<Vec<_>>() } }).await.map_err(unavailable)?;
-        while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-            let Ok(id) = d.get_str("_id") else { continue };
-            accs.insert(id.to_owned(), SessionAcc::from_doc(&d));
-        }
+        // How far each session document's registers are. Each only ever
+        // rises, so a write found older than its register here is dead for
+        // good and is not sent: nothing another instance does later can
+        // make it live again.
+        let sids: Vec<String> = events.iter().map(|e| sid(&e.session)).collect::<BTreeSet<_>>().into_iter().collect();
+        let known = self.marks(&sids).await?;
 
-        // Collapse the batch: per key the newest change wins; a deletion of
-        // the session turns every earlier change of the batch into a
-        // tombstone at the deletion's sequence.
+        // Collapse the batch: per session the newest event of each register,
+        // per key the newest change; a deletion of the session turns every
+        // earlier change of the batch into a tombstone at its sequence.
+        let mut plans: BTreeMap<String, SessionPlan> = BTreeMap::new();
         let mut key_ops: BTreeMap<(String, KeyType, KeyId), KeyOp> = BTreeMap::new();
-        let mut wipes: Vec<(String, u64, u64)> = Vec::new();
-        // Sessions whose counts per type must be recomputed.
-        let mut recount: BTreeSet<String> = BTreeSet::new();
         for e in &events {
             let id = sid(&e.session);
-            let acc = accs.entry(id.clone()).or_default();
-            acc.session = Some(e.session.clone());
-            let fresh_for_session = e.seq > acc.seq;
-            if fresh_for_session {
-                acc.record(e.seq, &e.event);
-            }
+            let reset_before = known.get(&id).map_or(0, |m| m.reset_seq);
+            let plan = plans.entry(id.clone()).or_insert_with(|| SessionPlan::new(e.session.clone()));
+            let deleted = matches!(e.event.change, Change::SessionDeleted);
+            plan.last = Mark { seq: e.seq, at_ms: e.event.at_ms, deleted };
             match &e.event.change {
-                Change::CredsPut { .. } => {}
+                Change::CredsPut { creds } => plan.creds = Some((e.seq, Some(creds.clone()))),
                 // Patches need the previous value; the materializer turns them
                 // into whole values first (`Materializer::resolve_patches`).
                 Change::KeysChanged { patched, .. } if !patched.is_empty() => {
                     return Err(MongoError::Unreadable(format!("event {} of {} still holds patches", e.seq, e.session)));
                 }
                 Change::KeysChanged { keys, .. } => {
-                    if e.seq <= acc.reset_seq {
+                    if e.seq <= reset_before {
+                        stats.already_applied += 1;
                         continue;
                     }
                     for (ty, ids) in keys {
@@ -260,160 +283,419 @@ impl Store {
                     }
                 }
                 Change::SessionDeleted => {
-                    if !fresh_for_session && e.seq < acc.reset_seq {
-                        continue;
-                    }
+                    plan.creds = Some((e.seq, None));
+                    plan.reset = Some((e.seq, e.event.at_ms));
                     for ((s, _, _), op) in key_ops.iter_mut() {
                         if *s == id && op.seq < e.seq {
                             *op = KeyOp { seq: e.seq, at_ms: e.event.at_ms, value: None, session: e.session.clone() };
                         }
                     }
-                    wipes.push((id.clone(), e.seq, e.event.at_ms));
-                    recount.insert(id.clone());
                 }
             }
         }
 
-        // Counts change only where a key appears or disappears. Most
-        // writes rewrite a live key (a Signal session after each message),
-        // so the documents' state before the batch decides which sessions
-        // need the (per-session) recount, and most batches need none.
-        if !key_ops.is_empty() {
-            let ids: Vec<String> = key_ops.keys().map(|(s, t, i)| key_doc_id(s, t, i)).collect();
-            let mut before: HashMap<String, (u64, bool)> = HashMap::new();
-            for chunk in ids.chunks(1000) {
-                let mut cursor = self
-                    .keys
-                    .find(doc! { "_id": { "$in": chunk } })
-                    .projection(doc! { "seq": 1, "deleted": 1 })
-                    .await
-                    .map_err(unavailable)?;
-                while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-                    if let Ok(id) = d.get_str("_id") {
-                        before.insert(id.to_owned(), (int(&d, "seq"), d.get_bool("deleted").unwrap_or(false)));
-                    }
-                }
+        // Each key's document as it stands: its sequence and whether it is a
+        // tombstone. Only an optimization and a hint for the counts: every
+        // write below is guarded on the server, never decided by this read.
+        let doc_ids: Vec<String> = key_ops.keys().map(|(s, t, i)| key_doc_id(s, t, i)).collect();
+        let before = self.key_marks(&doc_ids).await?;
+        self.stage(Stage::Read).await;
+
+        // Sessions whose counts per type must be recomputed.
+        let mut recount: BTreeMap<String, SessionKey> = BTreeMap::new();
+
+        // 1. A deletion first raises its session's reset sequence, before it
+        //    tombstones anything (step 2): a key writer that comes after
+        //    this point sees the deletion in its own check (step 3).
+        let mut resets = Vec::new();
+        for (id, plan) in &plans {
+            if let Some((seq, at_ms)) = plan.reset
+                && seq > known.get(id).map_or(0, |m| m.reset_seq)
+            {
+                resets.push(self.reset_write(id, &plan.session, seq, at_ms));
             }
-            for ((s, t, i), op) in &key_ops {
-                let was_live = match before.get(&key_doc_id(s, t, i)) {
-                    Some(&(seq, _)) if seq >= op.seq => continue,
-                    Some(&(_, deleted)) => !deleted,
-                    None => false,
-                };
-                if was_live != op.value.is_some() {
-                    recount.insert(s.clone());
+        }
+        stats.session_writes += resets.len();
+        stats.already_applied += count_missed(&self.write_all(&resets).await?);
+        if plans.values().any(|p| p.reset.is_some()) {
+            self.stage(Stage::ResetRaised).await;
+        }
+
+        // 2. Every other write, in one unordered bulk write: the session
+        //    documents' registers, the deletions' tombstones, the keys.
+        let mut writes: Vec<Write> = Vec::new();
+        for (id, plan) in &plans {
+            let mark = known.get(id).copied().unwrap_or_default();
+            if plan.last.seq > mark.seq {
+                writes.push(self.last_write(id, &plan.session, plan.last));
+            } else {
+                stats.already_applied += 1;
+            }
+            if let Some((seq, creds)) = &plan.creds {
+                if *seq > mark.creds_seq {
+                    writes.push(self.creds_write(id, &plan.session, *seq, creds.as_ref()));
+                } else {
+                    stats.already_applied += 1;
                 }
             }
         }
-
-        let mut models: Vec<WriteModel> = Vec::new();
-        for ((id, ty, kid), op) in &key_ops {
-            let filter = doc! { "_id": key_doc_id(id, ty, kid), "seq": { "$lt": op.seq as i64 } };
-            let at = DateTime::from_millis(op.at_ms as i64);
-            let mut set = doc! {
-                "sid": id, "tenant": op.session.tenant.as_str(), "session": op.session.session.as_str(),
-                "type": ty.as_str(), "id": kid.as_str(), "seq": op.seq as i64, "updated_at": at,
-            };
-            let update = match &op.value {
-                Some(v) => {
-                    set.insert("value", binary(self.codec.seal_value(&op.session, Some((ty, kid)), v)));
-                    set.insert("deleted", false);
-                    doc! { "$set": set, "$unset": { "deleted_at": "" } }
+        stats.session_writes += writes.len();
+        // A deletion at or above the known reset sequence tombstones again
+        // even when that sequence was already raised: the instance that
+        // raised it may have died before its tombstones were written. One
+        // below it is covered by the newer deletion's own tombstones.
+        for (id, plan) in &plans {
+            if let Some((seq, at_ms)) = plan.reset
+                && seq >= known.get(id).map_or(0, |m| m.reset_seq)
+            {
+                writes.push(wipe_write(&self.keys, id, seq, at_ms));
+                recount.insert(id.clone(), plan.session.clone());
+                stats.session_wipes += 1;
+            }
+        }
+        let first_key_write = writes.len();
+        // Key writes by their place in `writes`, with what the write knew.
+        let mut sent: Vec<(&(String, KeyType, KeyId), &KeyOp, Option<KeyMark>)> = Vec::new();
+        for (place, op) in &key_ops {
+            let (id, ty, kid) = place;
+            let doc_id = key_doc_id(id, ty, kid);
+            match before.get(&doc_id).copied() {
+                // Already as new: this event (an earlier, maybe unfinished,
+                // attempt of this batch) or a newer one wrote it. Whether the
+                // counts caught up with that write is unknown: recount.
+                Some(b) if b.seq >= op.seq => {
+                    stats.already_applied += 1;
+                    recount.insert(id.clone(), op.session.clone());
+                }
+                // Compare-and-set on the sequence read: when it matches, the
+                // document replaced is exactly the one read, so whether a key
+                // appeared or disappeared is known.
+                Some(b) => {
+                    writes.push(self.key_write(&doc_id, place, op, Some(b.seq)));
+                    sent.push((place, op, Some(b)));
                 }
                 None => {
-                    set.insert("deleted", true);
-                    set.insert("deleted_at", at);
-                    doc! { "$set": set, "$unset": { "value": "" } }
+                    writes.push(self.key_write(&doc_id, place, op, None));
+                    sent.push((place, op, None));
                 }
-            };
-            models
-                .push(UpdateOneModel::builder().namespace(self.keys.namespace()).filter(filter).update(update).upsert(true).build().into());
-        }
-        stats.key_writes = key_ops.len();
-        for (id, seq, at_ms) in &wipes {
-            let at = DateTime::from_millis(*at_ms as i64);
-            let update = doc! {
-                "$set": { "seq": *seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
-                "$unset": { "value": "" },
-            };
-            let filter = doc! { "sid": id, "seq": { "$lt": *seq as i64 } };
-            models.push(UpdateManyModel::builder().namespace(self.keys.namespace()).filter(filter).update(update).build().into());
-        }
-        stats.session_wipes = wipes.len();
-        for (id, acc) in &accs {
-            if let Some(update) = acc.update(&self.codec) {
-                let filter = doc! { "_id": id, "seq": { "$lt": acc.seq as i64 } };
-                models.push(
-                    UpdateOneModel::builder()
-                        .namespace(self.sessions.namespace())
-                        .filter(filter)
-                        .update(update)
-                        .upsert(true)
-                        .build()
-                        .into(),
-                );
-                stats.session_writes += 1;
             }
         }
-        stats.already_applied += self.bulk(models).await?;
+        stats.key_writes = sent.len();
+        let outcomes = self.write_all(&writes).await?;
+        stats.already_applied += count_missed(&outcomes[..first_key_write]);
+        let mut changed_under_us = Vec::new();
+        for (&(place, op, b), outcome) in sent.iter().zip(&outcomes[first_key_write..]) {
+            let live = op.value.is_some();
+            let exact = match (b, outcome) {
+                (Some(b), Outcome::Matched) => b.live == live,
+                (None, Outcome::Inserted) => !live,
+                (Some(_), _) => {
+                    // Another instance changed the document after it was
+                    // read: write again, guarded by sequence alone.
+                    changed_under_us.push(self.key_write(&key_doc_id(&place.0, &place.1, &place.2), place, op, None));
+                    false
+                }
+                (None, Outcome::Missed) => {
+                    stats.already_applied += 1;
+                    false
+                }
+                (None, _) => false,
+            };
+            if !exact {
+                recount.insert(place.0.clone(), op.session.clone());
+            }
+        }
+        stats.already_applied += count_missed(&self.write_all(&changed_under_us).await?);
+        self.stage(Stage::Written).await;
 
-        // Counts are recomputed from the key documents rather than kept by
-        // increments, which a repeated or reordered event would skew.
-        if !recount.is_empty() {
-            let mut counts: BTreeMap<String, Document> = recount.iter().map(|s| (s.clone(), Document::new())).collect();
-            let pipeline = vec![
-                doc! { "$match": { "sid": { "$in": recount.iter().cloned().collect::<Vec<_>>() }, "deleted": false } },
-                doc! { "$group": { "_id": { "sid": "$sid", "type": "$type" }, "n": { "$sum": 1 } } },
-            ];
-            let mut cursor = self.keys.aggregate(pipeline).await.map_err(unavailable)?;
-            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-                let Ok(group) = d.get_document("_id") else { continue };
-                let (Ok(s), Ok(t)) = (group.get_str("sid"), group.get_str("type")) else { continue };
-                let n = match d.get("n") {
-                    Some(Bson::Int32(n)) => *n as i64,
-                    Some(Bson::Int64(n)) => *n,
-                    _ => 0,
-                };
-                if let Some(c) = counts.get_mut(s) {
-                    c.insert(t, n);
-                }
+        // 3. Each key written, then the session's reset sequence read again:
+        //    a deletion newer than the key that raised it in the meantime
+        //    may have tombstoned before the key was written, so the key is
+        //    tombstoned here (guarded, so a newer write survives).
+        let with_keys: Vec<String> = key_ops.keys().map(|(s, _, _)| s.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let after = self.marks(&with_keys).await?;
+        let mut late_tombstones = Vec::new();
+        for ((id, ty, kid), op) in &key_ops {
+            let Some(mark) = after.get(id) else { continue };
+            if op.seq < mark.reset_seq {
+                let at = if mark.reset_at_ms > 0 { mark.reset_at_ms } else { op.at_ms };
+                late_tombstones.push(tombstone_write(&self.keys, &key_doc_id(id, ty, kid), mark.reset_seq, at));
+                recount.insert(id.clone(), op.session.clone());
             }
-            let models: Vec<WriteModel> = counts
-                .into_iter()
-                .map(|(id, c)| {
-                    UpdateOneModel::builder()
-                        .namespace(self.sessions.namespace())
-                        .filter(doc! { "_id": id })
-                        .update(doc! { "$set": { "counts": c } })
-                        .build()
-                        .into()
-                })
-                .collect();
-            self.bulk(models).await?;
+        }
+        self.write_all(&late_tombstones).await?;
+
+        // 4. Counts, recomputed from the key documents.
+        if !recount.is_empty() {
+            stats.recounts = recount.len();
+            self.recount(&recount).await?;
         }
         Ok(stats)
     }
 
-    /// Sends `models` as one unordered bulk write (ordering does not matter:
-    /// every write is guarded by sequence). Returns how many were found
-    /// already applied.
-    async fn bulk(&self, models: Vec<WriteModel>) -> Result<usize, MongoError> {
-        if models.is_empty() {
-            return Ok(0);
+    /// Recomputes the counts per type of `sessions` from their key
+    /// documents, so that they converge whatever else runs at the same time.
+    ///
+    /// Every instance that may have changed which keys exist recounts after
+    /// its writes, but two recounts can cross: one counts, another writes a
+    /// key, counts and stores, then the first stores its older count. So a
+    /// recount first increments the session's `count_gen` (after its key
+    /// writes), then reads it back, counts, and stores its counts only over
+    /// counts of a lower generation. The recount that read the highest
+    /// generation read it after every increment, so after every key write
+    /// of every recount: its counts are the true ones, and no lower
+    /// generation can overwrite them.
+    async fn recount(&self, sessions: &BTreeMap<String, SessionKey>) -> Result<(), MongoError> {
+        let claims: Vec<Write> = sessions
+            .iter()
+            .map(|(id, key)| Write {
+                ns: self.sessions.namespace(),
+                filter: doc! { "_id": id },
+                update: doc! {
+                    "$inc": { "count_gen": 1_i64 },
+                    "$set": { "tenant": key.tenant.as_str(), "session": key.session.as_str() },
+                },
+                upsert: true,
+                many: false,
+            })
+            .collect();
+        self.write_all(&claims).await?;
+        let ids: Vec<&String> = sessions.keys().collect();
+        let mut gens: HashMap<String, u64> = HashMap::new();
+        let mut cursor =
+            self.sessions.find(doc! { "_id": { "$in": &ids } }).projection(doc! { "count_gen": 1 }).await.map_err(unavailable)?;
+        while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+            if let Ok(id) = d.get_str("_id") {
+                gens.insert(id.to_owned(), int(&d, "count_gen"));
+            }
         }
-        match self.client.bulk_write(models).ordered(false).await {
-            Ok(_) => Ok(0),
-            Err(e) => match *e.kind {
-                mongodb::error::ErrorKind::BulkWrite(ref bw)
-                    if bw.write_concern_errors.is_empty()
-                        && !bw.write_errors.is_empty()
-                        && bw.write_errors.values().all(|w| w.code == DUPLICATE_KEY) =>
-                {
-                    Ok(bw.write_errors.len())
+
+        let mut counts: BTreeMap<&String, Document> = sessions.keys().map(|s| (s, Document::new())).collect();
+        let pipeline = vec![
+            doc! { "$match": { "sid": { "$in": &ids }, "deleted": false } },
+            doc! { "$group": { "_id": { "sid": "$sid", "type": "$type" }, "n": { "$sum": 1 } } },
+        ];
+        let mut cursor = self.keys.aggregate(pipeline).await.map_err(unavailable)?;
+        while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+            let Ok(group) = d.get_document("_id") else { continue };
+            let (Ok(s), Ok(t)) = (group.get_str("sid"), group.get_str("type")) else { continue };
+            let n = match d.get("n") {
+                Some(Bson::Int32(n)) => *n as i64,
+                Some(Bson::Int64(n)) => *n,
+                _ => 0,
+            };
+            if let Some(c) = counts.get_mut(&s.to_owned()) {
+                c.insert(t, n);
+            }
+        }
+        self.stage(Stage::Counted).await;
+        let writes: Vec<Write> = counts
+            .into_iter()
+            .filter_map(|(id, c)| {
+                let g = *gens.get(id)? as i64;
+                Some(Write {
+                    ns: self.sessions.namespace(),
+                    filter: doc! { "_id": id, "$or": older_than("counted_gen", g) },
+                    update: doc! { "$set": { "counts": c, "counted_gen": g } },
+                    upsert: false,
+                    many: false,
+                })
+            })
+            .collect();
+        self.write_all(&writes).await?;
+        Ok(())
+    }
+
+    /// The registers of each session document among `ids` that exists.
+    async fn marks(&self, ids: &[String]) -> Result<HashMap<String, SessionMarks>, MongoError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(1000) {
+            let projection = doc! { "seq": 1, "creds_seq": 1, "reset_seq": 1, "reset_at_ms": 1 };
+            let mut cursor = self.sessions.find(doc! { "_id": { "$in": chunk } }).projection(projection).await.map_err(unavailable)?;
+            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+                let Ok(id) = d.get_str("_id") else { continue };
+                let marks = SessionMarks {
+                    seq: int(&d, "seq"),
+                    creds_seq: int(&d, "creds_seq"),
+                    reset_seq: int(&d, "reset_seq"),
+                    reset_at_ms: int(&d, "reset_at_ms"),
+                };
+                out.insert(id.to_owned(), marks);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sequence and liveness of each key document among `ids` that
+    /// exists.
+    async fn key_marks(&self, ids: &[String]) -> Result<HashMap<String, KeyMark>, MongoError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(1000) {
+            let mut cursor =
+                self.keys.find(doc! { "_id": { "$in": chunk } }).projection(doc! { "seq": 1, "deleted": 1 }).await.map_err(unavailable)?;
+            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+                if let Ok(id) = d.get_str("_id") {
+                    out.insert(id.to_owned(), KeyMark { seq: int(&d, "seq"), live: !d.get_bool("deleted").unwrap_or(false) });
                 }
-                _ => Err(unavailable(e)),
-            },
+            }
         }
+        Ok(out)
+    }
+
+    /// The session's last event: sequence, time, whether it deleted.
+    fn last_write(&self, id: &str, session: &SessionKey, last: Mark) -> Write {
+        let mut set = doc! {
+            "tenant": session.tenant.as_str(), "session": session.session.as_str(),
+            "seq": last.seq as i64, "updated_at_ms": last.at_ms as i64, "deleted": last.deleted,
+        };
+        let update = if last.deleted {
+            set.insert("deleted_at", DateTime::from_millis(last.at_ms as i64));
+            doc! { "$set": set }
+        } else {
+            doc! { "$set": set, "$unset": { "deleted_at": "" } }
+        };
+        Write {
+            ns: self.sessions.namespace(),
+            filter: doc! { "_id": id, "$or": older_than("seq", last.seq as i64) },
+            update,
+            upsert: true,
+            many: false,
+        }
+    }
+
+    /// The creds as of `seq`: put, or removed by a deletion.
+    fn creds_write(&self, id: &str, session: &SessionKey, seq: u64, creds: Option<&Bytes>) -> Write {
+        let set = doc! { "tenant": session.tenant.as_str(), "session": session.session.as_str(), "creds_seq": seq as i64 };
+        let update = match creds {
+            Some(c) => {
+                let mut set = set;
+                set.insert("creds", binary(self.codec.seal_value(session, None, c)));
+                doc! { "$set": set }
+            }
+            None => doc! { "$set": set, "$unset": { "creds": "" } },
+        };
+        Write {
+            ns: self.sessions.namespace(),
+            filter: doc! { "_id": id, "$or": older_than("creds_seq", seq as i64) },
+            update,
+            upsert: true,
+            many: false,
+        }
+    }
+
+    /// Raises the session's reset sequence to a deletion's.
+    fn reset_write(&self, id: &str, session: &SessionKey, seq: u64, at_ms: u64) -> Write {
+        let update = doc! { "$set": {
+            "tenant": session.tenant.as_str(), "session": session.session.as_str(),
+            "reset_seq": seq as i64, "reset_at_ms": at_ms as i64,
+        } };
+        Write {
+            ns: self.sessions.namespace(),
+            filter: doc! { "_id": id, "$or": older_than("reset_seq", seq as i64) },
+            update,
+            upsert: true,
+            many: false,
+        }
+    }
+
+    /// One key's change. `expect`: the sequence the document was read at
+    /// (compare-and-set, no upsert); `None`: guarded by `seq < new` alone,
+    /// with upsert.
+    fn key_write(&self, doc_id: &str, place: &(String, KeyType, KeyId), op: &KeyOp, expect: Option<u64>) -> Write {
+        let (id, ty, kid) = place;
+        let at = DateTime::from_millis(op.at_ms as i64);
+        let mut set = doc! {
+            "sid": id, "tenant": op.session.tenant.as_str(), "session": op.session.session.as_str(),
+            "type": ty.as_str(), "id": kid.as_str(), "seq": op.seq as i64, "updated_at": at,
+        };
+        let update = match &op.value {
+            Some(v) => {
+                set.insert("value", binary(self.codec.seal_value(&op.session, Some((ty, kid)), v)));
+                set.insert("deleted", false);
+                doc! { "$set": set, "$unset": { "deleted_at": "" } }
+            }
+            None => {
+                set.insert("deleted", true);
+                set.insert("deleted_at", at);
+                doc! { "$set": set, "$unset": { "value": "" } }
+            }
+        };
+        let (filter, upsert) = match expect {
+            Some(seq) => (doc! { "_id": doc_id, "seq": seq as i64 }, false),
+            None => (doc! { "_id": doc_id, "seq": { "$lt": op.seq as i64 } }, true),
+        };
+        Write { ns: self.keys.namespace(), filter, update, upsert, many: false }
+    }
+
+    /// Sends `writes` as one unordered bulk write (the order does not
+    /// matter: each is guarded on its own) and says what each did.
+    ///
+    /// A guarded upsert fails with a duplicate key (11000) when its filter
+    /// matched nothing and the document exists by the time it inserts:
+    /// either the document is as new or newer, or another instance created
+    /// it in between — possibly older than this write. Such a write is sent
+    /// again without upsert: the document exists now, so the same guarded
+    /// update decides, and matching nothing then truly means "as new or
+    /// newer".
+    async fn write_all(&self, writes: &[Write]) -> Result<Vec<Outcome>, MongoError> {
+        let (mut out, collided) = self.send(writes.iter().map(|w| w.model(w.upsert)).collect(), writes).await?;
+        if !collided.is_empty() {
+            let models = collided.iter().map(|&i| writes[i].model(false)).collect();
+            let retried: Vec<&Write> = collided.iter().map(|&i| &writes[i]).collect();
+            let (again, still) = self.send(models, &retried).await?;
+            if !still.is_empty() {
+                return Err(MongoError::Unavailable("an update without upsert reported a duplicate key".into()));
+            }
+            for (i, o) in collided.into_iter().zip(again) {
+                out[i] = o;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One bulk write: the outcome of each model, and which upserts
+    /// collided (their outcome is left as `Missed`).
+    async fn send<W: std::borrow::Borrow<Write>>(
+        &self,
+        models: Vec<WriteModel>,
+        writes: &[W],
+    ) -> Result<(Vec<Outcome>, Vec<usize>), MongoError> {
+        if models.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let n = models.len();
+        let (results, errors) = match self.client.bulk_write(models).ordered(false).verbose_results().await {
+            Ok(r) => (r.update_results, HashMap::new()),
+            Err(e) => {
+                if !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::BulkWrite(bw) if bw.write_concern_errors.is_empty()) {
+                    return Err(unavailable(e));
+                }
+                let mongodb::error::ErrorKind::BulkWrite(bw) = *e.kind else { unreachable!("checked above") };
+                let results = match bw.partial_result {
+                    Some(PartialBulkWriteResult::Verbose(v)) => v.update_results,
+                    _ => HashMap::new(),
+                };
+                (results, bw.write_errors)
+            }
+        };
+        let mut out = vec![Outcome::Missed; n];
+        let mut collided = Vec::new();
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Some(err) = errors.get(&i) {
+                if err.code == DUPLICATE_KEY && writes[i].borrow().upsert {
+                    collided.push(i);
+                    continue;
+                }
+                return Err(MongoError::Unavailable(format!("mongo refused a write ({}): {}", err.code, err.message)));
+            }
+            *slot = match results.get(&i) {
+                Some(r) if r.upserted_id.is_some() => Outcome::Inserted,
+                Some(r) if r.matched_count > 0 => Outcome::Matched,
+                Some(_) => Outcome::Missed,
+                None => return Err(MongoError::Unavailable("mongo reported no result for a write".into())),
+            };
+        }
+        Ok((out, collided))
     }
 
     /// The last sequence `consumer` recorded as applied (0: none).
@@ -491,6 +773,38 @@ impl Store {
     }
 }
 
+/// Points inside [`Store::apply`] where a test can hold one instance while
+/// another runs, to drive the interleavings of two instances directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// The documents were read; nothing is written yet.
+    Read,
+    /// A deletion raised its session's reset sequence; no key is
+    /// tombstoned yet.
+    ResetRaised,
+    /// Keys and session documents are written; counts are not.
+    Written,
+    /// Counts were computed but not yet written.
+    Counted,
+}
+
+impl Store {
+    #[cfg(test)]
+    pub(crate) fn with_gate(&self, gate: std::sync::Arc<crate::tests::Gate>) -> Self {
+        Self { gate: Some(gate), ..self.clone() }
+    }
+
+    #[cfg(test)]
+    async fn stage(&self, stage: Stage) {
+        if let Some(g) = &self.gate {
+            g.pass(stage).await;
+        }
+    }
+
+    #[cfg(not(test))]
+    async fn stage(&self, _stage: Stage) {}
+}
+
 /// The `_id` of a session document.
 pub fn sid(session: &SessionKey) -> String {
     format!("{}.{}", session.tenant, session.session)
@@ -508,84 +822,116 @@ struct KeyOp {
     session: SessionKey,
 }
 
-/// A session document being brought forward through a batch.
-#[derive(Default)]
-struct SessionAcc {
-    session: Option<SessionKey>,
-    /// The sequence as stored, then as advanced by the batch.
+/// A key document as read: its sequence and whether it holds a value.
+#[derive(Debug, Clone, Copy)]
+struct KeyMark {
     seq: u64,
-    stored_seq: u64,
-    reset_seq: u64,
-    updated_at_ms: u64,
-    deleted: bool,
-    deleted_at_ms: u64,
-    /// `Some(None)`: the creds were removed; `None`: untouched.
-    creds: Option<Option<Bytes>>,
+    live: bool,
 }
 
-impl SessionAcc {
-    fn from_doc(d: &Document) -> Self {
-        let seq = int(d, "seq");
-        Self {
-            seq,
-            stored_seq: seq,
-            reset_seq: int(d, "reset_seq"),
-            updated_at_ms: int(d, "updated_at_ms"),
-            deleted: d.get_bool("deleted").unwrap_or(false),
-            ..Default::default()
-        }
-    }
+/// A session document's registers as read (0: absent).
+#[derive(Debug, Clone, Copy, Default)]
+struct SessionMarks {
+    seq: u64,
+    creds_seq: u64,
+    reset_seq: u64,
+    reset_at_ms: u64,
+}
 
-    /// Mirrors `SessionState::apply` for the session-wide fields.
-    fn record(&mut self, seq: u64, event: &Event) {
-        self.seq = seq;
-        self.updated_at_ms = event.at_ms;
-        match &event.change {
-            Change::CredsPut { creds } => {
-                self.creds = Some(Some(creds.clone()));
-                self.deleted = false;
-            }
-            Change::KeysChanged { .. } => self.deleted = false,
-            Change::SessionDeleted => {
-                self.creds = Some(None);
-                self.reset_seq = seq;
-                self.deleted = true;
-                self.deleted_at_ms = event.at_ms;
-            }
-        }
-    }
+/// One event as the session document's `seq` register records it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mark {
+    seq: u64,
+    at_ms: u64,
+    deleted: bool,
+}
 
-    /// The guarded update for the session document, if the batch moved it.
-    fn update(&self, codec: &Codec) -> Option<Document> {
-        if self.seq <= self.stored_seq {
-            return None;
-        }
-        let session = self.session.as_ref()?;
-        let mut set = doc! {
-            "tenant": session.tenant.as_str(), "session": session.session.as_str(),
-            "seq": self.seq as i64, "updated_at_ms": self.updated_at_ms as i64,
-            "reset_seq": self.reset_seq as i64, "deleted": self.deleted,
-        };
-        let mut unset = Document::new();
-        match &self.creds {
-            Some(Some(c)) => {
-                set.insert("creds", binary(codec.seal_value(session, None, c)));
-            }
-            Some(None) => {
-                unset.insert("creds", "");
-            }
-            None => {}
-        }
-        if self.deleted {
-            set.insert("deleted_at", DateTime::from_millis(self.deleted_at_ms as i64));
+/// What a batch brings to one session document, register by register.
+struct SessionPlan {
+    session: SessionKey,
+    /// The newest event.
+    last: Mark,
+    /// The newest creds put (`Some`) or deletion (`None`).
+    creds: Option<(u64, Option<Bytes>)>,
+    /// The newest deletion: sequence and time.
+    reset: Option<(u64, u64)>,
+}
+
+impl SessionPlan {
+    fn new(session: SessionKey) -> Self {
+        Self { session, last: Mark::default(), creds: None, reset: None }
+    }
+}
+
+/// One guarded write.
+struct Write {
+    ns: Namespace,
+    filter: Document,
+    update: Document,
+    upsert: bool,
+    many: bool,
+}
+
+impl Write {
+    fn model(&self, upsert: bool) -> WriteModel {
+        let (ns, filter, update) = (self.ns.clone(), self.filter.clone(), self.update.clone());
+        if self.many {
+            UpdateManyModel::builder().namespace(ns).filter(filter).update(update).upsert(upsert).build().into()
         } else {
-            unset.insert("deleted_at", "");
+            UpdateOneModel::builder().namespace(ns).filter(filter).update(update).upsert(upsert).build().into()
         }
-        let mut update = doc! { "$set": set };
-        if !unset.is_empty() {
-            update.insert("$unset", unset);
-        }
-        Some(update)
+    }
+}
+
+/// What one [`Write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It created the document.
+    Inserted,
+    /// It matched a document older than the write and brought it forward.
+    Matched,
+    /// It matched nothing: the document is as new or newer (or absent, for
+    /// a write without upsert).
+    Missed,
+}
+
+fn count_missed(outcomes: &[Outcome]) -> usize {
+    outcomes.iter().filter(|o| **o == Outcome::Missed).count()
+}
+
+/// `$or` clauses matching a document whose `field` is below `n` or absent
+/// (a register never written counts as 0).
+fn older_than(field: &str, n: i64) -> Vec<Document> {
+    vec![doc! { field: { "$lt": n } }, doc! { field: { "$exists": false } }]
+}
+
+/// A deletion's tombstones: every key document of the session older than it.
+fn wipe_write(keys: &Collection<Document>, id: &str, seq: u64, at_ms: u64) -> Write {
+    let at = DateTime::from_millis(at_ms as i64);
+    Write {
+        ns: keys.namespace(),
+        filter: doc! { "sid": id, "seq": { "$lt": seq as i64 } },
+        update: doc! {
+            "$set": { "seq": seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
+            "$unset": { "value": "" },
+        },
+        upsert: false,
+        many: true,
+    }
+}
+
+/// One key document made a tombstone of the deletion at `seq`, if older.
+fn tombstone_write(keys: &Collection<Document>, doc_id: &str, seq: u64, at_ms: u64) -> Write {
+    let at = DateTime::from_millis(at_ms as i64);
+    Write {
+        ns: keys.namespace(),
+        filter: doc! { "_id": doc_id, "seq": { "$lt": seq as i64 } },
+        update: doc! {
+            "$set": { "seq": seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
+            "$unset": { "value": "" },
+        },
+        upsert: false,
+        many: false,
     }
 }
 

@@ -1,7 +1,14 @@
 //! The apply function against a real Mongo-compatible server: repeats,
-//! reordering and late events change nothing.
+//! reordering and late events change nothing, and two instances applying
+//! racing batches end where one instance applying them in order would.
+//!
+//! The interleavings of two instances are driven directly: one [`Store`]
+//! handle is held at a [`Stage`] of its `apply` (through a [`Gate`]) while
+//! another handle on the same database runs, then released — or dropped
+//! there, as an instance that crashed mid-batch.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use bstore_codec::{Codec, Keyring};
 use bstore_domain::{Change, Event, KeyChanges, KeyId, KeyType, SessionKey};
@@ -10,7 +17,8 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
 
-use crate::{LoggedEvent, MongoConfig, Store};
+use crate::store::Stage;
+use crate::{Applied, LoggedEvent, MongoConfig, MongoError, Store};
 
 fn codec() -> Codec {
     Codec::new(Keyring::new(vec![(1, [9u8; 32])], None).unwrap())
@@ -53,12 +61,18 @@ fn deleted(s: &str, seq: u64) -> LoggedEvent {
     LoggedEvent { seq, session: session(s), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::SessionDeleted } }
 }
 
-/// Every document of the projection, in `_id` order.
+/// Every document of the projection, in `_id` order, without the
+/// generations of the recounts (a repeated batch recounts, and so moves
+/// them, without changing any count).
 async fn dump(store: &Store) -> Vec<Document> {
     let mut out = Vec::new();
     for name in ["keys", "sessions"] {
         let coll = store.database().collection::<Document>(name);
         let mut docs: Vec<Document> = coll.find(doc! {}).await.unwrap().try_collect().await.unwrap();
+        for d in &mut docs {
+            d.remove("count_gen");
+            d.remove("counted_gen");
+        }
         docs.sort_by_key(|d| d.get_str("_id").unwrap_or_default().to_owned());
         out.extend(docs);
     }
@@ -178,4 +192,316 @@ async fn values_are_sealed_for_their_place() {
     store.save_checkpoint("x", 7).await.unwrap();
     store.save_checkpoint("x", 5).await.unwrap();
     assert_eq!(store.checkpoint("x").await.unwrap(), 7);
+}
+
+/// Holds an `apply` at one [`Stage`], once: it reports reaching the stage,
+/// then waits to be released.
+pub(crate) struct Gate {
+    at: Stage,
+    reached: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    resume: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl Gate {
+    pub(crate) async fn pass(&self, stage: Stage) {
+        if stage != self.at {
+            return;
+        }
+        let Some(reached) = self.reached.lock().unwrap().take() else { return };
+        let _ = reached.send(());
+        let resume = self.resume.lock().unwrap().take();
+        if let Some(resume) = resume {
+            let _ = resume.await;
+        }
+    }
+}
+
+/// One instance's `apply` of `batch`, running in a task of its own and held
+/// at a stage.
+struct Held {
+    reached: Option<tokio::sync::oneshot::Receiver<()>>,
+    resume: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<Applied, MongoError>>,
+}
+
+impl Held {
+    /// Starts applying `batch` through a handle of its own, and waits until
+    /// it reaches `at`.
+    async fn at(store: &Store, at: Stage, batch: Vec<LoggedEvent>) -> Self {
+        let (reached_tx, reached) = tokio::sync::oneshot::channel();
+        let (resume, resume_rx) = tokio::sync::oneshot::channel();
+        let gate = Arc::new(Gate { at, reached: Mutex::new(Some(reached_tx)), resume: Mutex::new(Some(resume_rx)) });
+        let held = store.with_gate(gate);
+        let task = tokio::spawn(async move { held.apply(&batch).await });
+        let mut h = Self { reached: Some(reached), resume, task };
+        h.reached.take().unwrap().await.unwrap_or_else(|_| panic!("the held apply finished without reaching {at:?}"));
+        h
+    }
+
+    /// Lets it go on, and waits for it to finish.
+    async fn release(self) -> Applied {
+        let _ = self.resume.send(());
+        self.task.await.unwrap().unwrap()
+    }
+
+    /// Stops it where it is, as an instance that died there.
+    async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+fn k(ty: &str, id: &str) -> (String, String) {
+    (ty.to_string(), id.to_string())
+}
+
+fn counts(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    entries.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+}
+
+#[tokio::test]
+async fn a_key_write_racing_a_session_deletion_never_resurrects_the_key() {
+    let server = MongoServer::start();
+    let store = store(&server, "resurrect").await;
+
+    // B has read the (fresh) session, found no deletion, and not yet
+    // written; A applies the deletion at 4 in full; then B writes K at 3.
+    let b = Held::at(&store, Stage::Read, vec![keys("a", 3, &[("pre-key", "K", Some("v3"))])]).await;
+    store.apply(&[deleted("a", 4)]).await.unwrap();
+    b.release().await;
+    let a = store.read_session(&session("a")).await.unwrap().unwrap();
+    assert!(a.keys.is_empty(), "a key older than the deletion came back: {a:?}");
+    assert_eq!((a.seq, a.counts.clone()), (4, BTreeMap::new()));
+
+    // B has written K at 3 and not yet looked at the session again; A
+    // deletes the session at 4 meanwhile.
+    let b = Held::at(&store, Stage::Written, vec![keys("b", 3, &[("pre-key", "K", Some("v3"))])]).await;
+    store.apply(&[deleted("b", 4)]).await.unwrap();
+    b.release().await;
+    let s = store.read_session(&session("b")).await.unwrap().unwrap();
+    assert!(s.keys.is_empty() && s.counts.is_empty(), "{s:?}");
+
+    // The deleter has raised the session's reset sequence and not yet
+    // tombstoned its keys; B writes K at 3 in full meanwhile.
+    store.apply(&[keys("c", 1, &[("pre-key", "old", Some("o"))])]).await.unwrap();
+    let a = Held::at(&store, Stage::ResetRaised, vec![deleted("c", 4)]).await;
+    store.apply(&[keys("c", 3, &[("pre-key", "K", Some("v3"))])]).await.unwrap();
+    a.release().await;
+    let c = store.read_session(&session("c")).await.unwrap().unwrap();
+    assert!(c.keys.is_empty() && c.counts.is_empty(), "{c:?}");
+    assert_eq!(c.seq, 4);
+
+    // A later write of the key is not held back by the deletion.
+    store.apply(&[keys("c", 5, &[("pre-key", "K", Some("v5"))])]).await.unwrap();
+    let c = store.read_session(&session("c")).await.unwrap().unwrap();
+    assert_eq!(c.keys.get(&k("pre-key", "K")).map(Vec::as_slice), Some(&b"v5"[..]));
+    assert_eq!(c.counts, counts(&[("pre-key", 1)]));
+}
+
+#[tokio::test]
+async fn a_deletion_applied_after_newer_events_still_removes_what_it_deleted() {
+    let server = MongoServer::start();
+    let store = store(&server, "late-delete").await;
+    // Log: 1 K1 set, 2 creds, 3 K2 set, 4 session deleted, 5 K3 set.
+    // Instances apply 1, 2 and 5 first, then 4, then 3.
+    store.apply(&[keys("a", 1, &[("pre-key", "K1", Some("v1"))]), creds("a", 2, "c2")]).await.unwrap();
+    store.apply(&[keys("a", 5, &[("pre-key", "K3", Some("v5"))])]).await.unwrap();
+    store.apply(&[deleted("a", 4)]).await.unwrap();
+    store.apply(&[keys("a", 3, &[("pre-key", "K2", Some("v3"))])]).await.unwrap();
+    let a = store.read_session(&session("a")).await.unwrap().unwrap();
+    assert_eq!(a.keys.keys().cloned().collect::<Vec<_>>(), vec![k("pre-key", "K3")], "{a:?}");
+    assert_eq!(a.creds, None, "the deletion at 4 removed the creds of 2");
+    assert_eq!((a.seq, a.counts), (5, counts(&[("pre-key", 1)])));
+}
+
+/// The log of one session; every prefix of it, applied in any order and
+/// split into any batches, must end as the log's own state.
+fn one_session_log() -> Vec<LoggedEvent> {
+    vec![
+        creds("s", 1, "c1"),
+        keys("s", 2, &[("pre-key", "1", Some("p1")), ("pre-key", "2", Some("p2")), ("session", "u.0", Some("s0"))]),
+        creds("s", 3, "c3"),
+        keys("s", 4, &[("pre-key", "1", None), ("session", "u.0", Some("s0b"))]),
+        keys("s", 5, &[("sender-key", "g", Some("sk"))]),
+        deleted("s", 6),
+        keys("s", 7, &[("pre-key", "2", Some("p2c")), ("pre-key", "3", Some("p3"))]),
+        creds("s", 8, "c8"),
+        keys("s", 9, &[("pre-key", "3", None)]),
+        keys("s", 10, &[("session", "u.1", Some("s1"))]),
+    ]
+}
+
+/// What the log says the session is after `events`.
+fn truth(events: &[LoggedEvent]) -> StoredTruth {
+    let mut state = bstore_domain::SessionState::default();
+    let mut sorted = events.to_vec();
+    sorted.sort_by_key(|e| e.seq);
+    for e in &sorted {
+        state.apply(e.seq, &e.event).unwrap();
+    }
+    StoredTruth {
+        seq: state.seq(),
+        creds: state.creds().map(|c| c.to_vec()),
+        updated_at_ms: state.updated_at_ms(),
+        counts: state.info().keys,
+        keys: state.iter_keys().map(|(t, i, v)| ((t.to_string(), i.to_string()), v.to_vec())).collect(),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct StoredTruth {
+    seq: u64,
+    creds: Option<Vec<u8>>,
+    updated_at_ms: Option<u64>,
+    counts: BTreeMap<String, u64>,
+    keys: BTreeMap<(String, String), Vec<u8>>,
+}
+
+impl From<crate::StoredSession> for StoredTruth {
+    fn from(s: crate::StoredSession) -> Self {
+        Self { seq: s.seq, creds: s.creds, updated_at_ms: s.updated_at_ms, counts: s.counts, keys: s.keys }
+    }
+}
+
+/// A small deterministic generator, so that a failing order can be rerun.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+#[tokio::test]
+async fn events_of_one_session_applied_in_any_order_and_batching_end_as_the_log() {
+    let server = MongoServer::start();
+    let log = one_session_log();
+    let want = truth(&log);
+    let mut rng = Lcg(7);
+    for round in 0..8 {
+        let store = store(&server, &format!("orders-{round}")).await;
+        let mut events = log.clone();
+        match round {
+            0 => {}
+            1 => events.reverse(),
+            _ => {
+                for i in (1..events.len()).rev() {
+                    events.swap(i, rng.below(i + 1));
+                }
+            }
+        }
+        // Batches of one to three events, as instances would fetch them.
+        let mut order = Vec::new();
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            let n = (1 + rng.below(3)).min(rest.len());
+            store.apply(&rest[..n]).await.unwrap();
+            order.push(rest[..n].iter().map(|e| e.seq).collect::<Vec<_>>());
+            rest = &rest[n..];
+        }
+        let got: StoredTruth = store.read_session(&session("s")).await.unwrap().unwrap().into();
+        assert_eq!(got, want, "batches applied in the order {order:?}");
+    }
+}
+
+#[tokio::test]
+async fn counts_per_type_converge_when_two_instances_interleave() {
+    let server = MongoServer::start();
+    let store = store(&server, "counts").await;
+
+    // A read K live (at 3) and is about to write K at 5, which by that read
+    // changes no count; B deletes K at 4 and recounts meanwhile.
+    store.apply(&[keys("a", 3, &[("pre-key", "K", Some("v3"))])]).await.unwrap();
+    let a = Held::at(&store, Stage::Read, vec![keys("a", 5, &[("pre-key", "K", Some("v5"))])]).await;
+    store.apply(&[keys("a", 4, &[("pre-key", "K", None)])]).await.unwrap();
+    a.release().await;
+    let s = store.read_session(&session("a")).await.unwrap().unwrap();
+    assert_eq!(s.keys.get(&k("pre-key", "K")).map(Vec::as_slice), Some(&b"v5"[..]));
+    assert_eq!(s.counts, counts(&[("pre-key", 1)]), "counts after a stale read");
+
+    // A counted the keys (K1 only) and has not written the counts; B adds
+    // K2 and writes its (newer) counts meanwhile.
+    let a = Held::at(&store, Stage::Counted, vec![keys("b", 5, &[("pre-key", "K1", Some("1"))])]).await;
+    store.apply(&[keys("b", 6, &[("pre-key", "K2", Some("2"))])]).await.unwrap();
+    a.release().await;
+    let s = store.read_session(&session("b")).await.unwrap().unwrap();
+    assert_eq!(s.keys.len(), 2);
+    assert_eq!(s.counts, counts(&[("pre-key", 2)]), "a stale count was written over a newer one");
+}
+
+#[tokio::test]
+async fn a_batch_cut_short_by_a_crash_is_completed_by_its_redelivery() {
+    let server = MongoServer::start();
+    let store = store(&server, "crash").await;
+
+    // The instance died after writing the keys, before the counts.
+    let batch = vec![creds("a", 1, "c"), keys("a", 2, &[("pre-key", "1", Some("p1")), ("pre-key", "2", Some("p2"))])];
+    Held::at(&store, Stage::Written, batch.clone()).await.crash().await;
+    let again = store.apply(&batch).await.unwrap();
+    assert!(again.already_applied > 0, "{again:?}");
+    let got: StoredTruth = store.read_session(&session("a")).await.unwrap().unwrap().into();
+    assert_eq!(got, truth(&batch));
+
+    // The deleter died after raising the reset sequence, before the
+    // tombstones; the redelivered deletion must still write them.
+    let before = vec![keys("b", 3, &[("pre-key", "K", Some("v"))])];
+    store.apply(&before).await.unwrap();
+    Held::at(&store, Stage::ResetRaised, vec![deleted("b", 4)]).await.crash().await;
+    store.apply(&[deleted("b", 4)]).await.unwrap();
+    let s = store.read_session(&session("b")).await.unwrap().unwrap();
+    assert!(s.keys.is_empty() && s.counts.is_empty(), "{s:?}");
+    assert_eq!(s.tombstones, 1);
+}
+
+#[tokio::test]
+async fn the_same_batch_applied_by_two_instances_at_once_is_applied_once() {
+    let server = MongoServer::start();
+    let (one, two) = (store(&server, "once").await, store(&server, "twice").await);
+    let log = one_session_log();
+    one.apply(&log).await.unwrap();
+    // Every stage at which the first instance can be overtaken.
+    for stage in [Stage::Read, Stage::Written, Stage::Counted, Stage::ResetRaised] {
+        two.drop_all().await.unwrap();
+        two.ensure_indexes().await.unwrap();
+        let first = Held::at(&two, stage, log.clone()).await;
+        two.apply(&log).await.unwrap();
+        first.release().await;
+        let (x, y) = (one.read_session(&session("s")).await.unwrap(), two.read_session(&session("s")).await.unwrap());
+        assert_eq!(x, y, "overtaken at {stage:?}");
+    }
+}
+
+#[tokio::test]
+async fn first_writes_of_a_key_racing_each_other_keep_the_newest() {
+    let server = MongoServer::start();
+    let store = store(&server, "first").await;
+    let other = store.with_gate(Arc::new(Gate { at: Stage::Read, reached: Mutex::new(None), resume: Mutex::new(None) }));
+
+    // Either instance may have read "no document" before the other wrote.
+    // The older batch also puts the creds, which the newer one leaves.
+    let a = Held::at(&store, Stage::Read, vec![creds("a", 4, "c4"), keys("a", 5, &[("pre-key", "K", Some("v5"))])]).await;
+    store.apply(&[keys("a", 7, &[("pre-key", "K", Some("v7"))])]).await.unwrap();
+    a.release().await;
+    let b = Held::at(&store, Stage::Read, vec![keys("b", 7, &[("pre-key", "K", Some("v7"))])]).await;
+    store.apply(&[creds("b", 4, "c4"), keys("b", 5, &[("pre-key", "K", Some("v5"))])]).await.unwrap();
+    b.release().await;
+    // And truly at once, on many fresh keys and sessions.
+    for i in 0..20 {
+        let s = format!("c{i}");
+        let (older, newer) = (keys(&s, 5, &[("pre-key", "K", Some("v5"))]), keys(&s, 7, &[("pre-key", "K", Some("v7"))]));
+        let (x, y) = if i % 2 == 0 { (&store, &other) } else { (&other, &store) };
+        let (r1, r2) = tokio::join!(x.apply(std::slice::from_ref(&older)), y.apply(std::slice::from_ref(&newer)));
+        r1.unwrap();
+        r2.unwrap();
+    }
+    for s in ["a", "b"].into_iter().map(String::from).chain((0..20).map(|i| format!("c{i}"))) {
+        let got = store.read_session(&session(&s)).await.unwrap().unwrap();
+        assert_eq!(got.keys.get(&k("pre-key", "K")).map(Vec::as_slice), Some(&b"v7"[..]), "session {s}");
+        assert_eq!((got.seq, got.counts), (7, counts(&[("pre-key", 1)])), "session {s}");
+    }
+    for s in ["a", "b"] {
+        let got = store.read_session(&session(s)).await.unwrap().unwrap();
+        assert_eq!(got.creds.as_deref(), Some(&b"c4"[..]), "session {s}");
+    }
 }
