@@ -7,6 +7,7 @@ mod cluster;
 mod deltas;
 mod faults;
 mod harness;
+mod isolation;
 mod ownership;
 mod projections;
 mod spine;

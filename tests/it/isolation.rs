@@ -1,0 +1,336 @@
+//! Tenant isolation on a real nats-server configured with the shipped
+//! accounts (`deploy/accounts.conf`, its placeholder passwords replaced),
+//! and the real service connected as the service's users: one tenant's bot
+//! can do its own work and nothing else (threats.md, "what must never
+//! happen" 1–3). A last test runs the same probes in a single-account set-up
+//! and shows that there they do reach other tenants: the isolation comes from
+//! the accounts, and the probes would notice if it went.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bstore_api::client::{ClientError, SessionClient, key_data};
+use bstore_testkit::{NatsServer, ServiceProcess, TempDir};
+use futures_util::StreamExt as _;
+
+use crate::harness::{KEY1, Stack, rid, start_service, with_retries};
+
+const STREAM: &str = "BSTORE_EVENTS";
+/// How long a probe listens for something it must not receive.
+const QUIET: Duration = Duration::from_millis(400);
+
+/// A nats-server with the shipped accounts and the service on it.
+struct Fleet {
+    service: ServiceProcess,
+    nats: NatsServer,
+    passwords: HashMap<String, String>,
+    _dir: TempDir,
+}
+
+/// `deploy/accounts.conf` with every `change-me-<user>` password replaced by
+/// a random one; the passwords by user.
+fn shipped_accounts() -> (String, HashMap<String, String>) {
+    let text = std::fs::read_to_string(bstore_testkit::repo_root().join("deploy/accounts.conf")).unwrap();
+    let mut passwords = HashMap::new();
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("\"change-me-") {
+        let end = at + 1 + rest[at + 1..].find('"').unwrap();
+        let user = rest[at + "\"change-me-".len()..end].to_owned();
+        let password = passwords.entry(user.clone()).or_insert_with(|| format!("{user}-{}", rid())).clone();
+        out.push_str(&rest[..at]);
+        out.push_str(&format!("\"{password}\""));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    for user in ["bstore", "bstore-serve", "acme-bot", "globex-bot"] {
+        assert!(passwords.contains_key(user), "deploy/accounts.conf has no user {user}");
+    }
+    (out, passwords)
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let (accounts, passwords) = shipped_accounts();
+        let nats = NatsServer::start_conf(&accounts);
+        let dir = TempDir::new("isolation");
+        let env = [
+            ("BSTORE_KEYS", KEY1),
+            ("BSTORE__NATS__USER", "bstore"),
+            ("BSTORE__NATS__PASSWORD", passwords["bstore"].as_str()),
+            ("BSTORE__NATS__SERVE__USER", "bstore-serve"),
+            ("BSTORE__NATS__SERVE__PASSWORD", passwords["bstore-serve"].as_str()),
+        ];
+        let service = start_service(&nats, &dir, &env);
+        let fleet = Self { service, nats, passwords, _dir: dir };
+        // The service serves once it holds its partitions.
+        let acme = fleet.session(&fleet.bot("acme").await, "acme", "warm-up");
+        with_retries(Duration::from_secs(20), crate::harness::retryable, || acme.info()).await.expect("the service answers a tenant");
+        fleet
+    }
+
+    /// A connection as `user` (with its password from the shipped file).
+    async fn connect_as(&self, user: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), self.passwords[user].clone())
+            .skip_subject_validation(true)
+            .connect(self.nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting as {user}: {e}"))
+    }
+
+    /// A bot of `tenant`.
+    async fn bot(&self, tenant: &str) -> async_nats::Client {
+        self.connect_as(&format!("{tenant}-bot")).await
+    }
+
+    /// The service account's JetStream, as the service sees it.
+    async fn service_js(&self) -> jetstream::Context {
+        jetstream::new(self.connect_as("bstore").await)
+    }
+
+    fn session(&self, nc: &async_nats::Client, tenant: &str, session: &str) -> SessionClient {
+        SessionClient::new(nc.clone(), "bstore", tenant, session).with_timeout(Duration::from_secs(3))
+    }
+}
+
+async fn stream_messages(js: &jetstream::Context) -> u64 {
+    js.get_stream(STREAM).await.expect("the event stream").info().await.unwrap().state.messages
+}
+
+/// Subscriptions that must stay silent: every message they got within `QUIET`.
+async fn collected(subs: Vec<async_nats::Subscriber>) -> Vec<String> {
+    let mut all = futures_util::stream::select_all(subs);
+    let mut got = Vec::new();
+    let deadline = tokio::time::sleep(QUIET);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            msg = all.next() => match msg {
+                Some(m) => got.push(m.subject.to_string()),
+                None => break,
+            },
+        }
+    }
+    got
+}
+
+/// A round trip on `nc`, so that its subscriptions are in place on the
+/// server; then whatever `subs` got from that round trip itself (a `>` or
+/// `_INBOX.>` sees the bot's own request and its answer) is dropped.
+async fn settle(nc: &async_nats::Client, subs: &mut [async_nats::Subscriber]) {
+    nc.flush().await.unwrap();
+    let _ = nc.request("isolation.settle", "".into()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for sub in subs.iter_mut() {
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), sub.next()).await {}
+    }
+}
+
+/// What `n` writes and reads of `tenant`'s bot look like from outside.
+async fn tenant_traffic(fleet: &Fleet, nc: &async_nats::Client, tenant: &str, n: usize) {
+    for i in 0..n {
+        let s = fleet.session(nc, tenant, &format!("busy-{i}"));
+        s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"v"[..]))])).await.unwrap();
+        assert_eq!(s.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"v");
+    }
+}
+
+#[tokio::test]
+async fn each_tenants_bot_works_on_its_own_sessions() {
+    let fleet = Fleet::start().await;
+    let (acme, globex) = (fleet.bot("acme").await, fleet.bot("globex").await);
+    // The same session name in two tenants: two sessions.
+    let a = fleet.session(&acme, "acme", "bot-1");
+    let g = fleet.session(&globex, "globex", "bot-1");
+    assert!(a.creds_put(&rid(), b"acme creds").await.unwrap() > 0);
+    a.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"acme key"[..]))])).await.unwrap();
+    assert_eq!(g.creds_get().await.unwrap(), None, "globex/bot-1 is not acme/bot-1");
+    g.creds_put(&rid(), b"globex creds").await.unwrap();
+    assert_eq!(a.creds_get().await.unwrap().as_deref(), Some(&b"acme creds"[..]));
+    assert_eq!(g.creds_get().await.unwrap().as_deref(), Some(&b"globex creds"[..]));
+    assert_eq!(a.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"acme key");
+    assert!(g.keys_get("pre-key", &["1"]).await.unwrap().is_empty());
+    // Coded errors reach a tenant's bot too.
+    assert_eq!(a.raw("no.such", Vec::new()).await.unwrap_err().code(), Some(404));
+    // The confined serving user of the shipped file was enough for all of it.
+    let log = fleet.service.log_text();
+    assert!(!log.contains("Permissions Violation"), "the shipped permissions refused the service something:\n{log}");
+}
+
+#[tokio::test]
+async fn a_bot_cannot_call_another_tenants_subjects() {
+    let fleet = Fleet::start().await;
+    let (acme, globex) = (fleet.bot("acme").await, fleet.bot("globex").await);
+    let victim = fleet.session(&globex, "globex", "victim");
+    let seq = victim.creds_put(&rid(), b"globex creds").await.unwrap();
+
+    // acme's bot names globex's session: nothing in acme's account answers.
+    let as_acme = fleet.session(&acme, "globex", "victim");
+    assert_eq!(as_acme.creds_get().await.unwrap_err(), ClientError::NoResponders);
+    assert_eq!(as_acme.creds_put(&rid(), b"overwritten").await.unwrap_err(), ClientError::NoResponders);
+    assert_eq!(as_acme.delete(&rid()).await.unwrap_err(), ClientError::NoResponders);
+    // Nor the partition subjects, where the service really listens.
+    for p in 0..16 {
+        let subject = format!("bstore-p.{p}.globex.victim.creds.get");
+        let err = acme.request(subject, "".into()).await.unwrap_err();
+        assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+    }
+    // globex's session is as globex left it.
+    let info = victim.info().await.unwrap();
+    assert_eq!(info.seq, seq);
+    assert_eq!(victim.creds_get().await.unwrap().as_deref(), Some(&b"globex creds"[..]));
+    // And acme's own session of that name works (the calls above were refused for the tenant, not for the name).
+    fleet.session(&acme, "acme", "victim").creds_put(&rid(), b"acme").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bot_sees_no_other_tenants_requests_and_cannot_join_the_queue_group() {
+    let fleet = Fleet::start().await;
+    let (acme, globex) = (fleet.bot("acme").await, fleet.bot("globex").await);
+    let mut subs = Vec::new();
+    for subject in ["bstore.>", "bstore.globex.>", "bstore-p.>", ">"] {
+        subs.push(acme.subscribe(subject).await.unwrap());
+    }
+    // The service's queue group, on its request and partition subjects: in
+    // one account this would take a share of the requests.
+    subs.push(acme.queue_subscribe("bstore.>", "q".into()).await.unwrap());
+    subs.push(acme.queue_subscribe("bstore-p.>", "q".into()).await.unwrap());
+    let mut control = acme.subscribe("acme-local.>").await.unwrap();
+    settle(&acme, &mut subs).await;
+
+    // Every one of globex's requests is answered by the service: none went to acme's queue subscribers.
+    tenant_traffic(&fleet, &globex, "globex", 20).await;
+    let got = collected(subs).await;
+    assert!(got.is_empty(), "acme's bot received globex traffic: {got:?}");
+    // The subscriptions were live: acme's own publish reaches them.
+    acme.publish("acme-local.ping", "".into()).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(2), control.next()).await.expect("a live subscription").unwrap();
+    assert_eq!(msg.subject.as_str(), "acme-local.ping");
+}
+
+#[tokio::test]
+async fn a_bot_cannot_read_other_tenants_replies() {
+    let fleet = Fleet::start().await;
+    let (acme, globex) = (fleet.bot("acme").await, fleet.bot("globex").await);
+    let mut subs = Vec::new();
+    for subject in ["_INBOX.>", "_R_.>", "_BSTORE_JS.>", ">"] {
+        subs.push(acme.subscribe(subject).await.unwrap());
+    }
+    settle(&acme, &mut subs).await;
+    // globex's bot writes creds and reads them back: both replies travel to
+    // globex's inbox, and carry data worth stealing.
+    let g = fleet.session(&globex, "globex", "secret");
+    g.creds_put(&rid(), b"GLOBEX-SECRET").await.unwrap();
+    assert_eq!(g.creds_get().await.unwrap().as_deref(), Some(&b"GLOBEX-SECRET"[..]));
+    tenant_traffic(&fleet, &globex, "globex", 5).await;
+    let got = collected(subs).await;
+    assert!(got.is_empty(), "acme's bot saw: {got:?}");
+}
+
+#[tokio::test]
+async fn a_bot_cannot_reach_jetstream_the_service_api_or_the_event_subjects() {
+    let fleet = Fleet::start().await;
+    let (acme, globex) = (fleet.bot("acme").await, fleet.bot("globex").await);
+    fleet.session(&globex, "globex", "s").creds_put(&rid(), b"c").await.unwrap();
+    let js = fleet.service_js().await;
+    let before = stream_messages(&js).await;
+    assert!(before > 0);
+
+    // The JetStream API of the service's account is not in acme's account:
+    // the server answers (if at all) that acme has no JetStream.
+    for subject in [
+        "$JS.API.INFO",
+        "$JS.API.STREAM.LIST",
+        "$JS.API.STREAM.INFO.BSTORE_EVENTS",
+        "$JS.API.STREAM.PURGE.BSTORE_EVENTS",
+        "$JS.API.STREAM.DELETE.BSTORE_EVENTS",
+        "$JS.API.STREAM.MSG.GET.BSTORE_EVENTS",
+        "$JS.API.STREAM.INFO.KV_BSTORE_LEASES",
+    ] {
+        let body = match tokio::time::timeout(Duration::from_secs(2), acme.request(subject, r#"{"seq":1}"#.into())).await {
+            Ok(Ok(msg)) => String::from_utf8_lossy(&msg.payload).into_owned(),
+            Ok(Err(_)) | Err(_) => String::new(),
+        };
+        assert!(body.is_empty() || body.contains("not enabled"), "{subject} answered acme: {body}");
+        assert!(!body.contains(STREAM), "{subject} told acme about the stream: {body}");
+    }
+    // The service's own account does reach it: the subjects above were the right ones.
+    let mut stream = js.get_stream(STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.name, STREAM);
+
+    // $SRV: no responder in acme's account; one in the service's.
+    for subject in ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.baileys-store"] {
+        let err = acme.request(subject, "".into()).await.unwrap_err();
+        assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders, "{subject}");
+    }
+    let ops = fleet.connect_as("bstore").await;
+    assert!(ops.request("$SRV.PING.baileys-store", "".into()).await.is_ok(), "the service answers $SRV in its account");
+
+    // Publishing on the event or lease subjects writes nothing there.
+    acme.publish("bstore-events.globex.s", "forged".into()).await.unwrap();
+    acme.publish("$KV.BSTORE_LEASES.0", "forged".into()).await.unwrap();
+    let mut events = [acme.subscribe("bstore-events.>").await.unwrap()];
+    settle(&acme, &mut events).await;
+    fleet.session(&globex, "globex", "s").creds_put(&rid(), b"c2").await.unwrap();
+    assert!(tokio::time::timeout(QUIET, events[0].next()).await.is_err(), "acme's bot saw an event");
+    assert_eq!(stream_messages(&js).await, before + 1, "only globex's own write was appended");
+}
+
+#[tokio::test]
+async fn a_reply_subject_naming_the_jetstream_api_purges_nothing() {
+    let fleet = Fleet::start().await;
+    let (acme, globex) = (fleet.bot("acme").await, fleet.bot("globex").await);
+    tenant_traffic(&fleet, &globex, "globex", 3).await;
+    let js = fleet.service_js().await;
+    let before = stream_messages(&js).await;
+    assert!(before >= 3);
+
+    // acme's bot asks the service something and names the purge API as the
+    // reply subject. Through the import the service answers a `_R_.` subject
+    // of its own account, which the server carries back to that subject in
+    // acme's account: the answer lands there, and purges nothing.
+    let mut landed = [acme.subscribe("$JS.API.STREAM.PURGE.BSTORE_EVENTS").await.unwrap()];
+    settle(&acme, &mut landed).await;
+    for op in ["session.info", "creds.get"] {
+        acme.publish_with_reply(format!("bstore.acme.probe.{op}"), "$JS.API.STREAM.PURGE.BSTORE_EVENTS", "".into()).await.unwrap();
+    }
+    acme.flush().await.unwrap();
+    for _ in 0..2 {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(5), landed[0].next()).await.expect("the service answered in acme's account").unwrap();
+        assert!(msg.headers.as_ref().and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)).is_none(), "a normal answer");
+    }
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(stream_messages(&js).await, before, "the event stream was not purged");
+    // And globex's data is all there.
+    let g = fleet.session(&globex, "globex", "busy-0");
+    assert_eq!(g.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"v");
+}
+
+/// The control: the same probes in one account (the plain test server, no
+/// accounts) do reach another tenant, so the tests above would fail if the
+/// tenants shared an account.
+#[tokio::test]
+async fn in_one_shared_account_the_same_probes_do_reach_other_tenants() {
+    let stack = Stack::start().await;
+    let warm = stack.session("acme", "warm-up");
+    with_retries(Duration::from_secs(20), crate::harness::retryable, || warm.info()).await.unwrap();
+    let acme = crate::harness::connect(&stack.nats.url()).await;
+    let mut subs = vec![acme.subscribe("bstore.globex.>").await.unwrap(), acme.subscribe("_INBOX.>").await.unwrap()];
+    settle(&acme, &mut subs).await;
+
+    let g = stack.session("globex", "secret");
+    g.creds_put(&rid(), b"GLOBEX-SECRET").await.unwrap();
+    let seen = collected(subs).await;
+    assert!(seen.iter().any(|s| s.starts_with("bstore.globex.secret.")), "{seen:?}");
+    assert!(seen.iter().any(|s| s.starts_with("_INBOX.")), "{seen:?}");
+
+    // The JetStream API is reachable, and a purge through it shows in the count the tests above read.
+    let js = jetstream::new(stack.nc.clone());
+    assert!(stream_messages(&js).await > 0);
+    let reply = acme.request("$JS.API.STREAM.PURGE.BSTORE_EVENTS", "".into()).await.unwrap();
+    assert!(String::from_utf8_lossy(&reply.payload).contains("\"success\":true"), "{:?}", reply.payload);
+    assert_eq!(stream_messages(&js).await, 0);
+}
