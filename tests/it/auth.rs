@@ -253,8 +253,11 @@ async fn serves_over_tls_with_a_ca_and_a_client_certificate() {
 async fn a_wrong_password_ends_the_start_with_a_clear_message() {
     let nats = NatsServer::start_conf("authorization { users: [ { user: store, password: \"right-password\" } ] }");
     let start = Instant::now();
-    let (status, out) =
-        serve_until_exit(&[("BSTORE_NATS_URL", nats.url().as_str()), ("BSTORE_NATS_USER", "store"), ("BSTORE_NATS_PASSWORD", "wrong-password")]);
+    let (status, out) = serve_until_exit(&[
+        ("BSTORE_NATS_URL", nats.url().as_str()),
+        ("BSTORE_NATS_USER", "store"),
+        ("BSTORE_NATS_PASSWORD", "wrong-password"),
+    ]);
     assert!(!status.success(), "{out}");
     assert!(out.contains("refused") && out.contains("authorization violation"), "{out}");
     assert!(!out.contains("wrong-password"), "the password stays out of the output: {out}");
@@ -288,7 +291,11 @@ impl Embedded {
         let dir = TempDir::new("auth-embedded");
         let data = dir.path().join("data");
         let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
-        let env = [("BSTORE_DATA_DIR", data.to_str().unwrap()), ("BSTORE__EMBEDDED__PORT", "-1"), ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap())];
+        let env = [
+            ("BSTORE_DATA_DIR", data.to_str().unwrap()),
+            ("BSTORE__EMBEDDED__PORT", "-1"),
+            ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap()),
+        ];
         let service = ServiceProcess::start(service_bin(), &env, &dir.path().join("logs"));
         Self { service, data, _dir: dir }
     }

@@ -155,11 +155,17 @@ pub fn find_server_bin(cfg: &EmbeddedConfig) -> anyhow::Result<PathBuf> {
 }
 
 impl EmbeddedNats {
+    /// [`EmbeddedNats::start_for`] with the default subjects (`bstore.>`,
+    /// 16 partitions on `bstore-p`).
+    pub async fn start(cfg: &EmbeddedConfig, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_for(cfg, dir, &Subjects::default()).await
+    }
+
     /// Starts the server with its store under `dir` (the data dir's `nats`,
     /// see [`dir`]), its accounts laid out for `subjects`, and waits until it
     /// accepts clients. Passwords are generated into `dir` on the first
     /// start and reused after.
-    pub async fn start(cfg: &EmbeddedConfig, dir: &Path, subjects: &Subjects) -> anyhow::Result<Self> {
+    pub async fn start_for(cfg: &EmbeddedConfig, dir: &Path, subjects: &Subjects) -> anyhow::Result<Self> {
         let bin = find_server_bin(cfg)?;
         if let Some(parent) = dir.parent()
             && !parent.as_os_str().is_empty()

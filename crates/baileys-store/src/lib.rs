@@ -32,7 +32,7 @@ const HEADER_ROOM: usize = 8 << 10;
 /// bots' URL into `data_dir/bot.url`.
 pub async fn run(mut cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let embedded = if cfg.nats.urls.is_empty() {
-        let server = embedded::EmbeddedNats::start(&cfg.embedded, &embedded::dir(&cfg.data_dir), &embedded::Subjects::of(&cfg)).await?;
+        let server = embedded::EmbeddedNats::start_for(&cfg.embedded, &embedded::dir(&cfg.data_dir), &embedded::Subjects::of(&cfg)).await?;
         server.write_url_files(&cfg.data_dir)?;
         tracing::info!(
             url = %server.url,

@@ -107,7 +107,7 @@ pub async fn connect(cfg: &NatsConfig, urls: &[String], role: Role) -> anyhow::R
         if Instant::now() >= deadline {
             bail!("could not reach NATS at {} within {:?}: {err}", shown.join(", "), cfg.connect_timeout);
         }
-        if attempt % 10 == 0 {
+        if attempt.is_multiple_of(10) {
             tracing::warn!(servers = ?shown, error = %err, "NATS not reachable yet; retrying");
         }
         attempt += 1;
