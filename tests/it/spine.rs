@@ -110,7 +110,8 @@ async fn the_micro_service_answers_ping_and_stats() {
     assert_eq!(ping["name"], "baileys-store");
     let stats = stack.nc.request("$SRV.STATS.baileys-store", "".into()).await.unwrap();
     let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
-    assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 1, "{stats}");
+    // The figures are the service's own, in `data` (requests also arrive on
+    // partition subjects, which the micro-service counters do not see).
     let data = &stats["endpoints"][0]["data"];
     assert_eq!(data["ops"]["session.info"]["requests"], 1, "{stats}");
     assert_eq!(data["ops"]["session.info"]["latency_us_le"]["+Inf"], 1, "{stats}");

@@ -21,6 +21,10 @@ use bstore_session::Sessions;
 
 pub use config::Config;
 
+/// Written into the data dir (with the process id) once the service takes
+/// requests, and removed when it stops taking them: what scripts wait on.
+pub const READY_FILE: &str = "ready";
+
 /// Headroom left under the server's `max_payload` for headers.
 const HEADER_ROOM: usize = 8 << 10;
 
@@ -89,15 +93,41 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
     let redis = projections::redis_projection(&cfg, &codec)?;
     let materializer = projections::start_materializer(&cfg, &client, &codec).await?;
-    let sessions = Sessions::start_with(log, redis, cfg.limits, cfg.sessions.clone());
-    let api = bstore_api::ApiConfig { max_reply_bytes: max_payload.saturating_sub(HEADER_ROOM), ..cfg.api.clone() };
-    let served = bstore_api::serve(client.clone(), api, sessions, shutdown).await;
+    // This process's identity in the lease bucket: new at every start, so a
+    // restarted instance never mistakes a dead one's leases for its own.
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let ownership = bstore_cluster::Ownership::new(&cfg.cluster, instance);
+    let sessions = Sessions::start_with(log, redis, ownership, cfg.limits, cfg.sessions.clone());
+    // Bots' requests arrive on a connection of their own, which an operator
+    // can confine to publishing replies; JetStream stays on `client`.
+    let serving = nats::connect(&cfg.nats, &urls, nats::Role::Serve).await?;
+    let api = bstore_api::ApiConfig { max_reply_bytes: max_payload.saturating_sub(HEADER_ROOM), limits: cfg.limits, ..cfg.api.clone() };
+    let cluster = bstore_api::ClusterSetup {
+        js: async_nats::jetstream::new(client.clone()),
+        cfg: cfg.cluster.clone(),
+        replicas: cfg.stream.replicas,
+        // The embedded server is this process's own: no other instance can
+        // hold a lease there, so leases left by a crash are dropped at once.
+        reset: embedded,
+    };
+    let ready_file = cfg.data_dir.join(READY_FILE);
+    let _ = std::fs::remove_file(&ready_file);
+    let ready = || {
+        if let Err(e) = std::fs::create_dir_all(&cfg.data_dir).and_then(|()| std::fs::write(&ready_file, format!("{}\n", std::process::id()))) {
+            tracing::warn!(file = %ready_file.display(), error = %e, "could not write the readiness file");
+        }
+    };
+    let shutdown = async {
+        shutdown.await;
+        let _ = std::fs::remove_file(&ready_file);
+    };
+    let served = bstore_api::serve(serving.clone(), api, sessions, cluster, ready, shutdown).await;
     if let Some(m) = materializer {
         m.stop().await;
     }
     served?;
     // Replies already handed to the client are written out before exit.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async { tokio::join!(serving.flush(), client.flush()) }).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -221,8 +221,14 @@ impl Keeper {
         match plan(&self.view(), self.ownership.instance(), &mine, self.cfg.lease_ttl) {
             Action::Stay => {}
             Action::Acquire(ps) => {
+                let mut got = Vec::new();
                 for p in ps {
-                    self.try_acquire(p).await;
+                    if self.try_acquire(p).await {
+                        got.push(p);
+                    }
+                }
+                if !got.is_empty() {
+                    tracing::info!(partitions = ?got, held = self.held.len(), "partitions acquired");
                 }
             }
             Action::Release(p) => {
@@ -239,18 +245,22 @@ impl Keeper {
         }
     }
 
-    async fn try_acquire(&mut self, p: u32) {
+    async fn try_acquire(&mut self, p: u32) -> bool {
         let sent = Instant::now();
         match self.store.create(part_key(p), Bytes::from(self.ownership.instance().as_bytes().to_vec())).await {
             Ok(rev) => {
                 let until = self.validity(sent);
                 self.held.insert(p, Held { rev, epoch: rev, until, releasing: false });
                 self.ownership.grant(p, rev, until);
-                tracing::info!(partition = p, epoch = rev, "partition acquired");
+                tracing::debug!(partition = p, epoch = rev, "partition acquired");
                 self.handover.acquired(p).await;
+                true
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => tracing::debug!(partition = p, error = %e, "could not acquire a partition"),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+            Err(e) => {
+                tracing::debug!(partition = p, error = %e, "could not acquire a partition");
+                false
+            }
         }
     }
 
@@ -261,7 +271,7 @@ impl Keeper {
         if let Err(e) = self.store.delete_expect_revision(part_key(p), Some(held.rev)).await {
             tracing::debug!(partition = p, error = %e, "could not delete a handed-over lease; it expires by itself");
         }
-        tracing::info!(partition = p, "partition handed over");
+        tracing::debug!(partition = p, "partition handed over");
     }
 
     async fn shutdown(&mut self) {
@@ -271,8 +281,11 @@ impl Keeper {
         }
         let drains: Vec<_> = parts.iter().map(|p| self.handover.release(*p)).collect();
         let _ = tokio::time::timeout(Duration::from_secs(15), futures_util::future::join_all(drains)).await;
-        for p in parts {
-            self.released(p).await;
+        for p in &parts {
+            self.released(*p).await;
+        }
+        if !parts.is_empty() {
+            tracing::info!(partitions = ?parts, "partitions handed over");
         }
         let _ = self.store.delete(self.member_key()).await;
     }
