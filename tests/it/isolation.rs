@@ -334,3 +334,72 @@ async fn in_one_shared_account_the_same_probes_do_reach_other_tenants() {
     assert!(String::from_utf8_lossy(&reply.payload).contains("\"success\":true"), "{:?}", reply.payload);
     assert_eq!(stream_messages(&js).await, 0);
 }
+
+// The service's own connection to Redis: TLS (rediss://, a private CA) and an
+// ACL user, as docs/deploy.md recommends for a fleet.
+
+mod redis_over_tls {
+    use bstore_redis::redis::AsyncCommands as _;
+    use bstore_redis::{RedisConfig, RedisProjection, RedisTls};
+    use bstore_testkit::RedisServer;
+
+    use super::*;
+
+    fn looking_glass(server: &RedisServer) -> RedisProjection {
+        let cfg = RedisConfig {
+            url: Some(server.url()),
+            tls: RedisTls { ca_file: Some(server.tls_ca_file()), ..Default::default() },
+            ..Default::default()
+        };
+        let keyring = bstore_codec::Keyring::new(bstore_codec::Keyring::parse_entries(KEY1).unwrap(), None).unwrap();
+        let codec = bstore_codec::Codec::new(keyring);
+        RedisProjection::new(cfg, codec).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_service_projects_into_redis_as_an_acl_user_over_tls() {
+        let redis = RedisServer::start_secure("bstore", "redis-pass-1", false);
+        let url = redis.url();
+        assert!(url.starts_with("rediss://bstore:redis-pass-1@127.0.0.1:"), "{url}");
+        let ca = redis.tls_ca_file();
+        let stack = Stack::start_with(&[("BSTORE_REDIS_URL", &url), ("BSTORE__REDIS__TLS__CA_FILE", ca.to_str().unwrap())]).await;
+        let s = stack.session("acme", "projected");
+        let data = key_data([("pre-key", "1", Some(&b"v1"[..])), ("pre-key", "2", Some(&b"v2"[..]))]);
+        let seq = with_retries(Duration::from_secs(20), crate::harness::retryable, || s.keys_set("r-proj", &data)).await.unwrap();
+        let glass = looking_glass(&redis);
+        let key = bstore_domain::SessionKey::parse("acme", "projected").unwrap();
+        let start = std::time::Instant::now();
+        while glass.stored_seq(&key).await.ok().flatten() != Some(seq) {
+            assert!(start.elapsed() < Duration::from_secs(10), "the write was not projected into Redis:\n{}", stack.service.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut conn = glass.connection();
+        let fields: usize = conn.hlen(glass.key(&key)).await.unwrap();
+        assert!(fields >= 3, "seq and two keys at least: {fields}");
+        assert_eq!(glass.load(&key).await.unwrap().unwrap().info().keys["pre-key"], 2);
+        assert!(!stack.service.log_text().contains("redis projection failed"), "{}", stack.service.log_text());
+    }
+
+    #[tokio::test]
+    async fn with_a_wrong_redis_password_the_service_logs_and_keeps_serving() {
+        let redis = RedisServer::start_secure("bstore", "redis-pass-1", false);
+        let url = format!("rediss://bstore:wrong@127.0.0.1:{}/", redis.port());
+        let ca = redis.tls_ca_file();
+        let stack = Stack::start_with(&[("BSTORE_REDIS_URL", &url), ("BSTORE__REDIS__TLS__CA_FILE", ca.to_str().unwrap())]).await;
+        let s = stack.session("acme", "unprojected");
+        with_retries(Duration::from_secs(20), crate::harness::retryable, || s.creds_put("r-c", b"creds")).await.unwrap();
+        for i in 0..5 {
+            let id = i.to_string();
+            s.keys_set(&rid(), &key_data([("pre-key", id.as_str(), Some(&b"v"[..]))])).await.unwrap();
+        }
+        assert_eq!(s.keys_get("pre-key", &["0", "4"]).await.unwrap().len(), 2);
+        assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"creds"[..]));
+        bstore_testkit::wait_for(10, "the refused projection in the log", || {
+            let log = stack.service.log_text();
+            (log.contains("redis projection failed") || log.contains("redis snapshot failed")).then_some(())
+        });
+        // Nothing reached Redis.
+        let key = bstore_domain::SessionKey::parse("acme", "unprojected").unwrap();
+        assert_eq!(looking_glass(&redis).stored_seq(&key).await.unwrap(), None);
+    }
+}
