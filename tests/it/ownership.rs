@@ -213,8 +213,8 @@ async fn a_read_right_after_an_acknowledged_write_sees_it_on_every_instance() {
     );
 }
 
-/// What one pipelined write of [`an_evicted_session_hands_over_in_order_to_a_single_actor`] saw.
-struct Pipelined {
+/// What one write of [`an_evicted_session_hands_over_in_order_to_a_single_actor`] saw.
+struct Handover {
     i: usize,
     ack: Result<u64, ClientError>,
     /// After the ack: whether `keys.get` found the key, and `session.info`'s seq.
@@ -222,59 +222,77 @@ struct Pipelined {
     info_seq: Option<u64>,
 }
 
+impl Handover {
+    /// The reads that follow an acknowledged write.
+    async fn read_back(s: &SessionClient, i: usize, ack: Result<u64, ClientError>) -> Self {
+        let id = format!("w{i}");
+        let (mut visible, mut info_seq) = (None, None);
+        if ack.is_ok() {
+            let ids = [id.as_str()];
+            visible = call(|| s.keys_get("session", &ids)).await.ok().map(|got| got.contains_key(&id));
+            info_seq = call(|| s.info()).await.ok().map(|info| info.seq);
+        }
+        Self { i, ack, visible, info_seq }
+    }
+}
+
 /// Finding 3: with `max_active = 1`, requests to other sessions evict the
-/// session while its mailbox still holds writes. Passivation must hand it
-/// over in order: no second actor loading from the log while the first is
-/// still appending. Every acknowledged write is visible to a `keys.get`
-/// sent after its ack, `session.info` never reports a seq below an
-/// acknowledged one, and the log holds every acknowledged write.
+/// session while its mailbox still holds requests. Passivation must hand it
+/// over in order — no request runs on a second actor that loaded from the
+/// log while the first was still appending, none is dropped:
+/// - 60 writes pipelined at once, each followed by a request to another
+///   session: every one is acknowledged (none refused because its actor was
+///   evicted);
+/// - 60 more, one at a time, each starting a new actor and followed, before
+///   its answer, by a request to another session and a read of this one:
+/// and for all of them, a `keys.get` sent after the ack finds the write,
+/// `session.info` never reports a seq below an acknowledged one, and the log
+/// holds every acknowledged write.
 #[tokio::test]
 async fn an_evicted_session_hands_over_in_order_to_a_single_actor() {
     let mut stack = Stack::start_with(&[&fast_leases()[..], &[("BSTORE__SESSIONS__MAX_ACTIVE", "1")]].concat()).await;
     let s = stack.session("evict", "busy");
+    let data = |i: usize| one_key("session", &format!("w{i}"), Some(format!("w{i}").as_bytes()));
+    // The instance serves (and holds the session's partition) before the burst.
+    let (r, warm) = (rid(), one_key("session", "warm", Some(b"up")));
+    call(|| s.keys_set(&r, &warm)).await.unwrap();
     let n = 60;
-    // Requests to other sessions flow all along, each one evicting the
-    // session that was used before it.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut evictors = Vec::new();
-    for e in 0..2 {
-        let (nc, stop) = (stack.nc.clone(), stop.clone());
-        evictors.push(tokio::spawn(async move {
-            let mut k = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = SessionClient::new(nc.clone(), "bstore", "evict", &format!("other-{e}-{k}")).info().await;
-                k += 1;
-            }
+
+    // Pipelined: one attempt each, so that a refusal shows.
+    let mut burst: Vec<Pin<Box<dyn Future<Output = Option<Handover>> + Send>>> = Vec::new();
+    for i in 0..n {
+        let (s, d) = (s.clone(), data(i));
+        burst.push(Box::pin(async move {
+            let ack = s.keys_set(&rid(), &d).await;
+            Some(Handover::read_back(&s, i, ack).await)
+        }));
+        let other = stack.session("evict", &format!("burst-{i}"));
+        burst.push(Box::pin(async move {
+            let _ = other.info().await;
+            None
         }));
     }
-    // The writes are pipelined: six writers at once, ten writes each, every
-    // write followed by its reads as soon as it is acknowledged.
-    let mut futs: Vec<Pin<Box<dyn Future<Output = Vec<Pipelined>> + Send>>> = Vec::new();
-    for w in 0..6 {
-        let s = s.clone();
-        futs.push(Box::pin(async move {
-            let mut out = Vec::new();
-            for i in (w..n).step_by(6) {
-                // Retryable answers are retried with the same rid, as the
-                // Node client does.
-                let (id, r) = (format!("w{i}"), rid());
-                let data = one_key("session", &id, Some(id.as_bytes()));
-                let ack = call(|| s.keys_set(&r, &data)).await;
-                let (mut visible, mut info_seq) = (None, None);
-                if ack.is_ok() {
-                    let ids = [id.as_str()];
-                    visible = call(|| s.keys_get("session", &ids)).await.ok().map(|got| got.contains_key(&id));
-                    info_seq = call(|| s.info()).await.ok().map(|info| info.seq);
-                }
-                out.push(Pipelined { i, ack, visible, info_seq });
-            }
-            out
-        }));
-    }
-    let results: Vec<Pipelined> = futures_util::future::join_all(futs).await.into_iter().flatten().collect();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for e in evictors {
-        e.await.unwrap();
+    let mut results: Vec<Handover> = futures_util::future::join_all(burst).await.into_iter().flatten().collect();
+
+    // One at a time: the write starts a new actor; before its answer,
+    // another session evicts that actor and a read of this session starts
+    // the next one.
+    for i in n..2 * n {
+        let (before, other) = (stack.session("evict", &format!("before-{i}")), stack.session("evict", &format!("other-{i}")));
+        call(|| before.info()).await.unwrap();
+        let (r, d) = (rid(), data(i));
+        // Retried with the same rid, as the Node client does.
+        let write = call(|| s.keys_set(&r, &d));
+        let evict_and_touch = async {
+            tokio::task::yield_now().await;
+            let touch = async {
+                tokio::task::yield_now().await;
+                s.info().await
+            };
+            let _ = tokio::join!(other.info(), touch);
+        };
+        let (ack, ()) = tokio::join!(write, evict_and_touch);
+        results.push(Handover::read_back(&s, i, ack).await);
     }
     assert!(stack.service.log_text().contains("passivating least recently used session"), "no eviction happened; the test proved nothing");
 
@@ -287,11 +305,10 @@ async fn an_evicted_session_hands_over_in_order_to_a_single_actor() {
     let last_acked = results.iter().filter_map(|r| r.ack.as_ref().ok().copied()).max().unwrap_or(0);
     let info_after_all = call(|| s.info()).await.unwrap().seq;
 
-    let (mut invisible, mut went_back, mut failed, mut acked) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut invisible, mut went_back, mut refused) = (Vec::new(), Vec::new(), Vec::new());
     for r in &results {
         match &r.ack {
             Ok(seq) => {
-                acked.push(r.i);
                 if r.visible != Some(true) {
                     invisible.push(format!("w{} (seq {seq}): keys.get gave {:?}", r.i, r.visible));
                 }
@@ -299,33 +316,35 @@ async fn an_evicted_session_hands_over_in_order_to_a_single_actor() {
                     went_back.push(format!("w{} acknowledged at seq {seq}, then session.info seq {:?}", r.i, r.info_seq));
                 }
             }
-            Err(e) => failed.push(format!("w{}: {e}", r.i)),
+            Err(e) => refused.push(format!("w{}: {e}", r.i)),
         }
     }
-    assert!(
-        invisible.is_empty() && went_back.is_empty(),
-        "{} of {} acknowledged writes were missing from a keys.get sent after their ack: {invisible:?}\n\
-         {} times session.info reported a seq below an acknowledged one: {went_back:?}",
-        invisible.len(),
-        acked.len(),
-        went_back.len()
-    );
-    assert!(
-        missing_after_all.is_empty() && info_after_all >= last_acked,
-        "after every write was acknowledged, {} of {} were missing from one keys.get: {missing_after_all:?}; session.info seq \
-         {info_after_all}, last acknowledged seq {last_acked}",
-        missing_after_all.len(),
-        refs.len()
-    );
-    assert!(failed.is_empty(), "with one actor per session no write meets a conflict or fails: {failed:?}");
-
     // The log, read by a fresh instance, holds every acknowledged write.
     stack.service.restart();
-    let ids: Vec<String> = acked.iter().map(|i| format!("w{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let got = call(|| s.keys_get("session", &refs)).await.unwrap();
-    let lost: Vec<&&str> = refs.iter().filter(|id| !got.contains_key(**id)).collect();
-    assert!(lost.is_empty(), "acknowledged writes lost from the log: {lost:?}");
+    let in_log = call(|| s.keys_get("session", &refs)).await.unwrap();
+    let lost: Vec<&&str> = refs.iter().filter(|id| !in_log.contains_key(**id)).collect();
+
+    assert!(
+        refused.is_empty()
+            && invisible.is_empty()
+            && went_back.is_empty()
+            && missing_after_all.is_empty()
+            && info_after_all >= last_acked
+            && lost.is_empty(),
+        "of {} writes, {} were refused: {refused:?}\n\
+         {} of {} acknowledged writes were missing from a keys.get sent after their ack: {invisible:?}\n\
+         {} times session.info reported a seq below an acknowledged one: {went_back:?}\n\
+         after every write was answered, {} were missing from one keys.get ({missing_after_all:?}) and session.info said seq \
+         {info_after_all} (last acknowledged: {last_acked})\n\
+         {} acknowledged writes are not in the log: {lost:?}",
+        results.len(),
+        refused.len(),
+        invisible.len(),
+        refs.len(),
+        went_back.len(),
+        missing_after_all.len(),
+        lost.len()
+    );
 }
 
 /// Finding 4: the actor's state is past the log (here: the session's events
