@@ -185,7 +185,7 @@ impl<'a> RequestBody<'a> {
             seen.push(name);
             match known_field(op, name) {
                 Some("rid") => rid = Some(r.str().map_err(|_| malformed("field `rid` must be a str"))?),
-                Some("creds") => creds = Some(r.bytes("creds", "creds size in bytes", limits.max_value_bytes)?),
+                Some("creds") => creds = Some(r.bytes("field `creds`", "creds size in bytes", limits.max_value_bytes)?),
                 Some("type") => ty = Some(r.str().map_err(|_| malformed("field `type` must be a str"))?),
                 Some("ids") => ids = Some(read_ids(&mut r, limits)?),
                 Some("data") => data = Some(read_data(&mut r, limits)?),
@@ -240,7 +240,7 @@ impl<'a> RequestBody<'a> {
                         w.str(id);
                         match value {
                             Some(v) => w.bin(v),
-                            None => w.0.push(0xc0),
+                            None => w.nil(),
                         }
                     }
                 }
@@ -439,19 +439,19 @@ impl<'a> Reader<'a> {
     }
 
     /// A byte string: `bin`, or `str` (its UTF-8 bytes), at most `max` long;
-    /// the size is checked at the header.
-    fn bytes(&mut self, field: &str, limit: &'static str, max: usize) -> Result<&'a [u8], BodyError> {
+    /// the size is checked at the header. `what` names it in an error.
+    fn bytes(&mut self, what: &str, limit: &'static str, max: usize) -> Result<&'a [u8], BodyError> {
         let (n, is_str) = match self.bin_len() {
             Some(n) => (n?, false),
             None => match self.str_len() {
                 Some(n) => (n?, true),
-                None => return Err(malformed(format!("{} must be a bin (or a str)", quoted(field)))),
+                None => return Err(malformed(format!("{what} must be a bin (or a str)"))),
             },
         };
         over(limit, max, n)?;
         let bytes = self.take(n)?;
         if is_str && std::str::from_utf8(bytes).is_err() {
-            return Err(malformed(format!("{} is a str that is not valid UTF-8", quoted(field))));
+            return Err(malformed(format!("{what} is a str that is not valid UTF-8")));
         }
         Ok(bytes)
     }
@@ -510,46 +510,48 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn quoted(field: &str) -> String {
-    if field.starts_with("each ") { field.to_owned() } else { format!("field `{field}`") }
-}
-
 /// Writes the MessagePack the protocol uses, always in the shortest form.
 struct Writer(Vec<u8>);
 
 impl Writer {
-    fn header(&mut self, n: usize, fix: Option<(u8, usize)>, wide: [u8; 3]) {
-        match fix {
-            Some((base, max)) if n <= max => self.0.push(base | n as u8),
-            _ if n <= 0xff && wide[0] != 0 => self.0.extend_from_slice(&[wide[0], n as u8]),
+    /// A length header: the `fix` form (its marker and largest length) if
+    /// there is one and `n` fits, else the 8-, 16- or 32-bit form.
+    fn header(&mut self, n: usize, fix: Option<(u8, usize)>, m8: Option<u8>, m16: u8, m32: u8) {
+        match (fix, m8) {
+            (Some((marker, max)), _) if n <= max => self.0.push(marker | n as u8),
+            (_, Some(marker)) if n <= 0xff => self.0.extend_from_slice(&[marker, n as u8]),
             _ if n <= 0xffff => {
-                self.0.push(wide[1]);
+                self.0.push(m16);
                 self.0.extend_from_slice(&(n as u16).to_be_bytes());
             }
             _ => {
                 let n = u32::try_from(n).expect("a MessagePack length fits in 32 bits");
-                self.0.push(wide[2]);
+                self.0.push(m32);
                 self.0.extend_from_slice(&n.to_be_bytes());
             }
         }
     }
 
     fn map(&mut self, n: usize) {
-        self.header(n, Some((0x80, 15)), [0, 0xde, 0xdf]);
+        self.header(n, Some((0x80, 15)), None, 0xde, 0xdf);
     }
 
     fn array(&mut self, n: usize) {
-        self.header(n, Some((0x90, 15)), [0, 0xdc, 0xdd]);
+        self.header(n, Some((0x90, 15)), None, 0xdc, 0xdd);
     }
 
     fn str(&mut self, s: &str) {
-        self.header(s.len(), Some((0xa0, 31)), [0xd9, 0xda, 0xdb]);
+        self.header(s.len(), Some((0xa0, 31)), Some(0xd9), 0xda, 0xdb);
         self.0.extend_from_slice(s.as_bytes());
     }
 
     fn bin(&mut self, b: &[u8]) {
-        self.header(b.len(), None, [0xc4, 0xc5, 0xc6]);
+        self.header(b.len(), None, Some(0xc4), 0xc5, 0xc6);
         self.0.extend_from_slice(b);
+    }
+
+    fn nil(&mut self) {
+        self.0.push(0xc0);
     }
 
     fn rid(&mut self, rid: Option<&str>) {
@@ -667,6 +669,26 @@ mod tests {
         }
         let body = rmp_serde::to_vec_named(&Put { rid: "r-1", creds: b"\x00\x01" }).unwrap();
         assert_eq!(decode("creds.put", &body), Ok(RequestBody::CredsPut { rid: Some("r-1"), creds: b"\x00\x01" }));
+        // And the client's encoder writes the same bytes a general one does,
+        // in every length form.
+        let big = vec![1u8; 70_000];
+        for creds in [&b""[..], &big[..200], &big[..300], &big] {
+            let general = rmp_serde::to_vec_named(&Put { rid: "r-1", creds }).unwrap();
+            assert_eq!(RequestBody::CredsPut { rid: Some("r-1"), creds }.encode(), general);
+        }
+        #[derive(Serialize)]
+        struct Get<'a> {
+            #[serde(rename = "type")]
+            ty: &'a str,
+            ids: Vec<&'a str>,
+        }
+        let long: Vec<String> = [1, 31, 32, 255, 256, 70_000].iter().map(|&n| "x".repeat(n)).collect();
+        let mut ids: Vec<&str> = long.iter().map(String::as_str).collect();
+        for n in [ids.len(), 16, 70_000] {
+            ids.resize(n, "1");
+            let general = rmp_serde::to_vec_named(&Get { ty: "pre-key", ids: ids.clone() }).unwrap();
+            assert_eq!(RequestBody::KeysGet { ty: "pre-key", ids: ids.clone() }.encode(), general, "{n} ids");
+        }
         let body =
             rmp_serde::to_vec_named(&serde_json::json!({"type": "pre-key", "ids": ["1", "2"], "extra": {"a": [1, 2.5, null]}})).unwrap();
         assert_eq!(decode("keys.get", &body), Ok(RequestBody::KeysGet { ty: "pre-key", ids: vec!["1", "2"] }));
