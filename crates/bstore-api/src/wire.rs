@@ -139,22 +139,6 @@ pub(crate) fn parse_request(
     Ok((key, api_op, op))
 }
 
-/// [`split_subject`] with the op as its token, and [`parse_op`]: the
-/// entry points of callers not yet moved to [`parse_request`]; remove them
-/// once none is left.
-#[allow(dead_code)]
-pub(crate) fn parse_subject<'a>(prefix: &str, subject: &'a str) -> Result<(SessionKey, &'a str), Refusal> {
-    split_subject(prefix, subject).map(|(key, op)| (key, op.as_str()))
-}
-
-/// See [`parse_subject`]. Decodes as strictly as [`parse_body`], with the
-/// default limits.
-#[allow(dead_code)]
-pub(crate) fn parse_op(op: &str, body: &[u8]) -> Result<Op, Refusal> {
-    let op = ApiOp::parse(op).ok_or_else(|| Refusal(ErrorCode::UnknownOp, "unknown op".into()))?;
-    parse_body(op, body, &Limits::default(), usize::MAX)
-}
-
 /// Encodes a reply body.
 pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
     let named = match reply {
