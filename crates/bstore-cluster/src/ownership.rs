@@ -93,13 +93,16 @@ impl Ownership {
         (0..self.0.partitions).filter(|p| self.serving(*p).is_some()).collect()
     }
 
-    pub(crate) fn grant(&self, p: u32, epoch: u64, until: Instant) {
+    /// Opens the gate of `p` under `epoch` until `until`. The lease keeper's
+    /// (public for the tests of the layers above).
+    pub fn grant(&self, p: u32, epoch: u64, until: Instant) {
         let slot = &self.0.slots[p as usize];
         slot.epoch.store(epoch, Ordering::Release);
         slot.until.store(self.nanos(until).max(1), Ordering::Release);
     }
 
-    pub(crate) fn revoke(&self, p: u32) {
+    /// Closes the gate of `p`. The lease keeper's (public for tests).
+    pub fn revoke(&self, p: u32) {
         self.0.slots[p as usize].until.store(0, Ordering::Release);
     }
 

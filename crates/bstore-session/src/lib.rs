@@ -25,6 +25,8 @@ pub mod load;
 mod projector;
 mod registry;
 mod rids;
+#[cfg(test)]
+mod tests;
 
 use std::time::{Duration, Instant};
 
