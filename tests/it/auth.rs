@@ -324,7 +324,7 @@ fn mode(path: &Path) -> u32 {
 
 /// Connects with the credentials written into `url`, collecting the
 /// errors the server reports.
-async fn connect_as(url: &str) -> (async_nats::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+pub(crate) async fn connect_as(url: &str) -> (async_nats::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let (rest, host) = url.strip_prefix("nats://").unwrap().rsplit_once('@').expect("credentials in the URL");
     let (user, password) = rest.split_once(':').unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -384,6 +384,17 @@ async fn the_embedded_default_requires_credentials_and_confines_bots_to_the_requ
     assert_eq!(after, before, "the stream survives");
     // The bot still works after its refused attempts.
     round_trip(bot, "embedded-after").await;
+
+    // The tools reach the embedded server as the service user.
+    let out = std::process::Command::new(service_bin())
+        .args(["history", "--tenant", "embedded", "--session", "s"])
+        .env("BSTORE_DATA_DIR", &embedded.data)
+        .env_remove("BSTORE_NATS_URL")
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("creds_put"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[tokio::test]

@@ -429,6 +429,45 @@ mod tests {
     }
 
     #[test]
+    fn nats_credentials_and_tls_have_shorthands_and_stay_out_of_debug_output() {
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("BSTORE_NATS_URL", "tls://store:pw-in-url@nats-1:4222"),
+                ("BSTORE_NATS_USER", "store"),
+                ("BSTORE_NATS_PASSWORD", "12345"),
+                ("BSTORE_NATS_CREDS", "/etc/b.creds"),
+                ("BSTORE_NATS_NKEY_FILE", "/etc/b.nk"),
+                ("BSTORE_NATS_CA", "/etc/ca.pem"),
+                ("BSTORE_NATS_CERT", "/etc/c.pem"),
+                ("BSTORE_NATS_KEY", "/etc/c.key"),
+                ("BSTORE__NATS__SERVE__USER", "responder"),
+                ("BSTORE__NATS__CONNECT_TIMEOUT", "2.5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.nats.password.as_deref(), Some("12345"), "a numeric password stays a string");
+        assert_eq!(cfg.nats.creds_file.as_deref(), Some(Path::new("/etc/b.creds")));
+        assert_eq!(cfg.nats.nkey_file.as_deref(), Some(Path::new("/etc/b.nk")));
+        assert_eq!(cfg.nats.tls.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(cfg.nats.tls.cert_file.as_deref(), Some(Path::new("/etc/c.pem")));
+        assert_eq!(cfg.nats.tls.key_file.as_deref(), Some(Path::new("/etc/c.key")));
+        assert_eq!(cfg.nats.serve.user.as_deref(), Some("responder"));
+        assert_eq!(cfg.nats.connect_timeout, std::time::Duration::from_millis(2500));
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("12345") && !shown.contains("pw-in-url"), "{shown}");
+        assert!(shown.contains("tls://store:***@nats-1:4222"), "{shown}");
+    }
+
+    #[test]
+    fn urls_are_redacted_for_logs() {
+        assert_eq!(redact_url("nats://u:p@h:1"), "nats://u:***@h:1");
+        assert_eq!(redact_url("nats://token@h:1/x@y"), "nats://***@h:1/x@y");
+        assert_eq!(redact_url("nats://h:1"), "nats://h:1");
+        assert_eq!(redact_url("u:p@h"), "u:***@h");
+    }
+
+    #[test]
     fn unknown_fields_are_errors_not_ignored() {
         let err = Config::load_from(None, env(&[("BSTORE__SESSIONS__WORKRES", "3")])).unwrap_err();
         assert!(format!("{err:#}").contains("workres"), "{err:#}");

@@ -195,6 +195,7 @@ impl EmbeddedNats {
             .mode(0o600)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
+        log.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         writeln!(log, "--- baileys-store (pid {}) starts nats-server at unix time {now} ---", std::process::id())?;
         let mut shell = Command::new("/bin/sh")
