@@ -87,7 +87,7 @@ pub async fn connect(cfg: &NatsConfig, urls: &[String], role: Role) -> anyhow::R
         match err.kind() {
             ConnectErrorKind::AuthorizationViolation => bail!(
                 "the NATS server at {} refused the {} connection's credentials ({method}): authorization violation; \
-                 check the user and password, token, NKey or creds file configured under [nats]{}",
+                 check the user and password (in the URL or under [nats]), token, NKey or creds file{}",
                 shown.join(", "),
                 role.name(),
                 if serve_section { " (here: [nats.serve])" } else { "" },
