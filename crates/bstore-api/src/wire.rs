@@ -6,14 +6,12 @@
 
 use std::collections::HashMap;
 
-use async_nats::service::Request as NatsRequest;
 use bstore_domain::{Command, IdError, KeyChanges, KeyId, KeyType, Limits, SessionKey};
-use bstore_session::{Op, Reply, Request, Sessions};
+use bstore_session::{Op, Reply};
 use bytes::Bytes;
 
-use crate::metrics::Metrics;
+use crate::ErrorCode;
 use crate::protocol::{ApiOp, BodyError, CredsReply, KeysReply, RequestBody, WrittenReply};
-use crate::{ApiConfig, ErrorCode, service_error};
 
 /// A refused request: its code and a message for humans. The message names
 /// the op token or the field at fault, never the subject, tenant or session.
@@ -152,52 +150,6 @@ pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
         Reply::Info(info) => rmp_serde::to_vec_named(info),
     };
     named.expect("replies are plain data")
-}
-
-/// Answers one request.
-pub(crate) async fn handle(cfg: &ApiConfig, sessions: &Sessions, metrics: &Metrics, request: NatsRequest) {
-    let started = std::time::Instant::now();
-    let subject = request.message.subject.as_str();
-    let mut known_op = None;
-    let result = async {
-        let parsed = parse_request(&cfg.prefix, subject, &request.message.payload, &Limits::default(), cfg.max_request_bytes);
-        let (key, api_op, op) = match parsed {
-            Ok(parsed) => parsed,
-            Err(refusal) => {
-                known_op = split_subject(&cfg.prefix, subject).ok().map(|(_, op)| op);
-                return Err(refusal);
-            }
-        };
-        known_op = Some(api_op);
-        let req = Request { key, op, deadline: sessions.deadline() };
-        sessions.call(req).await.map_err(|e| Refusal(ErrorCode::of(&e), e.to_string()))
-    }
-    .await;
-    let result = result.and_then(|reply| {
-        let body = encode_reply(&reply);
-        if body.len() > cfg.max_reply_bytes {
-            return Err(Refusal(
-                ErrorCode::TooLarge,
-                format!("the reply would be {} bytes, over the server's limit of {}; ask for fewer ids", body.len(), cfg.max_reply_bytes),
-            ));
-        }
-        Ok(body)
-    });
-    metrics.record(known_op.map(ApiOp::as_str), result.as_ref().err().map(|r| r.0), started.elapsed());
-    let response = match result {
-        Ok(body) => Ok(body.into()),
-        Err(Refusal(code, message)) => {
-            if code.number() >= 500 {
-                tracing::warn!(%subject, code = code.number(), %message, "request failed");
-            } else {
-                tracing::debug!(%subject, code = code.number(), %message, "request refused");
-            }
-            Err(service_error(code, &message))
-        }
-    };
-    if let Err(e) = request.respond(response).await {
-        tracing::warn!(%subject, error = %e, "could not send the reply");
-    }
 }
 
 #[cfg(test)]
