@@ -42,7 +42,7 @@ impl From<BodyError> for Refusal {
 const OP_FAMILIES: [&str; 3] = ["creds", "keys", "session"];
 
 /// Splits `<prefix>.<tenant>.<session>.<op>` and validates each part.
-pub(crate) fn split_subject(prefix: &str, subject: &str) -> Result<(SessionKey, ApiOp), Refusal> {
+pub(crate) fn parse_subject(prefix: &str, subject: &str) -> Result<(SessionKey, ApiOp), Refusal> {
     let rest = subject
         .strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('.'))
@@ -123,8 +123,8 @@ pub(crate) fn parse_body(op: ApiOp, body: &[u8], limits: &Limits, max_request_by
 }
 
 /// Everything a request's subject and body say, checked: the session, the
-/// op, and what the session actor is to do. Nothing is loaded or allocated
-/// for a request that a limit refuses.
+/// op, and what the session actor is to do. It loads nothing, and nothing is
+/// allocated for a count or size that a limit refuses.
 pub(crate) fn parse_request(
     prefix: &str,
     subject: &str,
@@ -132,7 +132,7 @@ pub(crate) fn parse_request(
     limits: &Limits,
     max_request_bytes: usize,
 ) -> Result<(SessionKey, ApiOp, Op), Refusal> {
-    let (key, api_op) = split_subject(prefix, subject)?;
+    let (key, api_op) = parse_subject(prefix, subject)?;
     let op = parse_body(api_op, body, limits, max_request_bytes)?;
     Ok((key, api_op, op))
 }
@@ -176,22 +176,22 @@ mod tests {
 
     #[test]
     fn subjects_split_into_session_and_op() {
-        let (key, op) = split_subject("bstore", "bstore.acme.bot-1.keys.set").unwrap();
+        let (key, op) = parse_subject("bstore", "bstore.acme.bot-1.keys.set").unwrap();
         assert_eq!((key.tenant.as_str(), key.session.as_str(), op), ("acme", "bot-1", ApiOp::KeysSet));
-        let (_, op) = split_subject("a.b", "a.b.t.s.session.info").unwrap();
+        let (_, op) = parse_subject("a.b", "a.b.t.s.session.info").unwrap();
         assert_eq!(op, ApiOp::SessionInfo);
     }
 
     #[test]
     fn bad_subjects_get_the_right_codes() {
-        assert_eq!(code(split_subject("bstore", "bstore.t.s.keys.drop")), 404);
-        assert_eq!(code(split_subject("bstore", "bstore.t.keys.get")), 422, "no session token");
-        assert_eq!(code(split_subject("bstore", "bstore.t.s")), 404);
-        assert_eq!(code(split_subject("bstore", "bstore.t.s.x.keys.get")), 422, "a dot inside the session");
-        assert_eq!(code(split_subject("bstore", "bstore.t.s%.keys.get")), 422);
-        assert_eq!(code(split_subject("bstore", "bstore.t.*.keys.get")), 422);
-        assert_eq!(code(split_subject("bstore", "bstore.>.s.keys.get")), 422);
-        assert_eq!(code(split_subject("bstore", "other.t.s.keys.get")), 404);
+        assert_eq!(code(parse_subject("bstore", "bstore.t.s.keys.drop")), 404);
+        assert_eq!(code(parse_subject("bstore", "bstore.t.keys.get")), 422, "no session token");
+        assert_eq!(code(parse_subject("bstore", "bstore.t.s")), 404);
+        assert_eq!(code(parse_subject("bstore", "bstore.t.s.x.keys.get")), 422, "a dot inside the session");
+        assert_eq!(code(parse_subject("bstore", "bstore.t.s%.keys.get")), 422);
+        assert_eq!(code(parse_subject("bstore", "bstore.t.*.keys.get")), 422);
+        assert_eq!(code(parse_subject("bstore", "bstore.>.s.keys.get")), 422);
+        assert_eq!(code(parse_subject("bstore", "other.t.s.keys.get")), 404);
     }
 
     #[test]
@@ -209,10 +209,10 @@ mod tests {
             format!("bstore.{tenant}.{session}.keys.{session}"),
         ];
         for subject in &cases {
-            let Refusal(_, message) = split_subject("bstore", subject).unwrap_err();
+            let Refusal(_, message) = parse_subject("bstore", subject).unwrap_err();
             assert!(!message.contains(tenant) && !message.contains(session), "{subject}: {message}");
         }
-        let Refusal(_, message) = split_subject("bstore", &cases[0]).unwrap_err();
+        let Refusal(_, message) = parse_subject("bstore", &cases[0]).unwrap_err();
         assert!(message.contains("\"keys.drop\""), "the op token is named: {message}");
         // Nor a key type, key id or rid from the body.
         let body = |json: serde_json::Value| rmp_serde::to_vec_named(&json).unwrap();
