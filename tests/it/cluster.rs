@@ -216,10 +216,8 @@ fn check_log(t: &Tracked, log: &[serde_json::Value], violations: &mut Vec<String
     if let (Some((lseq, lrid)), Some((aseq, arid, _))) = (events.last(), t.last()) {
         let pending = t.pending.as_ref().map(|(r, _)| r.as_str());
         if lrid != arid && Some(lrid.as_str()) != pending {
-            violations.push(format!(
-                "{}: the log ends with {lrid} at seq {lseq}, after the last acknowledged write {arid} (seq {aseq})",
-                t.name
-            ));
+            violations
+                .push(format!("{}: the log ends with {lrid} at seq {lseq}, after the last acknowledged write {arid} (seq {aseq})", t.name));
         }
     }
 }
@@ -339,4 +337,52 @@ async fn the_cluster_checker_finds_no_stale_read_and_no_lost_write_through_failu
     assert!(gave_up.is_empty(), "{} requests failed for longer than {BUDGET:?}: {gave_up:?}", gave_up.len());
     drop(services);
     drop(nats);
+}
+
+/// The test cluster itself: a killed node comes back on its ports with its
+/// store, and a stream at R3 is whole again.
+#[tokio::test]
+async fn a_killed_cluster_node_comes_back_with_its_store() {
+    let mut nats = NatsCluster::start();
+    let nc = connect_ordered(&nats.urls()).await;
+    let js = async_nats::jetstream::new(nc);
+    let cfg =
+        async_nats::jetstream::stream::Config { name: "R3".into(), subjects: vec!["r3.>".into()], num_replicas: 3, ..Default::default() };
+    js.create_stream(cfg).await.unwrap();
+    js.publish("r3.a", "before".into()).await.unwrap().await.unwrap();
+    nats.kill(1);
+    // The stream may have lost its leader: retried, the same message id
+    // until a new leader takes it.
+    let landed = with_retries(
+        Duration::from_secs(20),
+        |_| true,
+        || async {
+            let msg = async_nats::jetstream::message::PublishMessage::build().payload("while one node is down".into()).message_id("m2");
+            let ack = js.send_publish("r3.a", msg).await.map_err(|e| ClientError::Other(e.to_string()))?;
+            ack.await.map_err(|e| ClientError::Other(e.to_string()))
+        },
+    )
+    .await;
+    landed.unwrap();
+    nats.start_again(1);
+    let whole = with_retries(
+        Duration::from_secs(20),
+        |_| true,
+        || async {
+            let stream = js.get_stream("R3").await.map_err(|e| ClientError::Other(e.to_string()))?;
+            let info = stream.cached_info();
+            let cluster = info.cluster.clone().unwrap_or_default();
+            let current = cluster.replicas.iter().filter(|r| r.current).count();
+            if info.state.messages == 2 && cluster.leader.is_some() && current == 2 {
+                Ok(())
+            } else {
+                Err(ClientError::Other(format!(
+                    "{} messages, leader {:?}, {current} current replicas",
+                    info.state.messages, cluster.leader
+                )))
+            }
+        },
+    )
+    .await;
+    whole.unwrap();
 }

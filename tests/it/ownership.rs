@@ -96,11 +96,7 @@ async fn a_write_judged_unchanged_is_acknowledged_only_once_the_log_agrees() {
             wrong.push(format!("s{i}: log says {got:?}, acks {seqs:?}"));
         }
     }
-    assert!(
-        wrong.is_empty(),
-        "{} of {rounds} sessions lost the acknowledged K=v1 (its ack was not in the log): {wrong:?}",
-        wrong.len()
-    );
+    assert!(wrong.is_empty(), "{} of {rounds} sessions lost the acknowledged K=v1 (its ack was not in the log): {wrong:?}", wrong.len());
 }
 
 /// Finding 1, logout: an instance that loaded the session while it was
@@ -376,9 +372,8 @@ async fn a_session_ahead_of_the_log_recovers_on_the_next_write() {
     stack.service.restart();
     let fresh = call(|| s.keys_get("pre-key", &["1", "2", "3"])).await.unwrap();
     let fresh_info = call(|| s.info()).await.map(|i| (i.seq, i.keys.get("pre-key").copied())).unwrap();
-    let seq = written.unwrap_or_else(|e| {
-        panic!("a write to a session whose state is ahead of the log failed: {e:?} (the log now holds {fresh:?})")
-    });
+    let seq = written
+        .unwrap_or_else(|e| panic!("a write to a session whose state is ahead of the log failed: {e:?} (the log now holds {fresh:?})"));
     assert_eq!(fresh.get("3").map(Vec::as_slice), Some(&b"after"[..]), "the acknowledged write is in the log");
     assert_eq!(after.unwrap(), fresh, "reads after the write give what the log holds");
     assert_eq!(info.unwrap(), fresh_info, "session.info after the write agrees with the log");
@@ -398,7 +393,10 @@ async fn a_retry_whose_first_attempt_landed_is_answered_with_the_first_seq() {
     let second = call(|| s.keys_set(&r2, &d2)).await.unwrap();
     assert!(second > first);
     let retried = call(|| s.keys_set(&r1, &d1)).await.unwrap();
-    assert_eq!(retried, first, "the retry of the write acknowledged at seq {first} was answered with seq {retried} (the later write's is {second})");
+    assert_eq!(
+        retried, first,
+        "the retry of the write acknowledged at seq {first} was answered with seq {retried} (the later write's is {second})"
+    );
     assert_eq!(call(|| s.info()).await.unwrap().events, 2, "the retry was not applied again");
 
     // The same for creds.put.
@@ -407,5 +405,8 @@ async fn a_retry_whose_first_attempt_landed_is_answered_with_the_first_seq() {
     let (r4, d4) = (rid(), one_key("pre-key", "3", Some(b"third")));
     let later = call(|| s.keys_set(&r4, &d4)).await.unwrap();
     let retried = call(|| s.creds_put(&r3, b"creds")).await.unwrap();
-    assert_eq!(retried, creds, "the creds.put retry was answered with seq {retried}, not its first attempt's {creds} (later write: {later})");
+    assert_eq!(
+        retried, creds,
+        "the creds.put retry was answered with seq {retried}, not its first attempt's {creds} (later write: {later})"
+    );
 }

@@ -94,7 +94,7 @@ impl NatsCluster {
         wait_for(30, "the NATS cluster to have a JetStream meta leader", || {
             let mut leader = None;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-                if !http_get(node.monitor, "/healthz?js-enabled-only=true").is_some_and(|(code, _)| code == 200) {
+                if http_get(node.monitor, "/healthz?js-enabled-only=true").is_none_or(|(code, _)| code != 200) {
                     return None;
                 }
                 let this = meta_leader(node.monitor)?;
