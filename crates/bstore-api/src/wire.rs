@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use bstore_domain::{Command, IdError, KeyChanges, KeyId, KeyType, Limits, SessionKey};
-use bstore_session::{Op, Reply};
+use bstore_domain::{Command, DomainError, IdError, KeyChanges, KeyId, KeyType, Limits, SessionKey};
+use bstore_session::{Op, Reply, SessionError};
 use bytes::Bytes;
 
 use crate::ErrorCode;
@@ -32,6 +32,21 @@ impl From<BodyError> for Refusal {
             BodyError::TooLarge { .. } => ErrorCode::TooLarge,
         };
         Refusal(code, e.to_string())
+    }
+}
+
+impl From<&SessionError> for Refusal {
+    /// A session error as the client is told it. Data that does not open is
+    /// described by the session and log crates with the session's name and
+    /// the event's place; the reply says only what happened, so the caller
+    /// logs `e` itself where the operator needs those details.
+    fn from(e: &SessionError) -> Self {
+        let message = match e {
+            SessionError::Rejected(DomainError::InvalidId(id)) => return id.clone().into(),
+            SessionError::Unreadable(_) => "stored data of the session could not be opened or decoded (see the service's log)".into(),
+            other => other.to_string(),
+        };
+        Refusal(ErrorCode::of(e), message)
     }
 }
 
@@ -224,6 +239,19 @@ mod tests {
             let Refusal(c, message) = request(&format!("bstore.{tenant}.{session}.{op}"), &b).unwrap_err();
             assert_eq!(c.number(), 422);
             assert!(!message.contains(tenant) && !message.contains(session), "{op}: {message}");
+        }
+    }
+
+    #[test]
+    fn session_errors_are_told_without_the_session() {
+        let key = SessionKey::parse("victimcorp", "bot-4471-secret").unwrap();
+        let unreadable = SessionError::Unreadable(format!("{key}: event 7 of victimcorp.bot-4471-secret is unreadable"));
+        let bad_id = SessionError::Rejected(DomainError::InvalidId(KeyId::parse("bot-4471-secret\n").unwrap_err()));
+        let limit = SessionError::Rejected(DomainError::LimitExceeded { what: "ids in one keys.get", limit: 1, actual: 2 });
+        for (e, want) in [(unreadable, 520), (bad_id, 422), (limit, 413), (SessionError::Conflict, 409), (SessionError::Timeout, 504)] {
+            let Refusal(c, message) = Refusal::from(&e);
+            assert_eq!(c.number(), want, "{e:?}");
+            assert!(!message.contains("victimcorp") && !message.contains("bot-4471-secret"), "{message}");
         }
     }
 
