@@ -86,6 +86,42 @@ async fn serves_with_user_and_password_from_the_config_and_from_the_url() {
 }
 
 #[tokio::test]
+async fn the_store_connection_takes_its_jetstream_replies_on_an_inbox_of_its_own() {
+    // The store identity may not subscribe to _INBOX.>: its JetStream
+    // replies must come to _BSTORE_JS.>, where no bot-named reply lands.
+    let nats = NatsServer::start_conf(
+        "authorization { users: [\n\
+         { user: store, password: store-pw, permissions: { subscribe: { deny: [\"_INBOX.>\"] } } }\n\
+         { user: serve, password: serve-pw }\n\
+         { user: bot, password: bot-pw }\n] }",
+    );
+    let dir = TempDir::new("auth-inbox");
+    let _service = start_service(
+        &nats,
+        &dir,
+        &[
+            ("BSTORE_KEYS", KEY1),
+            ("BSTORE_NATS_USER", "store"),
+            ("BSTORE_NATS_PASSWORD", "store-pw"),
+            ("BSTORE__NATS__SERVE__USER", "serve"),
+            ("BSTORE__NATS__SERVE__PASSWORD", "serve-pw"),
+        ],
+    );
+    let client = async_nats::ConnectOptions::with_user_and_password("bot".into(), "bot-pw".into()).connect(nats.url()).await.unwrap();
+    round_trip(client, "inbox").await;
+    // The tools too.
+    let out = std::process::Command::new(service_bin())
+        .args(["history", "--tenant", "inbox", "--session", "s"])
+        .env("BSTORE_NATS_URL", nats.url().replacen("nats://", "nats://store:store-pw@", 1))
+        .env("BSTORE_KEYS", KEY1)
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("creds_put"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test]
 async fn serves_with_a_token() {
     let nats = NatsServer::start_conf("authorization { token: \"t0ken-for-the-store\" }");
     let dir = TempDir::new("auth-token");
