@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use async_nats::service::{self, ServiceExt};
+use async_nats::service::ServiceExt;
 use bstore_cluster::{BoxFuture, ClusterConfig, Handover, Leases};
 use bstore_session::Sessions;
 use futures_util::StreamExt;
@@ -240,7 +240,3 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
     }
 }
 
-/// The error answer for `code`, in the micro-service convention.
-fn service_error(code: ErrorCode, message: &str) -> service::error::Error {
-    service::error::Error { code: code.number() as usize, status: format!("{}: {message}", code.name()) }
-}

@@ -32,11 +32,13 @@ use crate::metrics::Metrics;
 use crate::wire::{self, Refusal};
 use crate::{ApiConfig, ErrorCode};
 
-/// Marks a request forwarded by an instance, with the number of hops.
+/// Marks a request forwarded by an instance. A forwarded request is never
+/// forwarded again: an instance that receives one for a partition it does
+/// not serve answers at once with [`NOT_OWNER`], and the forwarder waits
+/// and tries again.
 pub(crate) const FORWARDED: &str = "Bstore-Forwarded";
-/// At most this many forwarding hops; past it the request waits for the
-/// ownership to settle instead of travelling on.
-const MAX_HOPS: u32 = 2;
+/// On a 503 answer to a forwarded request: "not mine (any more), ask again".
+pub(crate) const NOT_OWNER: &str = "Bstore-Not-Owner";
 
 /// Answers requests; shared by every subscription of one instance.
 pub(crate) struct Router {
@@ -93,7 +95,7 @@ impl Router {
             return;
         };
         let started = Instant::now();
-        let hops = msg.headers.as_ref().and_then(|h| h.get(FORWARDED)).and_then(|v| v.as_str().parse::<u32>().ok()).unwrap_or(0);
+        let forwarded = msg.headers.as_ref().is_some_and(|h| h.get(FORWARDED).is_some());
         let (subject, via_partition) = match self.strip_partition(&msg.subject) {
             Some((n, rest)) => (format!("{}.{rest}", self.cfg.prefix), Some(n)),
             None => (msg.subject.to_string(), None),
@@ -125,19 +127,36 @@ impl Router {
                 match self.sessions.call(req).await {
                     Err(SessionError::NotOwner) => {}
                     result => {
-                        let result = result.map_err(|e| Refusal(ErrorCode::of(&e), e.to_string())).and_then(|r| self.encode(&r));
+                        let result = result
+                            .map_err(|e| {
+                                if let SessionError::Unreadable(detail) = &e {
+                                    // The details (session, event) are the
+                                    // operator's; the reply says what happened.
+                                    tracing::warn!(session = %key, %detail, "stored data could not be opened");
+                                }
+                                Refusal::from(&e)
+                            })
+                            .and_then(|r| self.encode(&r));
                         self.metrics.record(Some(op_name.as_str()), result.as_ref().err().map(|r| r.0), started.elapsed());
                         self.respond(&reply, result).await;
                         return;
                     }
                 }
-            } else if hops < MAX_HOPS {
+            } else if forwarded {
+                // Another instance took this for ours: tell it to ask again.
+                let mut headers = HeaderMap::new();
+                headers.insert(NOT_OWNER, "1");
+                let refusal = Refusal(ErrorCode::Unavailable, "this instance does not serve the session now".into());
+                self.respond_with(&reply, Err(refusal), headers).await;
+                return;
+            } else {
                 let target = format!("{}.{p}.{}", self.partition_prefix, subject.strip_prefix(&self.cfg.prefix).unwrap_or_default().trim_start_matches('.'));
                 let mut headers = HeaderMap::new();
-                headers.insert(FORWARDED, (hops + 1).to_string().as_str());
+                headers.insert(FORWARDED, "1");
                 let left = deadline.saturating_duration_since(Instant::now());
                 let request = async_nats::Request::new().headers(headers).payload(msg.payload.clone()).timeout(Some(left));
                 match self.client.send_request(target, request).await {
+                    Ok(answer) if answer.headers.as_ref().is_some_and(|h| h.get(NOT_OWNER).is_some()) => {}
                     Ok(answer) => {
                         self.routing.forwarded.fetch_add(1, Relaxed);
                         self.relay(&reply, answer).await;
@@ -185,6 +204,10 @@ impl Router {
 
     /// Publishes the answer, in the micro-service convention for errors.
     async fn respond(&self, reply: &Subject, result: Result<Bytes, Refusal>) {
+        self.respond_with(reply, result, HeaderMap::new()).await;
+    }
+
+    async fn respond_with(&self, reply: &Subject, result: Result<Bytes, Refusal>, mut headers: HeaderMap) {
         let sent = match result {
             Ok(body) => self.client.publish(reply.clone(), body).await,
             Err(Refusal(code, message)) => {
@@ -193,7 +216,6 @@ impl Router {
                 } else {
                     tracing::debug!(code = code.number(), %message, "request refused");
                 }
-                let mut headers = HeaderMap::new();
                 headers.insert(async_nats::service::NATS_SERVICE_ERROR_CODE, code.number().to_string().as_str());
                 headers.insert(async_nats::service::NATS_SERVICE_ERROR, format!("{}: {message}", code.name()).as_str());
                 self.client.publish_with_headers(reply.clone(), headers, Bytes::new()).await
