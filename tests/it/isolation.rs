@@ -403,3 +403,190 @@ mod redis_over_tls {
         assert_eq!(looking_glass(&redis).stored_seq(&key).await.unwrap(), None);
     }
 }
+
+// The shipped deployment files themselves: they agree with each other, bind
+// nothing beyond loopback, and the three cluster files form a cluster that
+// serves tenants with the event stream on three nodes.
+
+mod shipped {
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+
+    fn deploy(file: &str) -> String {
+        std::fs::read_to_string(bstore_testkit::repo_root().join("deploy").join(file)).unwrap_or_else(|e| panic!("deploy/{file}: {e}"))
+    }
+
+    /// The `n` of `{{partition(n,1,2)}}` in the BSTORE account's mapping.
+    fn mapped_partitions() -> u32 {
+        let text = deploy("accounts.conf");
+        let at = text.find("{{partition(").expect("a partition mapping") + "{{partition(".len();
+        text[at..].split(',').next().unwrap().trim().parse().unwrap()
+    }
+
+    /// Lines that are not comments.
+    fn live_lines(text: &str) -> impl Iterator<Item = &str> {
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'))
+    }
+
+    #[test]
+    fn the_fleet_settings_agree_with_the_accounts_and_the_mapping() {
+        let partitions = mapped_partitions();
+        let cfg =
+            baileys_store::Config::load_from(Some(&bstore_testkit::repo_root().join("deploy/baileys-store.toml")), Vec::new()).unwrap();
+        assert_eq!(cfg.cluster.partitions, partitions, "cluster.partitions must equal the mapping's partition count");
+        assert_eq!(bstore_cluster::ClusterConfig::default().partitions, partitions, "the default must equal the mapping too");
+        assert_eq!(cfg.stream.replicas, 3);
+        assert!(cfg.nats.tls.required && cfg.nats.tls.ca_file.is_some(), "the fleet speaks TLS to NATS");
+        assert!(cfg.redis.url.as_deref().unwrap().starts_with("rediss://"), "and to Redis");
+        assert_eq!(cfg.api.prefix, "bstore");
+        let accounts = deploy("accounts.conf");
+        for user in [cfg.nats.user.as_deref().unwrap(), cfg.nats.serve.user.as_deref().unwrap()] {
+            assert!(accounts.contains(&format!("user: \"{user}\"")), "{user} is not a user of deploy/accounts.conf");
+        }
+        for secret in [&cfg.nats.password, &cfg.nats.serve.password, &cfg.redis.password] {
+            assert!(secret.is_none(), "no secret in the shared file");
+        }
+        let compose = deploy("compose.yaml");
+        assert!(compose.contains(&format!("BSTORE__CLUSTER__PARTITIONS: \"{partitions}\"")), "compose.yaml's partitions");
+        assert!(compose.contains("BSTORE__STREAM__REPLICAS: \"3\""));
+    }
+
+    #[test]
+    fn nothing_listens_beyond_loopback_without_tls() {
+        let mut checked = 0;
+        for entry in std::fs::read_dir(bstore_testkit::repo_root().join("deploy")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "conf") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in live_lines(&text) {
+                if let Some(addr) = line.strip_prefix("listen:").or_else(|| line.strip_prefix("http:")) {
+                    let addr = addr.trim().trim_matches('"');
+                    assert!(addr.starts_with("127.0.0.1:"), "{}: {line}", path.display());
+                    checked += 1;
+                }
+                assert!(!line.contains("0.0.0.0"), "{}: {line}", path.display());
+            }
+        }
+        // Single: client + monitoring; each cluster node: client, monitoring, routes.
+        assert_eq!(checked, 2 + 3 * 3);
+    }
+
+    /// A nats-server process, killed on drop.
+    struct Node(Option<Child>);
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// The JetStream meta leader a node's monitoring port reports, if any.
+    fn meta_leader(port: u16) -> Option<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET /jsz HTTP/1.0\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let body: serde_json::Value = serde_json::from_str(resp.split_once("\r\n\r\n")?.1).ok()?;
+        body["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty()).map(str::to_owned)
+    }
+
+    /// The three shipped cluster files, run as they are apart from their
+    /// ports (free ones instead of 4222-4224, 6222-6224, 8222-8224), store
+    /// directories and placeholder passwords.
+    #[tokio::test]
+    async fn the_cluster_files_form_a_cluster_that_serves_tenants_with_three_replicas() {
+        let dir = TempDir::new("shipped-cluster");
+        let (accounts, passwords) = shipped_accounts();
+        std::fs::write(dir.path().join("accounts.conf"), accounts).unwrap();
+        let ports: Vec<(u16, u16)> =
+            [4222, 4223, 4224, 6222, 6223, 6224, 8222, 8223, 8224].into_iter().map(|p| (p, bstore_testkit::free_port())).collect();
+        let route_password = format!("route-{}", rid());
+        let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
+        let mut nodes = Vec::new();
+        for n in 1..=3 {
+            let mut conf = deploy(&format!("nats-cluster-{n}.conf")).replace("change-me-route", &route_password);
+            for (from, to) in &ports {
+                conf = conf.replace(&format!("127.0.0.1:{from}\""), &format!("127.0.0.1:{to}\""));
+            }
+            let store = dir.path().join(format!("js-{n}"));
+            conf = conf.replace(&format!("\"/var/lib/nats/bstore-nats-{n}\""), &format!("{:?}", store.display().to_string()));
+            for line in live_lines(&conf) {
+                let shipped_port = ["4222", "4223", "4224", "6222", "6223", "6224", "8222", "8223", "8224"]
+                    .iter()
+                    .any(|p| line.contains(&format!(":{p}")));
+                assert!(!line.contains("/var/lib/nats") && !shipped_port, "not rewritten: {line}");
+            }
+            let path = dir.path().join(format!("nats-{n}.conf"));
+            std::fs::write(&path, conf).unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("nats-{n}.log"))).unwrap();
+            let child =
+                Command::new(&bin).arg("-c").arg(&path).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+            nodes.push(Node(Some(child)));
+        }
+        let port = |p: u16| ports.iter().find(|(from, _)| *from == p).unwrap().1;
+        let monitors = [port(8222), port(8223), port(8224)];
+        bstore_testkit::wait_for(30, "the three shipped nodes to agree on a JetStream meta leader", || {
+            let leaders: Vec<Option<String>> = monitors.iter().map(|m| meta_leader(*m)).collect();
+            (leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0])).then_some(())
+        });
+        let urls: Vec<String> = [4222, 4223, 4224].iter().map(|p| format!("nats://127.0.0.1:{}", port(*p))).collect();
+        let log_of = |n: usize| std::fs::read_to_string(dir.path().join(format!("nats-{n}.log"))).unwrap_or_default();
+
+        let joined = urls.join(",");
+        let service = crate::harness::start_service_at(
+            &joined,
+            &dir,
+            "shipped",
+            &[
+                ("BSTORE__STREAM__REPLICAS", "3"),
+                ("BSTORE__NATS__USER", "bstore"),
+                ("BSTORE__NATS__PASSWORD", passwords["bstore"].as_str()),
+                ("BSTORE__NATS__SERVE__USER", "bstore-serve"),
+                ("BSTORE__NATS__SERVE__PASSWORD", passwords["bstore-serve"].as_str()),
+            ],
+        );
+        let bot = |user: &str, url: &str| {
+            let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), passwords[user].clone());
+            let url = url.to_owned();
+            async move { opts.connect(url).await.unwrap() }
+        };
+        // acme's bot on the third node, globex's on the second: requests cross routes to the service.
+        let acme = bot("acme-bot", &urls[2]).await;
+        let globex = bot("globex-bot", &urls[1]).await;
+        let a = SessionClient::new(acme.clone(), "bstore", "acme", "clustered").with_timeout(Duration::from_secs(3));
+        let budget = Duration::from_secs(30);
+        let retry = crate::harness::retryable;
+        with_retries(budget, retry, || a.creds_put("r-1", b"acme creds")).await.unwrap_or_else(|e| panic!("{e}\n{}", service.log_text()));
+
+        let js = jetstream::new(
+            async_nats::ConnectOptions::with_user_and_password("bstore".into(), passwords["bstore"].clone())
+                .connect(urls[0].clone())
+                .await
+                .unwrap(),
+        );
+        let mut stream = js.get_stream(STREAM).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3);
+        assert_eq!(info.cluster.as_ref().map(|c| c.replicas.len()), Some(2), "a leader and two replicas: {:?}", info.cluster);
+
+        // globex's bot, elsewhere in the cluster, still cannot reach acme's session.
+        let across = SessionClient::new(globex.clone(), "bstore", "acme", "clustered").with_timeout(Duration::from_secs(3));
+        assert_eq!(across.creds_get().await.unwrap_err(), ClientError::NoResponders);
+
+        // Lose the first node: the stream keeps a majority and acme's writes go on.
+        drop(nodes.remove(0));
+        let data = key_data([("pre-key", "1", Some(&b"after"[..]))]);
+        with_retries(budget, retry, || a.keys_set("r-2", &data))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", service.log_text(), log_of(2)));
+        assert_eq!(with_retries(budget, retry, || a.creds_get()).await.unwrap().as_deref(), Some(&b"acme creds"[..]));
+        assert_eq!(with_retries(budget, retry, || a.keys_get("pre-key", &["1"])).await.unwrap()["1"], b"after");
+    }
+}
