@@ -157,7 +157,10 @@ pub async fn serve(
             Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
         }
     }
-    tracing::info!(in_flight = max_in_flight - router.in_flight.available_permits(), "shutting down: no new requests, finishing those in flight");
+    tracing::info!(
+        in_flight = max_in_flight - router.in_flight.available_permits(),
+        "shutting down: no new requests, finishing those in flight"
+    );
     // Each step is bounded: with NATS unreachable, unsubscribing or a reply
     // can wait forever, and a shutdown must not.
     let bounded = |secs| std::time::Duration::from_secs(secs);
@@ -239,4 +242,3 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
         _ => Err("no echo from the server within 10 s".into()),
     }
 }
-

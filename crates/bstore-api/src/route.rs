@@ -150,7 +150,11 @@ impl Router {
                 self.respond_with(&reply, Err(refusal), headers).await;
                 return;
             } else {
-                let target = format!("{}.{p}.{}", self.partition_prefix, subject.strip_prefix(&self.cfg.prefix).unwrap_or_default().trim_start_matches('.'));
+                let target = format!(
+                    "{}.{p}.{}",
+                    self.partition_prefix,
+                    subject.strip_prefix(&self.cfg.prefix).unwrap_or_default().trim_start_matches('.')
+                );
                 let mut headers = HeaderMap::new();
                 headers.insert(FORWARDED, "1");
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -164,7 +168,8 @@ impl Router {
                     }
                     Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
                     Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-                        let refusal = Refusal(ErrorCode::Timeout, "the session's owner did not answer in time; retry with the same rid".into());
+                        let refusal =
+                            Refusal(ErrorCode::Timeout, "the session's owner did not answer in time; retry with the same rid".into());
                         self.respond(&reply, Err(refusal)).await;
                         return;
                     }
@@ -196,7 +201,11 @@ impl Router {
         if body.len() > self.cfg.max_reply_bytes {
             return Err(Refusal(
                 ErrorCode::TooLarge,
-                format!("the reply would be {} bytes, over the server's limit of {}; ask for fewer ids", body.len(), self.cfg.max_reply_bytes),
+                format!(
+                    "the reply would be {} bytes, over the server's limit of {}; ask for fewer ids",
+                    body.len(),
+                    self.cfg.max_reply_bytes
+                ),
             ));
         }
         Ok(body.into())

@@ -76,20 +76,22 @@ pub fn plan(view: &View, me: &str, mine: &[u32], ttl: Duration) -> Action {
     // Counts per live holder, to hand partitions to members below the floor.
     let mut counts: BTreeMap<&str, usize> = members.iter().map(|m| (*m, 0)).collect();
     for v in view.parts.iter().flatten() {
-        if v.held && v.age < ttl {
-            if let Some(c) = counts.get_mut(v.owner.as_str()) {
-                *c += 1;
-            }
+        if v.held
+            && v.age < ttl
+            && let Some(c) = counts.get_mut(v.owner.as_str())
+        {
+            *c += 1;
         }
     }
     counts.insert(me, mine.len());
     let someone_starved = counts.values().any(|c| *c < floor);
     let over_ceil = mine.len() > ceil;
     let max = counts.values().copied().max().unwrap_or(0);
-    if (over_ceil || (someone_starved && mine.len() > floor && mine.len() == max)) && free.is_empty() {
-        if let Some(p) = mine.iter().max() {
-            return Action::Release(*p);
-        }
+    if (over_ceil || (someone_starved && mine.len() > floor && mine.len() == max))
+        && free.is_empty()
+        && let Some(p) = mine.iter().max()
+    {
+        return Action::Release(*p);
     }
     Action::Stay
 }
@@ -131,7 +133,10 @@ mod tests {
     #[test]
     fn an_instance_over_its_share_hands_one_over_when_another_starves() {
         // a holds 3 of 4, b joined with none.
-        let v = view(&[Some(("a", true, FRESH)), Some(("a", true, FRESH)), Some(("a", true, FRESH)), Some(("c", true, FRESH))], &["a", "b", "c"]);
+        let v = view(
+            &[Some(("a", true, FRESH)), Some(("a", true, FRESH)), Some(("a", true, FRESH)), Some(("c", true, FRESH))],
+            &["a", "b", "c"],
+        );
         assert_eq!(plan(&v, "a", &[0, 1, 2], TTL), Action::Release(2), "over ceil(4/3)=2");
         // b has nothing free to take, so it waits.
         assert_eq!(plan(&v, "b", &[], TTL), Action::Stay);

@@ -83,7 +83,8 @@ fn an_evicted_session_hands_over_to_one_actor_in_order() {
             let r = sessions.call(get(&a, &format!("k{i}"))).await.unwrap();
             assert_eq!(value(&r), Some(vec![i]), "acknowledged write k{i} hidden");
         }
-        let info = sessions.call(Request { key: a.clone(), op: Op::Info, deadline: Instant::now() + Duration::from_secs(5) }).await.unwrap();
+        let info =
+            sessions.call(Request { key: a.clone(), op: Op::Info, deadline: Instant::now() + Duration::from_secs(5) }).await.unwrap();
         let Reply::Info(info) = info else { panic!() };
         assert_eq!(info.seq, *seqs.last().unwrap(), "the session's sequence is its last acknowledged write's");
         assert!(sessions.active().await <= 2, "at most max_active actors, plus one handing over");
@@ -111,7 +112,10 @@ fn a_lost_lease_stops_serving_and_a_regained_one_reloads_from_the_log() {
             at_ms: 1,
             rid: None,
             change: bstore_domain::Change::KeysChanged {
-                keys: BTreeMap::from([(KeyType::parse("session").unwrap(), BTreeMap::from([(KeyId::parse("k").unwrap(), Some(Bytes::from_static(b"theirs")))]))]),
+                keys: BTreeMap::from([(
+                    KeyType::parse("session").unwrap(),
+                    BTreeMap::from([(KeyId::parse("k").unwrap(), Some(Bytes::from_static(b"theirs")))]),
+                )]),
                 patched: Default::default(),
             },
         };
