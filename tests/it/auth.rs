@@ -485,3 +485,46 @@ async fn a_killed_service_leaves_no_nats_server_behind_and_passwords_survive_res
 fn is_nats_server(pid: &str) -> bool {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).contains("nats-server")
 }
+
+/// The parent of process `pid`, if it still runs.
+fn parent_of(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": the command may hold spaces, not ')'.
+    Some(stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_owned())
+}
+
+/// The children of process `pid`.
+fn children_of(pid: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| parent_of(p).is_some_and(|parent| parent == pid))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_server_left_without_its_supervisor_is_stopped_at_the_next_start() {
+    let mut embedded = Embedded::start();
+    let pid = embedded.server_pid();
+    // Kill the supervising shell and its pipe watcher first, then the
+    // service: nothing is left to stop the server, as with a server from a
+    // version before the supervisor.
+    let shell = parent_of(&pid).unwrap();
+    assert!(String::from_utf8_lossy(&std::fs::read(format!("/proc/{shell}/cmdline")).unwrap()).starts_with("/bin/sh"));
+    let mut doomed: Vec<String> = children_of(&shell).into_iter().filter(|c| *c != pid).collect();
+    doomed.push(shell);
+    for p in &doomed {
+        std::process::Command::new("kill").args(["-KILL", p]).status().unwrap();
+    }
+    embedded.service.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(is_nats_server(&pid), "the server was left running");
+
+    embedded.service.start_again();
+    assert!(!is_nats_server(&pid), "the next start stopped the leftover server");
+    assert!(embedded.service.log_text().contains("still running on this data dir"));
+    let (bot, _errors) = connect_as(&embedded.read("bot.url")).await;
+    round_trip(bot, "after-leftover").await;
+}
