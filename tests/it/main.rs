@@ -11,3 +11,4 @@ mod isolation;
 mod ownership;
 mod projections;
 mod spine;
+mod trust;
