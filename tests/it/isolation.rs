@@ -590,3 +590,99 @@ mod shipped {
         assert_eq!(with_retries(budget, retry, || a.keys_get("pre-key", &["1"])).await.unwrap()["1"], b"after");
     }
 }
+
+// The service's connection to MongoDB: TLS and SCRAM authentication, both
+// given in the driver's URL (docs/deploy.md).
+
+mod mongo_over_tls {
+    use std::process::{Child, Command, Stdio};
+
+    use bstore_mongo::mongodb::bson::doc;
+    use bstore_testkit::TestCerts;
+
+    use super::*;
+
+    /// The Mongo-compatible test server with TLS (and SCRAM with `auth`),
+    /// killed on drop.
+    struct TlsMongo(Option<Child>);
+
+    impl Drop for TlsMongo {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                bstore_testkit::sigterm(c.id());
+                let _ = c.wait();
+            }
+        }
+    }
+
+    fn start(dir: &TempDir, certs: &TestCerts, port: u16, auth: bool) -> TlsMongo {
+        let bin = bstore_testkit::find_bin("MONGO_SERVER_BIN", ".tools/secantus/bin/secantusd-py", "secantusd-py");
+        let data = dir.path().join("mongo-data");
+        std::fs::create_dir_all(&data).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("mongo.log")).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--log-level", "WARNING"]).arg("--storage-path").arg(&data);
+        cmd.arg("--tls-cert-file").arg(certs.server_cert()).arg("--tls-key-file").arg(certs.server_key());
+        if auth {
+            cmd.arg("--auth");
+        }
+        TlsMongo(Some(cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap()))
+    }
+
+    async fn client(url: &str) -> bstore_mongo::mongodb::Client {
+        let start = std::time::Instant::now();
+        loop {
+            let c = bstore_mongo::mongodb::Client::with_uri_str(url).await.unwrap();
+            match c.database("admin").run_command(doc! { "ping": 1 }).await {
+                Ok(_) => return c,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(60), "the TLS Mongo server never answered: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_service_materializes_into_mongo_over_tls_as_an_authenticated_user() {
+        let dir = TempDir::new("mongo-tls");
+        let certs = TestCerts::generate();
+        let port = bstore_testkit::free_port();
+        let tls = format!("tls=true&tlsCAFile={}", certs.ca().display());
+        let base = format!("127.0.0.1:{port}/?{tls}&retryWrites=false&directConnection=true&serverSelectionTimeoutMS=2000");
+        // Provision the user without auth, then restart with it required.
+        let mut server = start(&dir, &certs, port, false);
+        let admin = client(&format!("mongodb://{base}")).await;
+        admin
+            .database("admin")
+            .run_command(doc! { "createUser": "bstore", "pwd": "mongo-pass-1", "roles": [ { "role": "readWrite", "db": "bstore" } ] })
+            .await
+            .unwrap();
+        drop(admin);
+        drop(server);
+        server = start(&dir, &certs, port, true);
+        let url = format!("mongodb://bstore:mongo-pass-1@{base}&authSource=admin");
+        let reader = client(&url).await;
+        // Without the password the server refuses: authentication is on.
+        let anonymous = bstore_mongo::mongodb::Client::with_uri_str(format!("mongodb://{base}")).await.unwrap();
+        assert!(
+            anonymous.database("bstore").collection::<bstore_mongo::mongodb::bson::Document>("sessions").find_one(doc! {}).await.is_err()
+        );
+
+        let stack = Stack::start_with(&[("BSTORE_MONGO_URL", &url)]).await;
+        let s = stack.session("acme", "materialized");
+        let seq = with_retries(Duration::from_secs(20), crate::harness::retryable, || s.creds_put("r-m", b"creds")).await.unwrap();
+        let sessions = reader.database("bstore").collection::<bstore_mongo::mongodb::bson::Document>("sessions");
+        let start = std::time::Instant::now();
+        loop {
+            let found = sessions.find_one(doc! {}).await.unwrap();
+            if let Some(d) = found
+                && d.get_i64("seq").ok().map(|v| v as u64) == Some(seq)
+            {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "not materialized over TLS:\n{}", stack.service.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(stack);
+        drop(server);
+    }
+}
