@@ -64,6 +64,20 @@ pub enum Change {
 }
 
 impl Event {
+    /// Bytes of values (whole or as deltas) the event carries: what sealing
+    /// it costs in proportion to.
+    pub fn value_bytes(&self) -> usize {
+        match &self.change {
+            Change::CredsPut { creds } => creds.len(),
+            Change::KeysChanged { keys, patched } => {
+                let whole: usize = keys.values().flat_map(|ids| ids.values()).map(|v| v.as_ref().map_or(0, Bytes::len)).sum();
+                let deltas: usize = patched.values().flat_map(|ids| ids.values()).map(crate::delta::Delta::encoded_len).sum();
+                whole + deltas
+            }
+            Change::SessionDeleted => 0,
+        }
+    }
+
     /// Checks that this build can interpret the event and upgrades older
     /// schema versions in place.
     pub fn upgrade(self) -> Result<Self, u16> {

@@ -28,6 +28,18 @@ pub enum Command {
     DeleteSession,
 }
 
+impl Command {
+    /// Bytes of values the command carries: what deciding it (a delta of
+    /// each rewritten value) and sealing its event cost in proportion to.
+    pub fn value_bytes(&self) -> usize {
+        match self {
+            Command::PutCreds { creds } => creds.len(),
+            Command::SetKeys { keys } => keys.values().flat_map(|ids| ids.values()).map(|v| v.as_ref().map_or(0, Bytes::len)).sum(),
+            Command::DeleteSession => 0,
+        }
+    }
+}
+
 /// What `session.info` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {

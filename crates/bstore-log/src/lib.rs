@@ -110,7 +110,16 @@ impl EventLog {
     /// Appends `event` if the session's last event is still `expected_last`
     /// (0: the session has no events).
     pub async fn append(&self, session: &SessionKey, expected_last: u64, event: &Event) -> Result<Appended, LogError> {
-        let payload = self.codec.encode_event(session, event);
+        // Compressing and sealing a large event happens off the thread that
+        // serves the other sessions.
+        let payload = if event.value_bytes() < OFF_THREAD_BYTES {
+            self.codec.encode_event(session, event)
+        } else {
+            let (codec, session, event) = (self.codec.clone(), session.clone(), event.clone());
+            tokio::task::spawn_blocking(move || codec.encode_event(&session, &event))
+                .await
+                .map_err(|e| LogError::Unavailable(format!("sealing an event failed: {e}")))?
+        };
         let mut msg = PublishMessage::build().payload(payload.into()).expected_last_subject_sequence(expected_last);
         if let Some(rid) = &event.rid {
             msg = msg.message_id(format!("{}.{}.{rid}", session.tenant, session.session));
@@ -237,6 +246,10 @@ fn differs(have: &stream::Config, want: &stream::Config) -> bool {
         || have.max_age != want.max_age
         || have.allow_direct != want.allow_direct
 }
+
+/// Events carrying more value bytes than this are sealed on a blocking-pool
+/// thread.
+const OFF_THREAD_BYTES: usize = 128 << 10;
 
 /// How long an append waits for JetStream's acknowledgement by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);

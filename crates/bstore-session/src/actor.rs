@@ -276,7 +276,7 @@ async fn write(
             // A retry of a write the log already stored.
             return Ok(Reply::Written { seq });
         }
-        let Some(event) = live.st.handle(cmd.clone(), &env.limits, now_ms(), rid.clone())? else {
+        let Some(event) = decide(&mut live.st, &cmd, &env.limits, rid.as_deref()).await? else {
             // Nothing to change — as far as this state knows. Acknowledge
             // only once the log confirms the state is current.
             let last = env.log.last_seq(key).await?;
@@ -319,6 +319,33 @@ async fn write(
         }
     }
     Err(SessionError::Conflict)
+}
+
+/// Commands carrying more value bytes than this are decided off the thread
+/// that serves the other sessions: building the deltas of large rewritten
+/// values is linear but not free, and nobody else should wait for it.
+const OFF_THREAD_BYTES: usize = 128 << 10;
+
+/// `SessionState::handle`, on a blocking-pool thread for large commands.
+async fn decide(
+    st: &mut SessionState,
+    cmd: &bstore_domain::Command,
+    limits: &Limits,
+    rid: Option<&str>,
+) -> Result<Option<bstore_domain::Event>, SessionError> {
+    let (now, rid) = (now_ms(), rid.map(str::to_owned));
+    if cmd.value_bytes() < OFF_THREAD_BYTES {
+        return Ok(st.handle(cmd.clone(), limits, now, rid)?);
+    }
+    let (state, cmd, limits) = (std::mem::take(st), cmd.clone(), *limits);
+    let (state, decided) = tokio::task::spawn_blocking(move || {
+        let decided = state.handle(cmd, &limits, now, rid);
+        (state, decided)
+    })
+    .await
+    .map_err(|e| SessionError::Unavailable(format!("deciding a write failed: {e}")))?;
+    *st = state;
+    Ok(decided?)
 }
 
 /// Brings `live` to the log, whose last event of the session is `last`: the
