@@ -264,7 +264,24 @@ async fn the_cluster_checker_finds_no_stale_read_and_no_lost_write_through_failu
     nats.kill(2);
     eprintln!("{:.1} s: SIGKILL of NATS node 2", t0.elapsed().as_secs_f64());
     tokio::time::sleep(pause).await;
+    // The new instance joins once the NATS cluster has elected new leaders
+    // (elections after a node's death take seconds); the load went on meanwhile.
+    nats.wait_ready();
     let live_urls = urls[..2].join(",");
+    let js = async_nats::jetstream::new(connect_ordered(&urls[..2]).await);
+    let elected = with_retries(
+        Duration::from_secs(30),
+        |_| true,
+        || async {
+            let stream = js.get_stream("BSTORE_EVENTS").await.map_err(|e| ClientError::Other(e.to_string()))?;
+            match stream.cached_info().cluster.as_ref().and_then(|c| c.leader.clone()) {
+                Some(leader) if leader != nats.name(2) => Ok(leader),
+                other => Err(ClientError::Other(format!("stream leader {other:?}"))),
+            }
+        },
+    )
+    .await;
+    eprintln!("{:.1} s: event stream leader {elected:?}", t0.elapsed().as_secs_f64());
     services.push(start_service_at(&live_urls, &dir, "i3", &env));
     eprintln!("{:.1} s: instance 3 joined", t0.elapsed().as_secs_f64());
     tokio::time::sleep(pause).await;

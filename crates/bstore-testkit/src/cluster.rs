@@ -89,8 +89,10 @@ impl NatsCluster {
     }
 
     /// Waits (up to 30 s) until every running node answers its health check
-    /// and names the same JetStream meta leader.
+    /// and names the same JetStream meta leader, itself a running node (after
+    /// the leader was killed, the others elect a new one within seconds).
     pub fn wait_ready(&self) {
+        let running: Vec<String> = (0..self.nodes.len()).filter(|i| self.is_running(*i)).map(|i| format!("n{i}")).collect();
         wait_for(30, "the NATS cluster to have a JetStream meta leader", || {
             let mut leader = None;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
@@ -102,8 +104,14 @@ impl NatsCluster {
                     return None;
                 }
             }
-            leader.map(|_| ())
+            leader.filter(|l| running.contains(l)).map(|_| ())
         });
+    }
+
+    /// The server name of node `i` (`n0`, `n1`, `n2`), as JetStream names
+    /// leaders and replicas.
+    pub fn name(&self, i: usize) -> String {
+        format!("n{i}")
     }
 
     /// The client URL of node `i`.
