@@ -1,10 +1,17 @@
 //! The loop: pull a batch from the durable consumer, write it, then ack.
 //!
-//! Events are acknowledged only after Mongo accepted the whole batch and the
-//! checkpoint; while Mongo fails the batch is retried with a growing pause
-//! (and JetStream is told the events are still in progress), so nothing is
-//! skipped and the lag simply grows. An event redelivered after a lost ack
-//! is written again and changes nothing.
+//! Events are acknowledged only after Mongo accepted the whole batch; while
+//! Mongo fails the batch is retried with a growing pause (and JetStream is
+//! told the events are still in progress), so nothing is skipped and the lag
+//! simply grows. An event redelivered after a lost ack is written again and
+//! changes nothing.
+//!
+//! Several instances may run this loop on the same durable consumer: each
+//! fetches its own batches, so events of one session can be applied by two
+//! instances at once and out of order, and a batch whose ack wait passed can
+//! be applied by two at once. [`Store::apply`] is written for that; nothing
+//! here assumes one instance. The checkpoint kept in Mongo is the
+//! consumer's ack floor, which every instance's acks move.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +27,7 @@ use bstore_log::{EventLog, LogConfig};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::store::{ID_SEP, LoggedEvent, Store, key_doc_id, sid};
+use crate::store::{ID_SEP, KeyValueAt, LoggedEvent, Store, key_doc_id, sid};
 use crate::{MongoConfig, MongoError};
 
 /// How far the materializer is behind the log.
@@ -98,8 +105,9 @@ impl Materializer {
         }
         let stored = self.store.values_of(&wanted).await?;
         // Values as of the event being resolved: what earlier events of the
-        // batch left, by document id (`None`: deleted).
-        let mut in_batch: HashMap<String, Option<Bytes>> = HashMap::new();
+        // batch left, by document id, with the sequence that left them
+        // (`None`: deleted).
+        let mut in_batch: HashMap<String, KeyValueAt> = HashMap::new();
         for e in &mut events {
             let sid = sid(&e.session);
             let Change::KeysChanged { keys, patched } = &mut e.event.change else {
@@ -107,7 +115,7 @@ impl Materializer {
                     let prefix = format!("{sid}{ID_SEP}");
                     in_batch.retain(|id, _| !id.starts_with(&prefix));
                     for id in stored.keys().filter(|id| id.starts_with(&prefix)) {
-                        in_batch.insert(id.clone(), None);
+                        in_batch.insert(id.clone(), (e.seq, None));
                     }
                 }
                 continue;
@@ -115,23 +123,28 @@ impl Materializer {
             for (ty, ids) in std::mem::take(patched) {
                 for (kid, delta) in ids {
                     let doc_id = key_doc_id(&sid, &ty, &kid);
-                    if stored.get(&doc_id).is_some_and(|(seq, _)| *seq >= e.seq) && !in_batch.contains_key(&doc_id) {
+                    let mongo = stored.get(&doc_id);
+                    if mongo.is_some_and(|(seq, _)| *seq >= e.seq) && !in_batch.contains_key(&doc_id) {
                         continue; // applied before: the guard would drop it anyway
                     }
-                    let base = match in_batch.get(&doc_id) {
-                        Some(v) => v.clone(),
-                        None => stored.get(&doc_id).and_then(|(_, v)| v.clone()),
-                    };
-                    let new = match base.as_deref().map(|b| delta.apply(b)) {
-                        Some(Ok(new)) => new,
-                        _ => self.value_from_log(&e.session, e.seq, &ty, &kid, &delta).await?,
+                    // With several instances, the batch and Mongo may each
+                    // hold an older value than the one just before this
+                    // event (another instance has the events between): the
+                    // newer of the two is tried first, and the patch checks
+                    // which one it was made against.
+                    let mut bases: Vec<&KeyValueAt> =
+                        in_batch.get(&doc_id).into_iter().chain(mongo.filter(|(seq, _)| *seq < e.seq)).collect();
+                    bases.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+                    let new = match bases.iter().find_map(|(_, v)| v.as_deref().and_then(|b| delta.apply(b).ok())) {
+                        Some(new) => new,
+                        None => self.value_from_log(&e.session, e.seq, &ty, &kid, &delta).await?,
                     };
                     keys.entry(ty.clone()).or_default().insert(kid, Some(new));
                 }
             }
             for (ty, ids) in keys.iter() {
                 for (kid, value) in ids {
-                    in_batch.insert(key_doc_id(&sid, ty, kid), value.clone());
+                    in_batch.insert(key_doc_id(&sid, ty, kid), (e.seq, value.clone()));
                 }
             }
         }
@@ -295,26 +308,40 @@ impl Materializer {
             }
         }
         let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
-        let mut pause = Backoff::new(self.cfg.retry_max);
-        loop {
-            let written = async {
-                let events = self.resolve_patches(&events).await?;
-                let applied = self.store.apply(&events).await?;
-                self.store.save_checkpoint(&self.cfg.consumer, max_seq).await?;
-                Ok::<_, MongoError>(applied)
-            }
-            .await;
-            match written {
-                Ok(applied) => {
-                    tracing::debug!(?applied, max_seq, "batch materialized");
-                    break;
+        let write = async {
+            let mut pause = Backoff::new(self.cfg.retry_max);
+            loop {
+                let written = async {
+                    let events = self.resolve_patches(&events).await?;
+                    self.store.apply(&events).await
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, events = events.len(), "writing a batch to mongo failed; retrying");
+                .await;
+                match written {
+                    Ok(applied) => {
+                        tracing::debug!(?applied, max_seq, "batch materialized");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, events = events.len(), "writing a batch to mongo failed; retrying");
+                        pause.wait().await;
+                    }
+                }
+            }
+        };
+        // While the batch is being written (or retried), JetStream is told
+        // it is in progress, so that it is not delivered to another instance
+        // after the ack wait. That would still be correct — every write is
+        // guarded — but it would be done twice.
+        tokio::pin!(write);
+        let mut keep_alive = tokio::time::interval((self.cfg.ack_wait / 3).max(Duration::from_millis(100)));
+        keep_alive.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut write => break,
+                _ = keep_alive.tick() => {
                     for m in &good {
                         let _ = m.ack_with(AckKind::Progress).await;
                     }
-                    pause.wait().await;
                 }
             }
         }
@@ -325,7 +352,29 @@ impl Materializer {
             }
         }
         self.applied.fetch_max(max_seq, Ordering::AcqRel);
+        self.save_checkpoint(consumer).await;
         Ok(messages.len())
+    }
+
+    /// Records the consumer's ack floor in Mongo. Not the batch's highest
+    /// sequence: with several instances, or an event left unacknowledged,
+    /// events below it may not be applied yet, and a consumer made again
+    /// from it would skip them. Every event up to the ack floor was
+    /// acknowledged, so applied. (Acks are asynchronous: the floor read may
+    /// not include this batch yet; a later batch records it.)
+    async fn save_checkpoint(&self, consumer: &consumer::PullConsumer) {
+        let floor = match consumer.get_info().await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the consumer's ack floor; checkpoint not moved");
+                return;
+            }
+        };
+        if floor > 0
+            && let Err(e) = self.store.save_checkpoint(&self.cfg.consumer, floor).await
+        {
+            tracing::debug!(error = %e, "could not save the checkpoint; a later batch will");
+        }
     }
 
     fn decode(&self, m: &jetstream::Message) -> Result<LoggedEvent, MongoError> {
