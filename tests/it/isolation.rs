@@ -497,6 +497,99 @@ mod shipped {
         body["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty()).map(str::to_owned)
     }
 
+    /// `deploy/nats-single.conf` with its TLS block uncommented (pointing at
+    /// `certs`), on free ports, with its own store and the shipped accounts.
+    fn single_with_tls(dir: &TempDir, certs: &bstore_testkit::TestCerts, accounts: &str) -> (Node, u16) {
+        let (client, monitor) = (bstore_testkit::free_port(), bstore_testkit::free_port());
+        let mut conf = String::new();
+        let mut in_tls = false;
+        for line in deploy("nats-single.conf").lines() {
+            in_tls |= line.starts_with("# tls {");
+            let line = if in_tls { line.strip_prefix("# ").unwrap_or(line) } else { line };
+            in_tls &= line != "}";
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let conf = conf
+            .replace("\"/etc/nats/tls/server.pem\"", &format!("{:?}", certs.server_cert().display().to_string()))
+            .replace("\"/etc/nats/tls/server-key.pem\"", &format!("{:?}", certs.server_key().display().to_string()))
+            .replace("\"/etc/nats/tls/ca.pem\"", &format!("{:?}", certs.ca().display().to_string()))
+            .replace("\"127.0.0.1:4222\"", &format!("\"127.0.0.1:{client}\""))
+            .replace("\"127.0.0.1:8222\"", &format!("\"127.0.0.1:{monitor}\""))
+            .replace("\"/var/lib/nats\"", &format!("{:?}", dir.path().join("js").display().to_string()));
+        assert!(conf.contains("\ntls {") && !conf.contains("/etc/nats"), "the TLS block was not found:\n{conf}");
+        std::fs::write(dir.path().join("accounts.conf"), accounts).unwrap();
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, conf).unwrap();
+        let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
+        let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
+        let child =
+            Command::new(bin).arg("-c").arg(&path).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+        let node = Node(Some(child));
+        bstore_testkit::wait_for(20, "the TLS nats-server", || js_healthy(monitor).then_some(()));
+        (node, client)
+    }
+
+    fn js_healthy(port: u16) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+        let _ = s.write_all(b"GET /healthz?js-enabled-only=true HTTP/1.0\r\n\r\n");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200")
+    }
+
+    /// The single server's TLS block, turned on as its comment says: the
+    /// service and bots connect with the CA and client certificates; a
+    /// connection without a client certificate, or without TLS, is refused.
+    #[tokio::test]
+    async fn the_single_servers_tls_block_turned_on_serves_over_mutual_tls() {
+        let dir = TempDir::new("shipped-tls");
+        let certs = bstore_testkit::TestCerts::generate();
+        let (accounts, passwords) = shipped_accounts();
+        let (_node, port) = single_with_tls(&dir, &certs, &accounts);
+        let url = format!("tls://127.0.0.1:{port}");
+        let (ca, cert, key) = (certs.ca(), certs.client_cert(), certs.client_key());
+        let service = crate::harness::start_service_at(
+            &url,
+            &dir,
+            "tls",
+            &[
+                ("BSTORE_NATS_CA", ca.to_str().unwrap()),
+                ("BSTORE_NATS_CERT", cert.to_str().unwrap()),
+                ("BSTORE_NATS_KEY", key.to_str().unwrap()),
+                ("BSTORE__NATS__TLS__REQUIRED", "true"),
+                ("BSTORE__NATS__USER", "bstore"),
+                ("BSTORE__NATS__PASSWORD", passwords["bstore"].as_str()),
+                ("BSTORE__NATS__SERVE__USER", "bstore-serve"),
+                ("BSTORE__NATS__SERVE__PASSWORD", passwords["bstore-serve"].as_str()),
+            ],
+        );
+        let opts = || {
+            async_nats::ConnectOptions::with_user_and_password("acme-bot".into(), passwords["acme-bot"].clone())
+                .add_root_certificates(ca.clone())
+                .require_tls(true)
+        };
+        let bot = opts().add_client_certificate(cert.clone(), key.clone()).connect(url.clone()).await.unwrap();
+        let s = SessionClient::new(bot, "bstore", "acme", "tls").with_timeout(Duration::from_secs(3));
+        with_retries(Duration::from_secs(20), crate::harness::retryable, || s.creds_put("r-t", b"over tls"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", service.log_text()));
+        assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"over tls"[..]));
+        // verify: true — no client certificate, no connection.
+        let refused = tokio::time::timeout(Duration::from_secs(5), opts().connect(url.clone())).await;
+        assert!(!matches!(refused, Ok(Ok(_))), "connected without a client certificate");
+        // And no plain-text connection at all: the server demands TLS and a
+        // verified client certificate before anything else.
+        let mut info = String::new();
+        {
+            use std::io::BufRead as _;
+            let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            std::io::BufReader::new(tcp).read_line(&mut info).unwrap();
+        }
+        assert!(info.starts_with("INFO ") && info.contains("\"tls_required\":true") && info.contains("\"tls_verify\":true"), "{info}");
+    }
+
     /// The three shipped cluster files, run as they are apart from their
     /// ports (free ones instead of 4222-4224, 6222-6224, 8222-8224), store
     /// directories and placeholder passwords.
