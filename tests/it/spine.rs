@@ -130,15 +130,28 @@ async fn with_no_configuration_it_runs_its_own_nats_server_and_keeps_data_across
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "the key file is private to its owner");
 
-    let url = std::fs::read_to_string(data.join("nats.url")).unwrap();
-    let s = SessionClient::new(connect(url.trim()).await, "bstore", "t", "s");
+    // Bots connect with the URL and password the service wrote for them.
+    let s = SessionClient::new(connect_bot(&data).await, "bstore", "t", "s");
     s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"written"[..]))])).await.unwrap();
 
     service.restart();
     assert!(!service.log_text().split("serving requests").nth(1).unwrap().contains("GENERATED"), "the key is reused");
-    let url = wait_for(10, "nats.url", || std::fs::read_to_string(data.join("nats.url")).ok());
-    let s = SessionClient::new(connect(url.trim()).await, "bstore", "t", "s");
+    wait_for(10, "the readiness file", || data.join(baileys_store::READY_FILE).exists().then_some(()));
+    let s = SessionClient::new(connect_bot(&data).await, "bstore", "t", "s");
     assert_eq!(s.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"written");
+}
+
+/// Connects as the embedded server's bot user, from `data/bot.url`
+/// (`nats://bot:<password>@127.0.0.1:<port>`).
+async fn connect_bot(data: &std::path::Path) -> async_nats::Client {
+    let url = wait_for(10, "bot.url", || std::fs::read_to_string(data.join("bot.url")).ok());
+    let rest = url.trim().strip_prefix("nats://").expect("a nats:// URL");
+    let (userinfo, host) = rest.split_once('@').expect("credentials in the bot URL");
+    let (user, password) = userinfo.split_once(':').expect("user:password");
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(format!("nats://{host}"))
+        .await
+        .expect("the bot URL's credentials are accepted")
 }
 
 #[tokio::test]

@@ -116,8 +116,14 @@ impl Leases {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (wake_tx, wake_rx) = mpsc::channel(16);
         tokio::spawn(watch_bucket(store.clone(), seen.clone(), wake_tx, stop_rx.clone()));
+        let first_round = cfg.lease_ttl;
         let keeper = Keeper { store, cfg, ownership, handover, held: BTreeMap::new(), seen };
-        let task = tokio::spawn(keeper.run(stop_rx, wake_rx));
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(keeper.run(stop_rx, wake_rx, first_tx));
+        // Returns once the first round has taken what was free, so that an
+        // instance announces itself ready holding its partitions (bounded:
+        // an unreachable bucket must not hold the start up for long).
+        let _ = tokio::time::timeout(first_round, first_rx).await;
         Ok(Self { stop, task })
     }
 
@@ -151,8 +157,10 @@ impl Keeper {
         sent + self.cfg.lease_ttl.saturating_sub(self.cfg.margin)
     }
 
-    async fn run(mut self, mut stop: watch::Receiver<bool>, mut wake: mpsc::Receiver<()>) {
+    async fn run(mut self, mut stop: watch::Receiver<bool>, mut wake: mpsc::Receiver<()>, first: tokio::sync::oneshot::Sender<()>) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u32>();
+        self.tick(&done_tx).await;
+        let _ = first.send(());
         let mut tick = tokio::time::interval(self.cfg.renew_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

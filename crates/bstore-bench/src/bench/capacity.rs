@@ -151,8 +151,14 @@ pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
         let dir = scratch.join(format!("capacity-{n}"));
         let ecfg = baileys_store::config::EmbeddedConfig { port: -1, ..Default::default() };
         let nats = baileys_store::embedded::EmbeddedNats::start(&ecfg, &dir.join("nats")).await?;
-        let nc = async_nats::connect(&nats.url).await?;
-        let mut svc = ServiceProc::start(&args.service_bin, &nats.url, &key, &dir.join("svc"), n * 2 + 1000, args.redis_url.as_deref())?;
+        // The private server demands passwords: the service process gets the
+        // service user's URL, and so does this client (it also reaches
+        // JetStream to read the stream's figures).
+        let nc = async_nats::ConnectOptions::with_user_and_password(nats.service.user.clone(), nats.service.password.clone())
+            .connect(&nats.url)
+            .await?;
+        let service_url = nats.service_url();
+        let mut svc = ServiceProc::start(&args.service_bin, &service_url, &key, &dir.join("svc"), n * 2 + 1000, args.redis_url.as_deref())?;
         let outcome = async {
             wait_ready(&nc, &mut svc).await?;
             crate::raise_consumer_limit(&nc, args.stream_max_consumers).await?;
@@ -199,7 +205,7 @@ pub async fn run(args: &CapacityArgs, scratch: &Path) -> anyhow::Result<()> {
             );
             if first {
                 first = false;
-                cold_and_log(&nc, &mut svc, &args.service_bin, &nats.url, &key, &dir, n, args).await?;
+                cold_and_log(&nc, &mut svc, &args.service_bin, &service_url, &key, &dir, n, args).await?;
             }
             anyhow::Ok(())
         }
