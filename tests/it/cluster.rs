@@ -344,7 +344,7 @@ async fn the_cluster_checker_finds_no_stale_read_and_no_lost_write_through_failu
         gave_up.len(),
         started.elapsed().as_secs_f64()
     );
-    assert!(acked > 1000, "too little load to prove anything: {acked} acknowledged writes");
+    assert!(acked > 500, "too little load to prove anything: {acked} acknowledged writes");
     assert!(
         violations.is_empty(),
         "{} violations ({stale} stale or hidden reads, {lost} lost or misplaced acknowledged writes); the first 25:\n{}",
