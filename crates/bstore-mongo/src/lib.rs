@@ -3,17 +3,20 @@
 //! the log.
 //!
 //! A durable JetStream pull consumer with explicit acks reads the event
-//! stream in batches ([`Materializer`]); each batch is written with one
-//! unordered `bulk_write` whose every operation is guarded by stream sequence
-//! ([`Store::apply`]), then acknowledged. Client-level `bulk_write` needs
-//! MongoDB 8.0+ (the test server reports 8.2).
+//! stream in batches ([`Materializer`]); each batch is written with
+//! unordered `bulk_write`s whose every operation is guarded by stream
+//! sequence ([`Store::apply`]), then acknowledged. Client-level `bulk_write`
+//! needs MongoDB 8.0+ (the test server reports 8.2). Several instances may
+//! share the consumer: `apply` is correct when they apply batches of one
+//! session at the same time, in any order, or the same batch twice.
 //!
 //! **Architecture invariants:** Mongo never holds a fact the stream lacks —
 //! only events read back from the log are written; writes are idempotent and
-//! ordered by stream sequence — a redelivered or older event changes
-//! nothing; deletions leave tombstones carrying their sequence, purged by a
-//! TTL index only after the configured retention; values stay sealed for
-//! their session, type and id.
+//! ordered by stream sequence, also across instances — a redelivered or
+//! older event changes no fact; deletions leave tombstones carrying their
+//! sequence, purged by a TTL index only after the configured retention, and
+//! a key change older than a deletion is never left live; values stay
+//! sealed for their session, type and id.
 
 mod config;
 mod materializer;

@@ -5,21 +5,67 @@
 //! seq, value: <sealed>, deleted: false, updated_at}`; a deleted key keeps
 //! its document as a tombstone: `deleted: true`, no value, `deleted_at`.
 //!
-//! `sessions`: one per session — `{_id: "<tenant>.<session>", tenant,
-//! session, seq, creds: <sealed>, updated_at_ms, counts: {type: n},
-//! reset_seq, deleted, deleted_at}`. (No event counter: a counter cannot be
-//! kept exact when a redelivered or reordered event may arrive; everything
-//! here is either last-writer-wins by sequence or recomputed.) `reset_seq` is the sequence of the
-//! session's last deletion: a key change older than it is never written, so a
-//! late event cannot bring back a key the deletion removed.
+//! `sessions`: one per session, made of registers that are each written on
+//! their own, last-writer-wins by their own sequence:
+//!
+//! ```text
+//! {_id: "<tenant>.<session>", tenant, session,
+//!  seq, updated_at_ms, deleted, deleted_at,      the newest event
+//!  creds: <sealed>, creds_seq,                   the newest creds put or deletion
+//!  reset_seq, reset_at_ms,                       the newest deletion
+//!  counts: {type: n}, counted_gen, count_gen}    recomputed (`Store::recount`)
+//! ```
+//!
+//! (No event counter: a counter cannot be kept exact when a redelivered or
+//! reordered event may arrive; everything here is either last-writer-wins
+//! by sequence or recomputed.) `reset_seq` is the sequence of the session's
+//! last deletion: a key change older than it is never left live, so a late
+//! event cannot bring back a key the deletion removed.
 //!
 //! `checkpoints`: `{_id: <consumer>, last_seq, updated_at}`.
 //!
-//! Every write is guarded by sequence: an upsert filtered on `seq < new`.
-//! When the document is already as new or newer the filter matches nothing
-//! and the upsert's insert collides with the existing `_id` (error 11000),
-//! which here means "already applied" and is ignored. So applying a batch
-//! twice, or an older event after a newer one, changes nothing.
+//! # Several instances at once
+//!
+//! Several instances run the materializer on one durable consumer, so two
+//! of them may apply batches of one session at the same time and in any
+//! order, apply the same batch at the same time (redelivered after the ack
+//! wait), or apply a batch that an instance which died had half written.
+//! The server makes each single-document update atomic and nothing more;
+//! so every write here is one guarded update, and no decision taken from a
+//! read is one that another instance can make wrong in the meantime:
+//!
+//! - **Registers.** Every write is filtered on its document's (or
+//!   register's) sequence being lower than its own (a register never
+//!   written counts as 0). Writes of different events commute and a repeat
+//!   matches nothing: any order of batches gives each register and each key
+//!   the value of its newest event. A read is used only to leave out writes
+//!   it shows dead — a sequence only ever rises, so they stay dead.
+//! - **Collisions.** A guarded upsert whose filter matched nothing inserts;
+//!   if the document exists by then (error 11000) it was either as new or
+//!   newer, or created in between by another instance — possibly older.
+//!   Such a write is sent again without upsert: the document exists now,
+//!   and the same guarded update decides.
+//! - **Deletions against key writes.** A deletion at `d` first raises the
+//!   session's `reset_seq` to `d` (D1), then tombstones every key document
+//!   of the session with `seq < d` (D2). A key write at `w < d` first writes
+//!   its key (W1), then reads `reset_seq` again (W2) and, if it is above `w`,
+//!   tombstones that key unless it is newer (W3). If W2 reads `d`, W3
+//!   removes the key. If it reads less, D1 had not happened yet, so W1 had
+//!   committed before D1 and therefore before D2 began: D2 finds the key and
+//!   removes it. Either way the one that comes second sees the other. (A key
+//!   rewritten while D2 runs is a write with its own W2, after D1.)
+//! - **Interrupted batches.** A deletion at or above the `reset_seq` read
+//!   tombstones again (the instance that raised it may have died before
+//!   D2), and every key of a batch goes through W2/W3, also those found
+//!   already written (the instance that wrote them may have died before W2).
+//! - **Counts.** Recomputed from the key documents by every batch that may
+//!   have changed which keys exist, and stored under a generation taken
+//!   after its key writes, so that two crossing recounts end with the newer
+//!   one ([`Store::recount`]). Key writes compare-and-set on the sequence
+//!   they read, so that when the write lands on the document read, whether
+//!   a key appeared or disappeared is known; otherwise (changed in between,
+//!   created by another, found already written — perhaps by an attempt that
+//!   died before its recount) the session is recounted.
 //!
 //! Dates are taken from the events (`at_ms`), not from the clock, so a
 //! rebuild writes the same documents as the live materializer did.
@@ -256,7 +302,7 @@ impl Store {
         // per key the newest change; a deletion of the session turns every
         // earlier change of the batch into a tombstone at its sequence.
         let mut plans: BTreeMap<String, SessionPlan> = BTreeMap::new();
-        let mut key_ops: BTreeMap<(String, KeyType, KeyId), KeyOp> = BTreeMap::new();
+        let mut key_ops: BTreeMap<KeyPlace, KeyOp> = BTreeMap::new();
         for e in &events {
             let id = sid(&e.session);
             let reset_before = known.get(&id).map_or(0, |m| m.reset_seq);
@@ -355,7 +401,7 @@ impl Store {
         }
         let first_key_write = writes.len();
         // Key writes by their place in `writes`, with what the write knew.
-        let mut sent: Vec<(&(String, KeyType, KeyId), &KeyOp, Option<KeyMark>)> = Vec::new();
+        let mut sent: Vec<(&KeyPlace, &KeyOp, Option<KeyMark>)> = Vec::new();
         for (place, op) in &key_ops {
             let (id, ty, kid) = place;
             let doc_id = key_doc_id(id, ty, kid);
@@ -386,7 +432,9 @@ impl Store {
         let mut changed_under_us = Vec::new();
         for (&(place, op, b), outcome) in sent.iter().zip(&outcomes[first_key_write..]) {
             let live = op.value.is_some();
-            let exact = match (b, outcome) {
+            // Whether the write is known to have left the set of live keys
+            // as it was.
+            let same_keys = match (b, outcome) {
                 (Some(b), Outcome::Matched) => b.live == live,
                 (None, Outcome::Inserted) => !live,
                 (Some(_), _) => {
@@ -401,7 +449,7 @@ impl Store {
                 }
                 (None, _) => false,
             };
-            if !exact {
+            if !same_keys {
                 recount.insert(place.0.clone(), op.session.clone());
             }
         }
@@ -601,7 +649,7 @@ impl Store {
     /// One key's change. `expect`: the sequence the document was read at
     /// (compare-and-set, no upsert); `None`: guarded by `seq < new` alone,
     /// with upsert.
-    fn key_write(&self, doc_id: &str, place: &(String, KeyType, KeyId), op: &KeyOp, expect: Option<u64>) -> Write {
+    fn key_write(&self, doc_id: &str, place: &KeyPlace, op: &KeyOp, expect: Option<u64>) -> Write {
         let (id, ty, kid) = place;
         let at = DateTime::from_millis(op.at_ms as i64);
         let mut set = doc! {
@@ -814,6 +862,9 @@ pub fn sid(session: &SessionKey) -> String {
 pub fn key_doc_id(sid: &str, ty: &KeyType, id: &KeyId) -> String {
     format!("{sid}{ID_SEP}{ty}{ID_SEP}{id}")
 }
+
+/// A key by session document id, type and id.
+type KeyPlace = (String, KeyType, KeyId);
 
 struct KeyOp {
     seq: u64,
