@@ -52,7 +52,14 @@ fn shipped_accounts() -> (String, HashMap<String, String>) {
 
 impl Fleet {
     async fn start() -> Self {
-        let (accounts, passwords) = shipped_accounts();
+        Self::start_with_accounts("").await
+    }
+
+    /// With `more` (account entries) added inside the shipped `accounts { }`.
+    async fn start_with_accounts(more: &str) -> Self {
+        let (mut accounts, passwords) = shipped_accounts();
+        let end = accounts.rfind('}').expect("the accounts block closes the file");
+        accounts.insert_str(end, more);
         let nats = NatsServer::start_conf(&accounts);
         let dir = TempDir::new("isolation");
         let env = [
@@ -307,6 +314,30 @@ async fn a_reply_subject_naming_the_jetstream_api_purges_nothing() {
     // And globex's data is all there.
     let g = fleet.session(&globex, "globex", "busy-0");
     assert_eq!(g.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"v");
+}
+
+#[tokio::test]
+async fn a_tenant_added_with_the_tenant_command_works_and_is_isolated() {
+    let out = std::process::Command::new(crate::harness::service_bin()).args(["tenant", "add", "newco"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let block = String::from_utf8(out.stdout).unwrap();
+    let password = block.split("password: \"").nth(1).and_then(|r| r.split('"').next()).expect("a generated password").to_owned();
+    let mut fleet = Fleet::start_with_accounts(&block).await;
+    fleet.passwords.insert("newco-bot".into(), password);
+    let newco = fleet.bot("newco").await;
+    let s = fleet.session(&newco, "newco", "first");
+    s.creds_put(&rid(), b"newco creds").await.unwrap();
+    assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"newco creds"[..]));
+    // Its import is its own tenant's subjects only.
+    fleet.session(&fleet.bot("acme").await, "acme", "s").creds_put(&rid(), b"acme").await.unwrap();
+    assert_eq!(fleet.session(&newco, "acme", "s").creds_get().await.unwrap_err(), ClientError::NoResponders);
+    assert!(
+        newco
+            .request("$JS.API.STREAM.INFO.BSTORE_EVENTS", "".into())
+            .await
+            .map(|m| !String::from_utf8_lossy(&m.payload).contains(STREAM))
+            .unwrap_or(true)
+    );
 }
 
 /// The control: the same probes in one account (the plain test server, no
