@@ -365,22 +365,33 @@ async fn a_killed_cluster_node_comes_back_with_its_store() {
     let js = async_nats::jetstream::new(nc);
     let cfg =
         async_nats::jetstream::stream::Config { name: "R3".into(), subjects: vec!["r3.>".into()], num_replicas: 3, ..Default::default() };
-    js.create_stream(cfg).await.unwrap();
-    js.publish("r3.a", "before".into()).await.unwrap().await.unwrap();
-    nats.kill(1);
-    // The stream may have lost its leader: retried, the same message id
-    // until a new leader takes it.
-    let landed = with_retries(
+    let created = with_retries(
         Duration::from_secs(20),
         |_| true,
-        || async {
-            let msg = async_nats::jetstream::message::PublishMessage::build().payload("while one node is down".into()).message_id("m2");
-            let ack = js.send_publish("r3.a", msg).await.map_err(|e| ClientError::Other(e.to_string()))?;
-            ack.await.map_err(|e| ClientError::Other(e.to_string()))
-        },
+        || async { js.get_or_create_stream(cfg.clone()).await.map(|_| ()).map_err(|e| ClientError::Other(e.to_string())) },
     )
     .await;
-    landed.unwrap();
+    created.unwrap();
+    // A new stream, or one that lost its leader, takes a moment to elect
+    // one: each message is retried under its own id until a leader takes it.
+    let publish = |payload: &'static str, id: &'static str| {
+        let js = js.clone();
+        async move {
+            with_retries(
+                Duration::from_secs(20),
+                |_| true,
+                || async {
+                    let msg = async_nats::jetstream::message::PublishMessage::build().payload(payload.into()).message_id(id);
+                    let ack = js.send_publish("r3.a", msg).await.map_err(|e| ClientError::Other(e.to_string()))?;
+                    ack.await.map_err(|e| ClientError::Other(e.to_string()))
+                },
+            )
+            .await
+        }
+    };
+    publish("before", "m1").await.unwrap();
+    nats.kill(1);
+    publish("while one node is down", "m2").await.unwrap();
     nats.start_again(1);
     let whole = with_retries(
         Duration::from_secs(20),

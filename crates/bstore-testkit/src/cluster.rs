@@ -88,15 +88,18 @@ impl NatsCluster {
         node.child = Some(child::spawn_logged(cmd, &dir.join("nats.log"), "nats-server"));
     }
 
-    /// Waits (up to 30 s) until every running node answers its health check
-    /// and names the same JetStream meta leader, itself a running node (after
+    /// Waits (up to 30 s) until every running node passes its full health
+    /// check and names the same JetStream meta leader, itself a running node (after
     /// the leader was killed, the others elect a new one within seconds).
     pub fn wait_ready(&self) {
         let running: Vec<String> = (0..self.nodes.len()).filter(|i| self.is_running(*i)).map(|i| format!("n{i}")).collect();
         wait_for(30, "the NATS cluster to have a JetStream meta leader", || {
             let mut leader = None;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-                if http_get(node.monitor, "/healthz?js-enabled-only=true").is_none_or(|(code, _)| code != 200) {
+                // The full health check: JetStream on, current with the
+                // meta leader, and every stream and consumer of this node
+                // current.
+                if http_get(node.monitor, "/healthz").is_none_or(|(code, _)| code != 200) {
                     return None;
                 }
                 let this = meta_leader(node.monitor)?;
