@@ -47,7 +47,8 @@ async fn every_acknowledged_write_survives_sigkill_in_order() {
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     // The killed instance's partition leases lapse first (the lease TTL):
     // meanwhile requests wait, as a bot's client does.
-    let got = crate::harness::with_retries(Duration::from_secs(30), crate::harness::retryable, || s.keys_get("session", &refs)).await.unwrap();
+    let got =
+        crate::harness::with_retries(Duration::from_secs(30), crate::harness::retryable, || s.keys_get("session", &refs)).await.unwrap();
     for i in &acked {
         assert_eq!(got.get(&format!("k{i}")).map(Vec::as_slice), Some(&i.to_be_bytes()[..]), "acknowledged write k{i} lost");
     }
@@ -64,8 +65,8 @@ async fn every_acknowledged_write_survives_sigkill_in_order() {
 #[tokio::test]
 async fn two_owners_by_mistake_writing_one_session_lose_nothing() {
     let stack = Stack::start_with(&[("BSTORE__SESSIONS__CONFLICT_RETRIES", "1")]).await;
-    let mut second =
-        stack.another_service(&[("BSTORE__SESSIONS__CONFLICT_RETRIES", "1"), ("BSTORE__CLUSTER__BUCKET", "BSTORE_LEASES_OF_ANOTHER_CLUSTER")]);
+    let mut second = stack
+        .another_service(&[("BSTORE__SESSIONS__CONFLICT_RETRIES", "1"), ("BSTORE__CLUSTER__BUCKET", "BSTORE_LEASES_OF_ANOTHER_CLUSTER")]);
     let s = stack.session("t", "shared");
     let mut tasks = Vec::new();
     for w in 0..8 {
@@ -154,6 +155,7 @@ async fn data_under_a_key_no_longer_in_the_keyring_is_an_error_not_absent() {
     let err = s.keys_get("pre-key", &["1"]).await.unwrap_err();
     assert_eq!(err.code(), Some(520), "{err:?}");
     assert!(err.to_string().contains("key 1"), "the error names the missing key: {err}");
+    assert!(!err.to_string().contains("rotated-away"), "but not the session: {err}");
     assert_eq!(s.creds_get().await.unwrap_err().code(), Some(520), "creds.get must not say 'no creds'");
 }
 

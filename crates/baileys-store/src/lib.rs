@@ -90,7 +90,7 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
         cfg.api.max_request_bytes = lowered;
     }
     let codec = Codec::new(keyring);
-    let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
+    let log = open_log(&client, &cfg, &codec).await?;
     let redis = projections::redis_projection(&cfg, &codec)?;
     let materializer = projections::start_materializer(&cfg, &client, &codec).await?;
     // This process's identity in the lease bucket: new at every start, so a
@@ -113,7 +113,9 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     let ready_file = cfg.data_dir.join(READY_FILE);
     let _ = std::fs::remove_file(&ready_file);
     let ready = || {
-        if let Err(e) = std::fs::create_dir_all(&cfg.data_dir).and_then(|()| std::fs::write(&ready_file, format!("{}\n", std::process::id()))) {
+        if let Err(e) =
+            std::fs::create_dir_all(&cfg.data_dir).and_then(|()| std::fs::write(&ready_file, format!("{}\n", std::process::id())))
+        {
             tracing::warn!(file = %ready_file.display(), error = %e, "could not write the readiness file");
         }
     };
@@ -130,6 +132,24 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async { tokio::join!(serving.flush(), client.flush()) }).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the event stream, waiting for JetStream while it has no leader (a
+/// cluster electing one after a node died) rather than giving up at once.
+async fn open_log(client: &async_nats::Client, cfg: &Config, codec: &Codec) -> anyhow::Result<EventLog> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await {
+            Ok(log) => return Ok(log),
+            Err(bstore_log::LogError::Unavailable(e)) if start.elapsed() < std::time::Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "the event stream is not available yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("opening the event stream")),
+        }
+    }
 }
 
 /// For the command-line tools: a NATS connection (to the configured servers,

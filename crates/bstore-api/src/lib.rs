@@ -135,9 +135,29 @@ pub async fn serve(
         partition_prefix: cluster.cfg.partition_prefix.clone(),
     });
     let subs = Arc::new(PartitionSubs { router: router.clone(), tasks: Mutex::new(HashMap::new()) });
-    let leases = Leases::start(cluster.js, cluster.cfg, cluster.replicas, sessions.ownership().clone(), subs.clone(), cluster.reset)
+    // The lease bucket may be briefly unavailable (a cluster electing a
+    // leader): wait for it rather than exit.
+    let started = std::time::Instant::now();
+    let leases = loop {
+        let handover: Arc<dyn Handover> = subs.clone();
+        match Leases::start(
+            cluster.js.clone(),
+            cluster.cfg.clone(),
+            cluster.replicas,
+            sessions.ownership().clone(),
+            handover,
+            cluster.reset,
+        )
         .await
-        .map_err(|e| StartError(e.to_string()))?;
+        {
+            Ok(leases) => break leases,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "the lease bucket is not available yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(StartError(e.to_string())),
+        }
+    };
     // `flush` only writes out the SUB; a message through the server to
     // ourselves proves the server has processed it, so a request sent after
     // "serving requests" is logged finds the endpoint.

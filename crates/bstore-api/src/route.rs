@@ -130,9 +130,12 @@ impl Router {
                         let result = result
                             .map_err(|e| {
                                 if let SessionError::Unreadable(detail) = &e {
-                                    // The details (session, event) are the
-                                    // operator's; the reply says what happened.
+                                    // The operator's log has the session; the
+                                    // reply has the cause (which key, which
+                                    // event) without naming the session.
                                     tracing::warn!(session = %key, %detail, "stored data could not be opened");
+                                    let cause = detail.replace(&key.to_string(), "the session");
+                                    return Refusal(ErrorCode::Unreadable, format!("stored data could not be opened: {cause}"));
                                 }
                                 Refusal::from(&e)
                             })
