@@ -517,15 +517,27 @@ mod shipped {
         }
     }
 
-    /// The JetStream meta leader a node's monitoring port reports, if any.
-    fn meta_leader(port: u16) -> Option<String> {
+    /// A monitoring endpoint's JSON body.
+    fn monitor(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.write_all(b"GET /jsz HTTP/1.0\r\n\r\n").ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
         let mut resp = String::new();
         s.read_to_string(&mut resp).ok()?;
-        let body: serde_json::Value = serde_json::from_str(resp.split_once("\r\n\r\n")?.1).ok()?;
-        body["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty()).map(str::to_owned)
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, serde_json::from_str(body).ok()?))
+    }
+
+    /// The JetStream meta leader a healthy node at `port` knows, and whether
+    /// it sees both of its peers current (only the leader does).
+    fn meta_view(port: u16) -> Option<(String, bool)> {
+        let (_, jsz) = monitor(port, "/jsz")?;
+        let leader = jsz["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty())?.to_owned();
+        let peers = jsz["meta_cluster"]["replicas"].as_array()?;
+        let current = peers.len() == 2 && peers.iter().all(|p| p["current"].as_bool() == Some(true));
+        let (health, _) = monitor(port, "/healthz")?;
+        (health == 200).then_some((leader, current))
     }
 
     /// `deploy/nats-single.conf` with its TLS block uncommented (pointing at
@@ -656,9 +668,10 @@ mod shipped {
         }
         let port = |p: u16| ports.iter().find(|(from, _)| *from == p).unwrap().1;
         let monitors = [port(8222), port(8223), port(8224)];
-        bstore_testkit::wait_for(30, "the three shipped nodes to agree on a JetStream meta leader", || {
-            let leaders: Vec<Option<String>> = monitors.iter().map(|m| meta_leader(*m)).collect();
-            (leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0])).then_some(())
+        bstore_testkit::wait_for(60, "the three shipped nodes to agree on a JetStream meta leader", || {
+            let views: Option<Vec<(String, bool)>> = monitors.iter().map(|m| meta_view(*m)).collect();
+            let views = views?;
+            (views.iter().all(|(l, _)| *l == views[0].0) && views.iter().any(|(_, current)| *current)).then_some(())
         });
         let urls: Vec<String> = [4222, 4223, 4224].iter().map(|p| format!("nats://127.0.0.1:{}", port(*p))).collect();
         let log_of = |n: usize| std::fs::read_to_string(dir.path().join(format!("nats-{n}.log"))).unwrap_or_default();
