@@ -132,6 +132,7 @@ pub async fn serve(
         metrics,
         routing,
         in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        local: std::sync::atomic::AtomicU64::new(0),
         partition_prefix: cluster.cfg.partition_prefix.clone(),
     });
     let subs = Arc::new(PartitionSubs { router: router.clone(), tasks: Mutex::new(HashMap::new()) });
@@ -186,14 +187,22 @@ pub async fn serve(
     let bounded = |secs| std::time::Duration::from_secs(secs);
     let _ = tokio::time::timeout(bounded(2), endpoint.stop()).await;
     subs.stop_all();
+    // First the requests served here, which need the leases to answer;
+    // then the partitions are given up, so that the others take them over
+    // at once rather than after the lease time; then the requests that are
+    // only waiting for another instance (forwarded, or in a failover).
+    let _ = tokio::time::timeout(bounded(15), async {
+        while router.local.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(bounded(20), leases.stop()).await;
     let _ = tokio::time::timeout(bounded(15), async {
         while handlers.join_next().await.is_some() {}
         let _ = router.in_flight.acquire_many(max_in_flight as u32).await;
     })
     .await;
-    // Nothing runs any more: give the partitions up so that the others
-    // take them over at once rather than after the lease time.
-    let _ = tokio::time::timeout(bounded(20), leases.stop()).await;
     let _ = tokio::time::timeout(bounded(2), service.stop()).await;
     Ok(())
 }

@@ -48,6 +48,9 @@ pub(crate) struct Router {
     pub metrics: Arc<Metrics>,
     pub routing: Arc<RouteMetrics>,
     pub in_flight: Arc<Semaphore>,
+    /// Requests being served by a session actor here (not forwarded): what
+    /// a shutdown waits for before it gives the partitions up.
+    pub local: AtomicU64,
     pub partition_prefix: String,
 }
 
@@ -124,7 +127,10 @@ impl Router {
         loop {
             if ownership.serving(p).is_some() {
                 let req = Request { key: key.clone(), op: op.clone(), deadline };
-                match self.sessions.call(req).await {
+                self.local.fetch_add(1, Relaxed);
+                let called = self.sessions.call(req).await;
+                self.local.fetch_sub(1, Relaxed);
+                match called {
                     Err(SessionError::NotOwner) => {}
                     result => {
                         let result = result

@@ -9,6 +9,8 @@ mod config;
 mod leases;
 mod ownership;
 pub mod plan;
+#[cfg(test)]
+mod tests_leases;
 
 pub use config::ClusterConfig;
 pub use leases::{BoxFuture, Handover, LeaseError, Leases};
