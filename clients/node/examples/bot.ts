@@ -1,6 +1,9 @@
 // A minimal Baileys bot whose auth state lives in baileys-store.
 //
-//   NATS_URL=nats://127.0.0.1:4222 BSTORE_TENANT=acme BSTORE_SESSION=bot-1 npm run example
+//   NATS_URL="$(cat ../../data/bot.url)" BSTORE_TENANT=acme BSTORE_SESSION=bot-1 npm run example
+//
+// NATS_URL may carry the bot's user and password (the embedded default writes such a URL into
+// data/bot.url).
 //
 // Scan the QR code it prints with WhatsApp (Linked devices). It answers "ping" with "pong".
 // In an application, import from '@baileys-store/client' instead of '../src/index.js'.
@@ -11,7 +14,14 @@ import qrcode from 'qrcode-terminal'
 import { useNatsAuthState } from '../src/index.js'
 
 const logger = pino({ level: process.env.LOG_LEVEL ?? 'warn' })
-const nc = await connect({ servers: process.env.NATS_URL ?? 'nats://127.0.0.1:4222', name: 'baileys-bot' })
+const url = new URL(process.env.NATS_URL ?? 'nats://127.0.0.1:4222')
+const nc = await connect({
+	servers: `${url.hostname}:${url.port || 4222}`,
+	user: url.username ? decodeURIComponent(url.username) : undefined,
+	pass: url.password ? decodeURIComponent(url.password) : undefined,
+	name: 'baileys-bot',
+	maxReconnectAttempts: -1
+})
 
 // The one line that differs from a file-based bot: `await useMultiFileAuthState('auth_info')` becomes
 const { state, saveCreds, clear } = await useNatsAuthState(nc, {
