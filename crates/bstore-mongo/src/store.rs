@@ -958,31 +958,28 @@ fn older_than(field: &str, n: i64) -> Vec<Document> {
 
 /// A deletion's tombstones: every key document of the session older than it.
 fn wipe_write(keys: &Collection<Document>, id: &str, seq: u64, at_ms: u64) -> Write {
-    let at = DateTime::from_millis(at_ms as i64);
-    Write {
-        ns: keys.namespace(),
-        filter: doc! { "sid": id, "seq": { "$lt": seq as i64 } },
-        update: doc! {
-            "$set": { "seq": seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
-            "$unset": { "value": "" },
-        },
-        upsert: false,
-        many: true,
-    }
+    tombstones(keys, doc! { "sid": id }, seq, at_ms, true)
 }
 
 /// One key document made a tombstone of the deletion at `seq`, if older.
 fn tombstone_write(keys: &Collection<Document>, doc_id: &str, seq: u64, at_ms: u64) -> Write {
+    tombstones(keys, doc! { "_id": doc_id }, seq, at_ms, false)
+}
+
+/// Makes the key documents matching `filter` that are older than `seq`
+/// tombstones of the deletion at `seq`.
+fn tombstones(keys: &Collection<Document>, mut filter: Document, seq: u64, at_ms: u64, many: bool) -> Write {
     let at = DateTime::from_millis(at_ms as i64);
+    filter.insert("seq", doc! { "$lt": seq as i64 });
     Write {
         ns: keys.namespace(),
-        filter: doc! { "_id": doc_id, "seq": { "$lt": seq as i64 } },
+        filter,
         update: doc! {
             "$set": { "seq": seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
             "$unset": { "value": "" },
         },
         upsert: false,
-        many: false,
+        many,
     }
 }
 
