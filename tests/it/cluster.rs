@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bstore_api::client::{ClientError, SessionClient, key_data};
 use bstore_testkit::{NatsCluster, ServiceProcess, TempDir};
-use serde::{Deserialize, Serialize};
 
 use crate::harness::{connect_ordered, fast_leases, history, retryable, rid, start_service_at, with_retries};
 
@@ -64,20 +63,8 @@ fn retry_write(e: &ClientError) -> bool {
 
 /// `keys.get` of the one key `k`, with the reply's `seq`.
 async fn read(s: &SessionClient) -> Result<(Option<String>, u64), ClientError> {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        #[serde(rename = "type")]
-        ty: &'a str,
-        ids: &'a [&'a str],
-    }
-    #[derive(Deserialize)]
-    struct ReplyBody {
-        values: HashMap<String, serde_bytes::ByteBuf>,
-        seq: u64,
-    }
-    let raw = s.raw("keys.get", rmp_serde::to_vec_named(&Body { ty: "session", ids: &["k"] }).unwrap()).await?;
-    let r: ReplyBody = rmp_serde::from_slice(&raw).map_err(|e| ClientError::Other(e.to_string()))?;
-    Ok((r.values.get("k").map(|v| String::from_utf8_lossy(v).into_owned()), r.seq))
+    let (values, seq) = s.keys_get_with_seq("session", &["k"]).await?;
+    Ok((values.get("k").map(|v| String::from_utf8_lossy(v).into_owned()), seq))
 }
 
 /// Writes `k` = a fresh value and reads it back, session after session,

@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bstore_api::client::{ClientError, SessionClient, key_data};
-use serde::{Deserialize, Serialize};
 
 use crate::harness::{Stack, fast_leases, retryable, rid, with_retries};
 
@@ -48,23 +47,9 @@ fn one_key(ty: &str, id: &str, value: Option<&[u8]>) -> bstore_api::client::KeyD
     key_data([(ty, id, value)])
 }
 
-/// `keys.get` with the reply's `seq`, which [`SessionClient::keys_get`] drops.
+/// `keys.get` with the reply's `seq`.
 async fn get_with_seq(s: &SessionClient, ty: &str, ids: &[&str]) -> Result<(HashMap<String, Vec<u8>>, u64), ClientError> {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        #[serde(rename = "type")]
-        ty: &'a str,
-        ids: &'a [&'a str],
-    }
-    #[derive(Deserialize)]
-    struct ReplyBody {
-        values: HashMap<String, serde_bytes::ByteBuf>,
-        seq: u64,
-    }
-    let body = rmp_serde::to_vec_named(&Body { ty, ids }).unwrap();
-    let raw = s.raw("keys.get", body).await?;
-    let r: ReplyBody = rmp_serde::from_slice(&raw).map_err(|e| ClientError::Other(e.to_string()))?;
-    Ok((r.values.into_iter().map(|(k, v)| (k, v.into_vec())).collect(), r.seq))
+    s.keys_get_with_seq(ty, ids).await
 }
 
 /// Finding 1: `K=v1`, `K=v2`, `K=v1` through instances that NATS picks. When

@@ -4,7 +4,7 @@
 use bstore_api::client::{SessionClient, key_data};
 use bstore_testkit::{ServiceProcess, TempDir, wait_for};
 
-use crate::harness::{Stack, connect, rid, service_bin};
+use crate::harness::{Stack, rid, service_bin};
 
 #[tokio::test]
 async fn keys_set_then_get_returns_the_bytes_written_across_types() {

@@ -117,8 +117,13 @@ impl SessionClient {
 
     /// `keys.get`: the found ids and their values.
     pub async fn keys_get(&self, ty: &str, ids: &[&str]) -> Result<HashMap<String, Vec<u8>>, ClientError> {
+        Ok(self.keys_get_with_seq(ty, ids).await?.0)
+    }
+
+    /// `keys.get`, with the session's sequence the reply was read at.
+    pub async fn keys_get_with_seq(&self, ty: &str, ids: &[&str]) -> Result<(HashMap<String, Vec<u8>>, u64), ClientError> {
         let r: KeysReply<HashMap<String, ByteBuf>> = self.call(RequestBody::KeysGet { ty, ids: ids.to_vec() }).await?;
-        Ok(r.values.into_iter().map(|(k, v)| (k, v.into_vec())).collect())
+        Ok((r.values.into_iter().map(|(k, v)| (k, v.into_vec())).collect(), r.seq))
     }
 
     /// `keys.set`; returns the sequence.
