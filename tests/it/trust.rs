@@ -67,3 +67,31 @@ async fn an_ordinary_inbox_is_still_answered() {
     assert!(answer.headers.is_none_or(|h| h.get("Nats-Service-Error-Code").is_none()), "answered without error");
     assert!(!answer.payload.is_empty());
 }
+
+#[tokio::test]
+async fn past_max_in_flight_requests_are_shed_with_a_coded_503_and_counted() {
+    let stack = Stack::start_with(&[("BSTORE__API__MAX_IN_FLIGHT", "2")]).await;
+    let big = vec![7u8; 1 << 20];
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let s = stack.session("acme", &format!("s{}", i % 8));
+        let big = big.clone();
+        calls.push(tokio::spawn(async move {
+            let id = format!("k{i}");
+            s.keys_set(&rid(), &key_data([("app-state-sync-version", id.as_str(), Some(&big[..]))])).await
+        }));
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Some(503) && e.to_string().contains("overloaded") => shed += 1,
+            Err(e) => panic!("neither served nor shed: {e:?}"),
+        }
+    }
+    assert!(shed > 0, "40 concurrent 1 MiB writes never exceeded 2 in flight");
+    assert!(ok > 0, "the instance still served within its bound");
+    let stats = stack.nc.request("$SRV.STATS.baileys-store", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["endpoints"][0]["data"]["routing"]["shed_overloaded"].as_u64(), Some(shed), "{stats}");
+}
