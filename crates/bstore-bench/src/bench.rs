@@ -19,6 +19,8 @@
 mod capacity;
 #[path = "bench/floors.rs"]
 mod floors;
+#[path = "bench/ownership.rs"]
+mod ownership;
 #[path = "bench/stats.rs"]
 mod stats;
 #[path = "bench/values.rs"]
@@ -40,8 +42,8 @@ use values::{pre_key, sender_key_record, session_record, stamped};
 #[derive(Parser, Clone)]
 #[command(about = "Latency and throughput of keys.set / keys.get over NATS with the floors beside them, and capacity")]
 struct Args {
-    /// Sections to run: floors, target, latency, sizes, rate, capacity.
-    #[arg(long, value_delimiter = ',', default_value = "floors,target,latency,sizes,rate,capacity")]
+    /// Sections to run: floors, target, latency, sizes, rate, capacity, ownership.
+    #[arg(long, value_delimiter = ',', default_value = "floors,target,latency,sizes,rate,capacity,ownership")]
     sections: Vec<String>,
     /// Seconds per closed-loop row.
     #[arg(long, default_value_t = 1.5)]
@@ -296,6 +298,15 @@ async fn bench(
             capacity::run(&cargs, &scratch).await?;
         } else {
             println!("\ncapacity: skipped, {} not found (cargo build --release --bin baileys-store)", bin.display());
+        }
+    }
+    if args.has("ownership") {
+        let bin = args.service_bin.clone().unwrap_or_else(|| std::env::current_exe().unwrap_or_default().with_file_name("baileys-store"));
+        if bin.exists() {
+            let oargs = ownership::OwnershipArgs { service_bin: bin, seconds: args.seconds, value_bytes: args.value_bytes, ids: args.ids };
+            ownership::run(&oargs).await?;
+        } else {
+            println!("\nownership: skipped, {} not found (cargo build --release --bin baileys-store)", bin.display());
         }
     }
     Ok(())
