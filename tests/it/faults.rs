@@ -186,3 +186,47 @@ async fn a_forged_event_in_the_log_is_reported_as_unreadable() {
     let err = s.keys_get("pre-key", &["1"]).await.unwrap_err();
     assert_eq!(err.code(), Some(520), "{err:?}");
 }
+
+/// A graceful stop under load answers every request the stopping instance
+/// had taken — served while it still owns the partitions, or passed to the
+/// next owner — so no client waits out a time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_under_load_answers_every_request_the_instance_took() {
+    let leases = crate::harness::fast_leases();
+    let mut stack = Stack::start_with(&leases).await;
+    let _second = stack.another_service(&leases);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let s = stack.session("t", &format!("load-{c}")).with_timeout(Duration::from_secs(3));
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0u32, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let v = i.to_be_bytes();
+                match s.keys_set(&rid(), &key_data([("session", "k", Some(&v[..]))])).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => errors.push(e),
+                }
+                i += 1;
+            }
+            (ok, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.service.terminate();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut errors) = (0, Vec::new());
+    for c in clients {
+        let (o, e) = c.await.unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    let timed_out: Vec<_> = errors.iter().filter(|e| matches!(e, ClientError::TimedOut)).collect();
+    assert!(timed_out.is_empty(), "requests taken by the stopping instance were never answered: {timed_out:?} (of {ok} served)");
+    assert!(ok > 100, "the load ran ({ok} writes)");
+    // Whatever else was refused was refused retryably, never lost.
+    assert!(errors.iter().all(crate::harness::retryable), "{errors:?}");
+}

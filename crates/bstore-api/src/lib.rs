@@ -135,7 +135,7 @@ pub async fn serve(
         local: std::sync::atomic::AtomicU64::new(0),
         partition_prefix: cluster.cfg.partition_prefix.clone(),
     });
-    let subs = Arc::new(PartitionSubs { router: router.clone(), tasks: Mutex::new(HashMap::new()) });
+    let subs = Arc::new(PartitionSubs { router: router.clone(), subs: Mutex::new(HashMap::new()) });
     // The lease bucket may be briefly unavailable (a cluster electing a
     // leader): wait for it rather than exit.
     let started = std::time::Instant::now();
@@ -185,8 +185,13 @@ pub async fn serve(
     // Each step is bounded: with NATS unreachable, unsubscribing or a reply
     // can wait forever, and a shutdown must not.
     let bounded = |secs| std::time::Duration::from_secs(secs);
+    // Requests the server delivered before it saw the unsubscribe are still
+    // answered, not dropped with the subscription.
     let _ = tokio::time::timeout(bounded(2), endpoint.stop()).await;
-    subs.stop_all();
+    while let Ok(Some(request)) = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.next()).await {
+        handlers.spawn(router.clone().handle(request.message));
+    }
+    subs.stop_all().await;
     // First the requests served here, which need the leases to answer;
     // then the partitions are given up, so that the others take them over
     // at once rather than after the lease time; then the requests that are
@@ -209,16 +214,38 @@ pub async fn serve(
 
 /// The subscriptions of the partitions this instance owns, started and
 /// stopped by the lease keeper.
+///
+/// A subscription is never just dropped: requests the server has already
+/// delivered would be lost with it. Stopping one drains it — unsubscribe,
+/// then handle every request still buffered (served here while the gate is
+/// open, else passed to the new owner) — and only then is it gone.
 struct PartitionSubs {
     router: Arc<route::Router>,
-    tasks: Mutex<HashMap<u32, tokio::task::JoinHandle<()>>>,
+    subs: Mutex<HashMap<u32, PartitionSub>>,
 }
 
+struct PartitionSub {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long draining a subscription may take.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl PartitionSubs {
-    fn stop_all(&self) {
-        for (_, task) in self.tasks.lock().expect("not poisoned").drain() {
-            task.abort();
-        }
+    /// Drains every subscription; resolves when their buffered requests
+    /// have all been handed to handlers.
+    async fn stop_all(&self) {
+        let subs: Vec<PartitionSub> = self.subs.lock().expect("not poisoned").drain().map(|(_, s)| s).collect();
+        let tasks: Vec<_> = subs.into_iter().map(PartitionSub::stop).collect();
+        let _ = tokio::time::timeout(DRAIN_TIME, futures_util::future::join_all(tasks)).await;
+    }
+}
+
+impl PartitionSub {
+    fn stop(self) -> tokio::task::JoinHandle<()> {
+        let _ = self.stop.send(());
+        self.task
     }
 }
 
@@ -228,6 +255,7 @@ impl Handover for PartitionSubs {
         let subject = router.partition_subject(p);
         let queue = router.cfg.queue_group.clone();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let mut sub = match router.client.queue_subscribe(subject.clone(), queue).await {
                 Ok(sub) => sub,
@@ -238,14 +266,28 @@ impl Handover for PartitionSubs {
                 }
             };
             let _ = started_tx.send(());
-            // Dropping the subscriber (when this task is aborted)
-            // unsubscribes.
-            while let Some(msg) = sub.next().await {
-                tokio::spawn(router.clone().handle(msg));
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    next = sub.next() => match next {
+                        Some(msg) => {
+                            tokio::spawn(router.clone().handle(msg));
+                        }
+                        None => return,
+                    },
+                }
+            }
+            // Unsubscribe, and take what the server delivered before it
+            // saw that.
+            if sub.drain().await.is_ok() {
+                while let Ok(Some(msg)) = tokio::time::timeout(DRAIN_TIME, sub.next()).await {
+                    tokio::spawn(router.clone().handle(msg));
+                }
             }
         });
-        if let Some(old) = self.tasks.lock().expect("not poisoned").insert(p, task) {
-            old.abort();
+        let old = self.subs.lock().expect("not poisoned").insert(p, PartitionSub { stop, task });
+        if let Some(old) = old {
+            old.stop();
         }
         Box::pin(async move {
             let _ = started_rx.await;
@@ -253,11 +295,14 @@ impl Handover for PartitionSubs {
     }
 
     fn release(&self, p: u32) -> BoxFuture {
-        if let Some(task) = self.tasks.lock().expect("not poisoned").remove(&p) {
-            task.abort();
-        }
+        let sub = self.subs.lock().expect("not poisoned").remove(&p);
         let sessions = self.router.sessions.clone();
-        Box::pin(async move { sessions.drop_partition(p).await })
+        Box::pin(async move {
+            if let Some(sub) = sub {
+                let _ = tokio::time::timeout(DRAIN_TIME, sub.stop()).await;
+            }
+            sessions.drop_partition(p).await
+        })
     }
 }
 
