@@ -219,14 +219,33 @@ fn start_service(dir: &std::path::Path, memory: bool, redis: Option<String>) -> 
     });
     let url_file: PathBuf = dir.join("nats.url");
     let start = Instant::now();
+    let ready = dir.join(baileys_store::READY_FILE);
     let url = loop {
-        if let Ok(url) = std::fs::read_to_string(&url_file) {
+        if let (Ok(url), true) = (std::fs::read_to_string(&url_file), ready.exists()) {
             break url.trim().to_owned();
         }
         anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the service did not start");
         std::thread::sleep(Duration::from_millis(20));
     };
+    // The private server demands a password: the benchmark connects as the
+    // service user (it also reaches JetStream for the floors).
+    let creds = baileys_store::embedded::service_credentials(&baileys_store::embedded::dir(dir))?;
+    let url = format!("nats://{}:{}@{}", creds.user, creds.password, url.trim_start_matches("nats://"));
     Ok((url, (stop, thread)))
+}
+
+/// Connects to `url`, sending the `user:password@` it may carry (the client
+/// library reads those from a URL but does not send them).
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let rest = url.strip_prefix("nats://").unwrap_or(url);
+    let client = match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into()).connect(format!("nats://{host}")).await?
+        }
+        None => async_nats::connect(url).await?,
+    };
+    Ok(client)
 }
 
 fn machine() -> String {
@@ -262,7 +281,7 @@ async fn bench(
         if projection.is_some() { "on" } else { "off" }
     );
     if let Some(url) = &url {
-        let nc = async_nats::connect(url).await.context("connecting")?;
+        let nc = connect(url).await.context("connecting")?;
         wait_for_service(&nc).await?;
         raise_consumer_limit(&nc, args.stream_max_consumers).await?;
         if args.has("floors") {
