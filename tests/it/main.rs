@@ -8,6 +8,7 @@ mod deltas;
 mod faults;
 mod harness;
 mod isolation;
+mod mapping;
 mod materializer_concurrency;
 mod ownership;
 mod projections;
