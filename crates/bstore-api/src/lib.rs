@@ -1,10 +1,10 @@
 //! The request-reply API, as written down in `docs/protocol.md`.
 //!
-//! One NATS micro-service endpoint listens on `<prefix>.>` in a queue group,
-//! so `$SRV.PING/INFO/STATS` answer and several instances share the load.
-//! A single wildcard endpoint (rather than one per op) is what lets the
-//! service answer a malformed subject or an unknown op with a coded error
-//! instead of silence.
+//! One queue subscription on `<prefix>.>` (a single wildcard rather than one
+//! per op, so that a malformed subject or an unknown op gets a coded error
+//! instead of silence), one per owned partition, and a NATS micro service
+//! for `$SRV.PING/INFO/STATS`. Subscriptions are drained, never just
+//! dropped, so a stopping instance answers everything it was sent.
 //!
 //! This crate only translates: subject and body in, [`bstore_session::Request`]
 //! out, and the reply or error back. Decisions live in the domain crate.
@@ -30,6 +30,9 @@ use tokio::task::JoinSet;
 
 pub use codes::ErrorCode;
 pub use metrics::Metrics;
+
+/// The micro-service endpoint of an instance is `<INSTANCE_PREFIX>.<instance id>`.
+pub const INSTANCE_PREFIX: &str = "_BSTORE_SVC";
 
 /// The service name announced on `$SRV.INFO`.
 pub const SERVICE_NAME: &str = "baileys-store";
@@ -122,8 +125,16 @@ pub async fn serve(
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| StartError(e.to_string()))?;
+    // The micro-service endpoint carries the figures ($SRV.STATS) and this
+    // instance's identity; it listens on a private subject of its own.
+    // Requests arrive on a plain queue subscription instead, because a
+    // micro-service endpoint can only be unsubscribed, which drops what the
+    // server had already sent, while a plain subscription can be drained.
+    let instance = sessions.ownership().instance().to_owned();
     let mut endpoint =
-        service.endpoint_builder().name("api").add(format!("{}.>", cfg.prefix)).await.map_err(|e| StartError(e.to_string()))?;
+        service.endpoint_builder().name("api").add(format!("{INSTANCE_PREFIX}.{instance}")).await.map_err(|e| StartError(e.to_string()))?;
+    let mut requests =
+        client.queue_subscribe(format!("{}.>", cfg.prefix), cfg.queue_group.clone()).await.map_err(|e| StartError(e.to_string()))?;
     let max_in_flight = cfg.max_in_flight.max(1);
     let router = Arc::new(route::Router {
         client: client.clone(),
@@ -171,10 +182,12 @@ pub async fn serve(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            next = endpoint.next() => {
-                let Some(request) = next else { break };
-                handlers.spawn(router.clone().handle(request.message));
+            next = requests.next() => {
+                let Some(msg) = next else { break };
+                handlers.spawn(router.clone().handle(msg));
             }
+            // Nothing is served on the endpoint's own subject.
+            Some(_) = endpoint.next() => {}
             Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
         }
     }
@@ -185,12 +198,14 @@ pub async fn serve(
     // Each step is bounded: with NATS unreachable, unsubscribing or a reply
     // can wait forever, and a shutdown must not.
     let bounded = |secs| std::time::Duration::from_secs(secs);
-    // Requests the server delivered before it saw the unsubscribe are still
-    // answered, not dropped with the subscription.
-    let _ = tokio::time::timeout(bounded(2), endpoint.stop()).await;
-    while let Ok(Some(request)) = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.next()).await {
-        handlers.spawn(router.clone().handle(request.message));
+    // Drain: unsubscribe, and answer what the server had sent before it
+    // saw that (the subscription ends once the server confirms).
+    if requests.drain().await.is_ok() {
+        while let Ok(Some(msg)) = tokio::time::timeout(bounded(5), requests.next()).await {
+            handlers.spawn(router.clone().handle(msg));
+        }
     }
+    let _ = tokio::time::timeout(bounded(2), endpoint.stop()).await;
     subs.stop_all().await;
     // First the requests served here, which need the leases to answer;
     // then the partitions are given up, so that the others take them over
