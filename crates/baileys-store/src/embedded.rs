@@ -359,15 +359,8 @@ fn secret(path: &Path) -> anyhow::Result<String> {
             Ok(pw)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let pw: String = bstore_codec::Keyring::generate_key().iter().map(|b| format!("{b:02x}")).collect();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            writeln!(f, "{pw}")?;
-            f.sync_all()?;
+            let pw = crate::keys::random_hex(32);
+            crate::keys::create_private(path, &format!("{pw}\n"))?;
             Ok(pw)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),

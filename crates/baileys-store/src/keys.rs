@@ -49,13 +49,25 @@ fn generate(file: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let entry = Keyring::format_entry(1, &Keyring::generate_key());
+    create_private(file, &format!("# baileys-store sealing keys (id:base64). Add a higher id to rotate.\n{entry}\n"))
+}
+
+/// Creates `path` owner-only (0600) from the start — it must not exist —
+/// writes `contents` and syncs it: for generated secrets.
+pub(crate) fn create_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(file)
-        .with_context(|| format!("creating {}", file.display()))?;
-    writeln!(f, "# baileys-store sealing keys (id:base64). Add a higher id to rotate.\n{entry}")?;
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     Ok(())
+}
+
+/// `bytes` random bytes from the OS (at most 32), as lowercase hex: for
+/// generated passwords, safe in any quoting.
+pub fn random_hex(bytes: usize) -> String {
+    Keyring::generate_key().iter().take(bytes).map(|b| format!("{b:02x}")).collect()
 }

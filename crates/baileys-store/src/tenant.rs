@@ -83,8 +83,7 @@ pub fn add(name: &str, prefix: &str, service_account: &str, password: &str) -> a
 
 /// 24 random bytes from the OS, hex: 192 bits, safe in any quoting.
 fn random_password() -> String {
-    let bytes = bstore_codec::Keyring::generate_key();
-    bytes[..24].iter().map(|b| format!("{b:02x}")).collect()
+    baileys_store::keys::random_hex(24)
 }
 
 #[cfg(test)]

@@ -359,41 +359,29 @@ impl<'a> Reader<'a> {
     }
 
     fn map_len(&mut self, what: &str) -> Result<usize, BodyError> {
-        let n = match self.peek() {
-            Some(m @ 0x80..=0x8f) => {
-                self.pos += 1;
-                usize::from(m & 0x0f)
-            }
-            Some(0xde) => {
-                self.pos += 1;
-                self.len(2)?
-            }
-            Some(0xdf) => {
-                self.pos += 1;
-                self.len(4)?
-            }
-            _ => return Err(malformed(format!("{what} must be a map"))),
-        };
-        Ok(n)
+        self.container_len(0x80, 0xde).ok_or_else(|| malformed(format!("{what} must be a map")))?
     }
 
     fn array_len(&mut self, field: &str) -> Result<usize, BodyError> {
-        let n = match self.peek() {
-            Some(m @ 0x90..=0x9f) => {
+        self.container_len(0x90, 0xdc).ok_or_else(|| malformed(format!("field `{field}` must be an array")))?
+    }
+
+    /// The element count of a map or array header at the cursor (its fix
+    /// form starts at `fix`, its 16-bit form is `m16`, the 32-bit one
+    /// `m16 + 1`), consuming the header; `None` if another type is there.
+    fn container_len(&mut self, fix: u8, m16: u8) -> Option<Result<usize, BodyError>> {
+        let m = self.peek()?;
+        let width = match m {
+            _ if m & 0xf0 == fix => {
                 self.pos += 1;
-                usize::from(m & 0x0f)
+                return Some(Ok(usize::from(m & 0x0f)));
             }
-            Some(0xdc) => {
-                self.pos += 1;
-                self.len(2)?
-            }
-            Some(0xdd) => {
-                self.pos += 1;
-                self.len(4)?
-            }
-            _ => return Err(malformed(format!("field `{field}` must be an array"))),
+            _ if m == m16 => 2,
+            _ if m == m16 + 1 => 4,
+            _ => return None,
         };
-        Ok(n)
+        self.pos += 1;
+        Some(self.len(width))
     }
 
     /// The length of a `str` header at the cursor, consuming the header.

@@ -99,9 +99,9 @@ impl Router {
         };
         let started = Instant::now();
         let forwarded = msg.headers.as_ref().is_some_and(|h| h.get(FORWARDED).is_some());
-        let (subject, via_partition) = match self.strip_partition(&msg.subject) {
-            Some((n, rest)) => (format!("{}.{rest}", self.cfg.prefix), Some(n)),
-            None => (msg.subject.to_string(), None),
+        let (subject, via_partition): (std::borrow::Cow<'_, str>, _) = match self.strip_partition(&msg.subject) {
+            Some((n, rest)) => (format!("{}.{rest}", self.cfg.prefix).into(), Some(n)),
+            None => (msg.subject.as_str().into(), None),
         };
         let decoded = wire::parse_request(&self.cfg.prefix, &subject, &msg.payload, &self.cfg.limits, self.cfg.max_request_bytes);
         let (key, op_name, op) = match decoded {
@@ -136,14 +136,11 @@ impl Router {
                         let result = result
                             .map_err(|e| {
                                 if let SessionError::Unreadable(detail) = &e {
-                                    // The operator's log has the session; the
-                                    // reply has the cause (which key, which
-                                    // event) without naming the session.
+                                    // The operator's log names the session;
+                                    // the reply does not.
                                     tracing::warn!(session = %key, %detail, "stored data could not be opened");
-                                    let cause = detail.replace(&key.to_string(), "the session");
-                                    return Refusal(ErrorCode::Unreadable, format!("stored data could not be opened: {cause}"));
                                 }
-                                Refusal::from(&e)
+                                Refusal::of_session(&e, &key)
                             })
                             .and_then(|r| self.encode(&r));
                         self.metrics.record(Some(op_name.as_str()), result.as_ref().err().map(|r| r.0), started.elapsed());

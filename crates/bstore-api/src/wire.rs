@@ -50,6 +50,18 @@ impl From<&SessionError> for Refusal {
     }
 }
 
+impl Refusal {
+    /// A session error as the client of `key` is told it: like
+    /// `Refusal::from`, but unreadable data keeps its cause (which key,
+    /// which event) with the session's name taken out, in both forms the
+    /// session and log crates write it (`tenant/session`, `tenant.session`).
+    pub(crate) fn of_session(e: &SessionError, key: &SessionKey) -> Self {
+        let SessionError::Unreadable(detail) = e else { return Refusal::from(e) };
+        let cause = detail.replace(&key.to_string(), "the session").replace(&format!("{}.{}", key.tenant, key.session), "the session");
+        Refusal(ErrorCode::Unreadable, format!("stored data could not be opened: {cause}"))
+    }
+}
+
 /// Op families: the first op token of every op. An unknown op is named in
 /// its refusal only when it looks like one (a family, then a word of
 /// lowercase letters), so a subject missing a token never has its session or
@@ -253,6 +265,18 @@ mod tests {
             assert_eq!(c.number(), want, "{e:?}");
             assert!(!message.contains("victimcorp") && !message.contains("bot-4471-secret"), "{message}");
         }
+    }
+
+    #[test]
+    fn unreadable_data_keeps_its_cause_but_not_the_session() {
+        let key = SessionKey::parse("victimcorp", "bot-4471-secret").unwrap();
+        let e = SessionError::Unreadable(format!("{key}: event 7 of victimcorp.bot-4471-secret is unreadable: sealed under key 1"));
+        let Refusal(c, message) = Refusal::of_session(&e, &key);
+        assert_eq!(c.number(), 520);
+        assert!(message.contains("key 1") && message.contains("event 7"), "{message}");
+        assert!(!message.contains("victimcorp") && !message.contains("bot-4471-secret"), "{message}");
+        let Refusal(c, _) = Refusal::of_session(&SessionError::Conflict, &key);
+        assert_eq!(c.number(), 409);
     }
 
     #[test]

@@ -173,16 +173,16 @@ fn main() -> anyhow::Result<()> {
     let redis_addr =
         args.redis_url.as_deref().map(floors::redis_addr).or_else(|| redis_server.as_ref().map(|r| format!("127.0.0.1:{}", r.port())));
     let projection_url = if args.redis_projection { redis_addr.as_ref().map(|a| format!("redis://{a}/")) } else { None };
-    let (url, service) = match (&args.nats_url, needs_service) {
-        (Some(url), _) => (Some(url.clone()), None),
+    let (service_at, service) = match (&args.nats_url, needs_service) {
+        (Some(url), _) => (Some((url.clone(), None)), None),
         (None, true) => {
-            let (url, handle) = start_service(&scratch, args.memory_storage, projection_url.clone())?;
-            (Some(url), Some(handle))
+            let (url, creds, handle) = start_service(&scratch, args.memory_storage, projection_url.clone())?;
+            (Some((url, Some(creds))), Some(handle))
         }
         (None, false) => (None, None),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(bench(args, url, redis_addr, projection_url, scratch.clone()));
+    let result = rt.block_on(bench(args, service_at, redis_addr, projection_url, scratch.clone()));
     if let Some((stop, thread)) = service {
         let _ = stop.send(());
         let _ = thread.join();
@@ -195,8 +195,12 @@ fn main() -> anyhow::Result<()> {
 type ServiceHandle = (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>);
 
 /// Runs the service on its own thread (an actix system) on the embedded
-/// default, and returns the NATS URL it announced.
-fn start_service(dir: &std::path::Path, memory: bool, redis: Option<String>) -> anyhow::Result<(String, ServiceHandle)> {
+/// default, and returns the NATS URL it announced and the service user.
+fn start_service(
+    dir: &std::path::Path,
+    memory: bool,
+    redis: Option<String>,
+) -> anyhow::Result<(String, baileys_store::embedded::Credentials, ServiceHandle)> {
     let mut cfg = baileys_store::Config::load_from(None, Vec::new())?;
     cfg.redis.url = redis;
     cfg.data_dir = dir.to_path_buf();
@@ -230,22 +234,7 @@ fn start_service(dir: &std::path::Path, memory: bool, redis: Option<String>) -> 
     // The private server demands a password: the benchmark connects as the
     // service user (it also reaches JetStream for the floors).
     let creds = baileys_store::embedded::service_credentials(&baileys_store::embedded::dir(dir))?;
-    let url = format!("nats://{}:{}@{}", creds.user, creds.password, url.trim_start_matches("nats://"));
-    Ok((url, (stop, thread)))
-}
-
-/// Connects to `url`, sending the `user:password@` it may carry (the client
-/// library reads those from a URL but does not send them).
-pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    let rest = url.strip_prefix("nats://").unwrap_or(url);
-    let client = match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into()).connect(format!("nats://{host}")).await?
-        }
-        None => async_nats::connect(url).await?,
-    };
-    Ok(client)
+    Ok((url, creds, (stop, thread)))
 }
 
 fn machine() -> String {
@@ -267,7 +256,7 @@ fn err(e: impl std::fmt::Display) -> String {
 
 async fn bench(
     args: Args,
-    url: Option<String>,
+    service: Option<(String, Option<baileys_store::embedded::Credentials>)>,
     redis_addr: Option<String>,
     projection: Option<String>,
     scratch: PathBuf,
@@ -280,8 +269,12 @@ async fn bench(
         if args.memory_storage { "memory" } else { "file" },
         if projection.is_some() { "on" } else { "off" }
     );
-    if let Some(url) = &url {
-        let nc = connect(url).await.context("connecting")?;
+    if let Some((url, creds)) = &service {
+        let nc = match creds {
+            Some(c) => async_nats::ConnectOptions::with_user_and_password(c.user.clone(), c.password.clone()).connect(url).await,
+            None => async_nats::connect(url).await,
+        }
+        .context("connecting")?;
         wait_for_service(&nc).await?;
         raise_consumer_limit(&nc, args.stream_max_consumers).await?;
         if args.has("floors") {

@@ -46,3 +46,11 @@ impl Default for ClusterConfig {
         }
     }
 }
+
+impl ClusterConfig {
+    /// How long after sending a successful create or renewal its holder may
+    /// serve the partition: the lease TTL less the margin.
+    pub fn valid_for(&self) -> Duration {
+        self.lease_ttl.saturating_sub(self.margin)
+    }
+}

@@ -153,15 +153,12 @@ impl Keeper {
         format!("m.{}", self.ownership.instance())
     }
 
-    fn validity(&self, sent: Instant) -> Instant {
-        sent + self.cfg.lease_ttl.saturating_sub(self.cfg.margin)
-    }
-
     async fn run(mut self, mut stop: watch::Receiver<bool>, mut wake: mpsc::Receiver<()>, first: tokio::sync::oneshot::Sender<()>) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u32>();
         self.tick(&done_tx).await;
         let _ = first.send(());
-        let mut tick = tokio::time::interval(self.cfg.renew_interval);
+        // The first round ran just above; the next one is a renew interval on.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + self.cfg.renew_interval, self.cfg.renew_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -180,12 +177,13 @@ impl Keeper {
             tracing::debug!(error = %e, "could not announce this instance in the lease bucket");
         }
         let mut lost = Vec::new();
+        let valid_for = self.cfg.valid_for();
         for (&p, held) in self.held.iter_mut() {
             let sent = Instant::now();
             match self.store.update(part_key(p), Bytes::from(me.clone()), held.rev).await {
                 Ok(rev) => {
                     held.rev = rev;
-                    held.until = sent + self.cfg.lease_ttl.saturating_sub(self.cfg.margin);
+                    held.until = sent + valid_for;
                     if !held.releasing {
                         self.ownership.grant(p, held.epoch, held.until);
                     }
@@ -257,7 +255,7 @@ impl Keeper {
         let sent = Instant::now();
         match self.store.create(part_key(p), Bytes::from(self.ownership.instance().as_bytes().to_vec())).await {
             Ok(rev) => {
-                let until = self.validity(sent);
+                let until = sent + self.cfg.valid_for();
                 self.held.insert(p, Held { rev, epoch: rev, until, releasing: false });
                 self.ownership.grant(p, rev, until);
                 tracing::debug!(partition = p, epoch = rev, "partition acquired");
