@@ -14,7 +14,7 @@
 //! detects by sequence and repairs — never a lost or refused write.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bstore_domain::{Change, Event, SessionKey, SessionState};
@@ -30,6 +30,10 @@ enum Job {
 struct Status {
     /// The Redis copy is not known to be at the actor's sequence.
     behind: AtomicBool,
+    /// The highest sequence whose projection was dropped or failed. A
+    /// snapshot clears `behind` only if it covers this: a delta dropped
+    /// while an older snapshot was being written is not covered by it.
+    missed: AtomicU64,
     /// A snapshot waits in the queue; no need to send another.
     snapshot_queued: AtomicBool,
     /// Snapshots that failed in a row; the timer waits longer after each.
@@ -42,9 +46,10 @@ struct Status {
 pub(crate) struct Projector {
     tx: mpsc::Sender<Job>,
     status: Arc<Status>,
-    /// When the timer may next try a snapshot (backs off while Redis is
-    /// down, so thousands of behind sessions do not hammer it).
-    next_try: Arc<std::sync::Mutex<Instant>>,
+    /// When the timer last tried a snapshot; it waits longer after each
+    /// failure (so thousands of behind sessions do not hammer a Redis that
+    /// is down) and only the catch-up interval once one has succeeded.
+    last_try: Arc<std::sync::Mutex<Option<Instant>>>,
     interval: Duration,
 }
 
@@ -55,7 +60,7 @@ impl Projector {
         let status = Arc::new(Status::default());
         let interval = redis.config().catch_up_interval;
         actix::spawn(run(key, redis, rx, status.clone()));
-        Self { tx, status, next_try: Arc::new(std::sync::Mutex::new(Instant::now())), interval }
+        Self { tx, status, last_try: Arc::new(std::sync::Mutex::new(None)), interval }
     }
 
     /// Whether the Redis copy needs a snapshot to catch up.
@@ -72,7 +77,7 @@ impl Projector {
         }
         let job = Job::Delta { prev, after: post_image(after, event), event: event.clone() };
         if self.tx.try_send(job).is_err() {
-            self.status.behind.store(true, Ordering::Release);
+            self.status.missed(after.seq());
         }
     }
 
@@ -83,10 +88,11 @@ impl Projector {
             return;
         }
         self.status.snapshot_queued.store(true, Ordering::Release);
-        self.status.behind.store(true, Ordering::Release);
+        self.status.behind.store(true, Ordering::SeqCst);
         if self.tx.try_send(Job::Snapshot { state: state.clone(), mode }).is_err() {
             // The queue is full: the timer tries again.
             self.status.snapshot_queued.store(false, Ordering::Release);
+            self.status.missed(state.seq());
         }
     }
 
@@ -96,14 +102,34 @@ impl Projector {
         if !self.is_behind() || self.status.snapshot_queued.load(Ordering::Acquire) {
             return;
         }
-        let mut next = self.next_try.lock().expect("not poisoned");
-        if Instant::now() < *next {
+        let failures = self.status.failures.load(Ordering::Acquire).min(5);
+        let wait = (self.interval * 2u32.pow(failures)).min(Duration::from_secs(30));
+        let mut last = self.last_try.lock().expect("not poisoned");
+        if last.is_some_and(|at| at.elapsed() < wait) {
             return;
         }
-        let failures = self.status.failures.load(Ordering::Acquire).min(5);
-        *next = Instant::now() + (self.interval * 2u32.pow(failures)).min(Duration::from_secs(30));
-        drop(next);
+        *last = Some(Instant::now());
+        drop(last);
         self.snapshot(state, SnapshotMode::Guarded);
+    }
+}
+
+impl Status {
+    /// Marks the copy behind because the projection of `seq` was lost.
+    fn missed(&self, seq: u64) {
+        self.missed.fetch_max(seq, Ordering::SeqCst);
+        self.behind.store(true, Ordering::SeqCst);
+    }
+
+    /// A snapshot at `seq` was written: the copy is current unless a later
+    /// projection was lost meanwhile. Clearing first and checking after
+    /// keeps a loss recorded concurrently (`missed` stores its sequence
+    /// before it sets `behind`).
+    fn caught_up(&self, seq: u64) {
+        self.behind.store(false, Ordering::SeqCst);
+        if self.missed.load(Ordering::SeqCst) > seq {
+            self.behind.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -118,11 +144,11 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
                     Ok(DeltaOutcome::Applied | DeltaOutcome::AlreadyNewer) => {}
                     Ok(DeltaOutcome::Gap { stored }) => {
                         tracing::debug!(session = %key, stored, prev, "redis copy has a gap; a snapshot will follow");
-                        status.behind.store(true, Ordering::Release);
+                        status.missed(after.seq());
                     }
                     Err(e) => {
                         tracing::warn!(session = %key, error = %e, "redis projection failed; the session will catch up with a snapshot");
-                        status.behind.store(true, Ordering::Release);
+                        status.missed(after.seq());
                     }
                 }
             }
@@ -134,13 +160,13 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
                 match result {
                     Ok(written) => {
                         tracing::debug!(session = %key, seq = state.seq(), written, ?mode, "redis copy caught up");
-                        status.behind.store(false, Ordering::Release);
                         status.failures.store(0, Ordering::Release);
+                        status.caught_up(state.seq());
                     }
                     Err(e) => {
                         tracing::warn!(session = %key, error = %e, "redis snapshot failed; will retry");
-                        status.behind.store(true, Ordering::Release);
                         status.failures.fetch_add(1, Ordering::AcqRel);
+                        status.missed(state.seq());
                     }
                 }
             }
@@ -158,4 +184,67 @@ fn post_image(after: &SessionState, event: &Event) -> SessionState {
     };
     let keys = event.touched_keys().into_iter().filter_map(|(ty, id)| after.get_keys(ty, [id]).pop().map(|(id, v)| (ty.clone(), id, v)));
     SessionState::from_parts(after.seq(), creds, keys, after.updated_at_ms(), after.events())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The projector against a real redis-server, paused with `CLIENT PAUSE`
+    //! so that a snapshot is in flight while the queue overflows.
+
+    use std::time::{Duration, Instant};
+
+    use bstore_codec::{Codec, Keyring};
+    use bstore_domain::{Command, KeyChanges, KeyId, KeyType, Limits, SessionKey, SessionState};
+    use bstore_redis::{RedisConfig, RedisProjection, SnapshotMode};
+    use bstore_testkit::RedisServer;
+    use bytes::Bytes;
+
+    use super::Projector;
+
+    fn write(st: &mut SessionState, i: u8) -> bstore_domain::Event {
+        let mut keys = KeyChanges::new();
+        keys.entry(KeyType::parse("session").unwrap())
+            .or_default()
+            .insert(KeyId::parse(&format!("k{i}")).unwrap(), Some(Bytes::from(vec![i])));
+        let event = st.handle(Command::SetKeys { keys }, &Limits::default(), 1, None).unwrap().expect("a change");
+        st.apply(st.seq() + 1, &event).unwrap();
+        event
+    }
+
+    #[test]
+    fn a_projection_lost_while_an_older_snapshot_is_written_keeps_the_copy_behind() {
+        let server = RedisServer::start();
+        actix::System::new().block_on(async move {
+            let cfg = RedisConfig { url: Some(server.url()), queue: 2, timeout: Duration::from_secs(5), ..Default::default() };
+            let redis = RedisProjection::new(cfg, Codec::new(Keyring::new(vec![(1, [7u8; 32])], None).unwrap())).unwrap();
+            let key = SessionKey::parse("t", "p1").unwrap();
+            let p = Projector::start(key.clone(), redis.clone());
+
+            let mut st = SessionState::default();
+            write(&mut st, 1);
+            // Redis stops answering for a moment: the snapshot of seq 1 is
+            // taken by the task and waits.
+            let mut conn = redis.connection();
+            let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(600).query_async(&mut conn).await.unwrap();
+            p.snapshot(&st, SnapshotMode::Guarded);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Four writes meanwhile: two deltas fit the queue, two are lost.
+            for i in 2..=5u8 {
+                let prev = st.seq();
+                let event = write(&mut st, i);
+                p.after_write(prev, &st, &event);
+            }
+            // The snapshot of seq 1 lands; it does not cover seq 4 and 5.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            assert!(p.is_behind(), "a snapshot older than a lost delta must not clear the session's behind mark");
+
+            // The timer's catch-up brings the copy to the actor's sequence.
+            p.catch_up(&st);
+            let start = Instant::now();
+            while redis.stored_seq(&key).await.unwrap() != Some(5) || p.is_behind() {
+                assert!(start.elapsed() < Duration::from_secs(10), "the copy did not catch up: {:?}", redis.stored_seq(&key).await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
 }
