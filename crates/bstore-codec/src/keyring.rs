@@ -32,16 +32,24 @@ pub enum KeyError {
 }
 
 /// Keys by id. The current key seals; every key opens.
+///
+/// Beside the sealing keys the ring holds the *index key*, which seals
+/// nothing: it only names things (the keyed hashes that stand in for key
+/// ids in Redis field names and Mongo document ids). Names must not change
+/// when the sealing key rotates, so the index key does not follow the
+/// current key: it is derived from the lowest-id key of the ring unless it
+/// is given on its own ([`Keyring::with_index`]).
 #[derive(Clone)]
 pub struct Keyring {
     keys: BTreeMap<u32, [u8; KEY_LEN]>,
     current: u32,
+    index: [u8; KEY_LEN],
 }
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print key material.
-        f.debug_struct("Keyring").field("ids", &self.ids()).field("current", &self.current).finish()
+        f.debug_struct("Keyring").field("ids", &self.ids()).field("current", &self.current).finish_non_exhaustive()
     }
 }
 
@@ -62,7 +70,24 @@ impl Keyring {
             Some(id) => return Err(KeyError::NoCurrent(id)),
             None => *map.keys().next_back().ok_or(KeyError::Empty)?,
         };
-        Ok(Self { keys: map, current })
+        let lowest = map.values().next().expect("the ring is not empty");
+        let index = derive(lowest, b"bstore/index/v1");
+        Ok(Self { keys: map, current, index })
+    }
+
+    /// The same ring with `index` as its index key instead of the derived
+    /// one: for an operator who retires the lowest key while the names in
+    /// the projections must stay as they are.
+    pub fn with_index(mut self, index: [u8; KEY_LEN]) -> Self {
+        self.index = index;
+        self
+    }
+
+    /// The index key (see the type's documentation). Secret like the
+    /// sealing keys: with it, a guessed contact can be tested against the
+    /// names in a projection.
+    pub fn index_key(&self) -> &[u8; KEY_LEN] {
+        &self.index
     }
 
     /// Parses keys written as `id:base64` entries separated by commas,
@@ -114,4 +139,10 @@ impl Keyring {
     pub(crate) fn current_key(&self) -> &[u8; KEY_LEN] {
         &self.keys[&self.current]
     }
+}
+
+/// HMAC-SHA256 of `label` under `key`.
+fn derive(key: &[u8; KEY_LEN], label: &[u8]) -> [u8; KEY_LEN] {
+    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), label);
+    tag.as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
 }

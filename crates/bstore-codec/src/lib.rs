@@ -19,7 +19,11 @@ use bstore_domain::{Event, KeyId, KeyType, SessionKey, SessionState};
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use keyring::{KEY_LEN, KeyError, Keyring};
-pub use seal::{Context, SealError};
+pub use seal::{Context, SealError, sealed_key_id};
+
+/// Bytes of an id tag before encoding: 128 bits, so that tags of distinct
+/// ids of one session never collide in practice.
+const TAG_LEN: usize = 16;
 
 /// Why bytes could not be turned back into a value.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,29 @@ impl Codec {
     /// Opens a value sealed by [`Codec::seal_value`] for the same place.
     pub fn open_value(&self, session: &SessionKey, slot: Option<(&KeyType, &KeyId)>, blob: &[u8]) -> Result<Vec<u8>, CodecError> {
         Ok(seal::open(&self.keyring, &Context::value(session, slot), blob)?)
+    }
+
+    /// The name that stands in for key id `id` of type `ty` of `session`
+    /// wherever a projection needs a name it can look a key up by (Redis
+    /// field names, Mongo `_id`s): a keyed hash under the ring's index key
+    /// and a per-session subkey, so a copy of a projection names no contact
+    /// and the same contact has unrelated names in two sessions. 22
+    /// characters of unpadded base64url; stable across sealing-key
+    /// rotations.
+    pub fn id_tag(&self, session: &SessionKey, ty: &KeyType, id: &KeyId) -> String {
+        use base64::Engine as _;
+        let mut sub = ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.keyring.index_key()));
+        sub.update(b"bstore/id-tag/v1");
+        for part in [session.tenant.as_str(), session.session.as_str()] {
+            sub.update(&(part.len() as u32).to_be_bytes());
+            sub.update(part.as_bytes());
+        }
+        let sub = sub.sign();
+        let mut tag = ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, sub.as_ref()));
+        tag.update(&(ty.as_str().len() as u32).to_be_bytes());
+        tag.update(ty.as_str().as_bytes());
+        tag.update(id.as_str().as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.sign().as_ref()[..TAG_LEN])
     }
 
     fn encode<T: Serialize>(&self, ctx: &Context, value: &T) -> Vec<u8> {

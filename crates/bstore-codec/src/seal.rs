@@ -115,6 +115,14 @@ pub fn seal(ring: &Keyring, ctx: &Context, plain: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The id of the key that sealed `blob`, read from its clear header
+/// without opening it; `None` when `blob` is not a sealed blob. For
+/// reports of what is still sealed under which key.
+pub fn sealed_key_id(blob: &[u8]) -> Option<u32> {
+    (blob.len() > HEADER + 16 && blob[0] == MAGIC && blob[1] == FORMAT)
+        .then(|| u32::from_be_bytes(blob[2..6].try_into().expect("four bytes")))
+}
+
 /// Opens a blob sealed by [`seal`] for the same context.
 pub fn open(ring: &Keyring, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealError> {
     if blob.len() < HEADER + 16 + 1 || blob[0] != MAGIC || blob[1] != FORMAT {

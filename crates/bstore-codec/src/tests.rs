@@ -159,3 +159,33 @@ fn key_entries_parse_and_report_errors_without_key_material() {
     assert!(matches!(Keyring::new([(1, [0; 32])], Some(2)), Err(KeyError::NoCurrent(2))));
     assert!(!format!("{ring:?}").contains(&Keyring::format_entry(1, &k)[2..]));
 }
+
+#[test]
+fn id_tags_are_stable_per_session_and_hide_the_id() {
+    let (ty, id) = (KeyType::parse("session").unwrap(), KeyId::parse("4915112345678.0").unwrap());
+    let codec = Codec::new(ring(&[1]));
+    let tag = codec.id_tag(&sk("t", "a"), &ty, &id);
+    assert_eq!(tag.len(), 22);
+    assert!(!tag.contains("4915112345678"));
+    // The same in every call, and after a new sealing key becomes current.
+    assert_eq!(tag, codec.id_tag(&sk("t", "a"), &ty, &id));
+    assert_eq!(tag, Codec::new(ring(&[1, 2])).id_tag(&sk("t", "a"), &ty, &id));
+    // Another session, tenant, type or id: another name.
+    assert_ne!(tag, codec.id_tag(&sk("t", "b"), &ty, &id));
+    assert_ne!(tag, codec.id_tag(&sk("u", "a"), &ty, &id));
+    assert_ne!(tag, codec.id_tag(&sk("t", "a"), &KeyType::parse("pre-key").unwrap(), &id));
+    assert_ne!(tag, codec.id_tag(&sk("t", "a"), &ty, &KeyId::parse("4915112345678.1").unwrap()));
+    // Another index key: another name; a pinned index key keeps names when
+    // the lowest sealing key goes.
+    let pinned = *ring(&[1]).index_key();
+    assert_ne!(tag, Codec::new(ring(&[2])).id_tag(&sk("t", "a"), &ty, &id));
+    assert_eq!(tag, Codec::new(ring(&[2]).with_index(pinned)).id_tag(&sk("t", "a"), &ty, &id));
+}
+
+#[test]
+fn the_sealing_key_id_reads_from_the_header() {
+    let codec = Codec::new(ring(&[1, 3]));
+    let blob = codec.seal_value(&sk("t", "a"), None, b"creds");
+    assert_eq!(sealed_key_id(&blob), Some(3));
+    assert_eq!(sealed_key_id(b"not sealed"), None);
+}
