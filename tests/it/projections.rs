@@ -19,10 +19,10 @@ use crate::harness::{KEY1, Stack, rid, service_bin};
 
 /// A service with Redis and/or Mongo configured, and the servers.
 /// Fields drop in order: the service stops before the servers.
-struct Projected {
-    stack: Stack,
+pub(crate) struct Projected {
+    pub(crate) stack: Stack,
     redis: Option<RedisServer>,
-    mongo: Option<MongoServer>,
+    pub(crate) mongo: Option<MongoServer>,
 }
 
 /// Short intervals so that catch-up and batches happen within a test.
@@ -37,7 +37,7 @@ const FAST: [(&str, &str); 5] = [
 impl Projected {
     /// `redis`: the service projects into a Redis; `mongo`: a Mongo server
     /// runs, and with `mongo_in_service` the service materializes into it.
-    async fn start(redis: bool, mongo: bool, mongo_in_service: bool) -> Self {
+    pub(crate) async fn start(redis: bool, mongo: bool, mongo_in_service: bool) -> Self {
         let redis = redis.then(RedisServer::start);
         let mongo = mongo.then(MongoServer::start);
         let mut env: Vec<(String, String)> = FAST.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -52,7 +52,7 @@ impl Projected {
         Self { stack, redis, mongo }
     }
 
-    fn session(&self, s: &str) -> SessionClient {
+    pub(crate) fn session(&self, s: &str) -> SessionClient {
         // Generous: a cold start on a loaded 2-core machine can take seconds.
         self.stack.session("t", s).with_timeout(Duration::from_secs(10))
     }
@@ -62,14 +62,14 @@ impl Projected {
         RedisProjection::new(RedisConfig { url: Some(url), ..Default::default() }, codec()).unwrap()
     }
 
-    async fn mongo_store(&self) -> Store {
+    pub(crate) async fn mongo_store(&self) -> Store {
         let cfg = MongoConfig { url: Some(self.mongo.as_ref().expect("mongo").url()), ..Default::default() };
         Store::connect(&cfg, codec()).await.unwrap()
     }
 
     /// Runs `baileys-store <args>` against this stack's servers; returns
     /// whether it succeeded and what it printed.
-    async fn tool(&self, args: &[&str]) -> (bool, String) {
+    pub(crate) async fn tool(&self, args: &[&str]) -> (bool, String) {
         let mut cmd = tokio::process::Command::new(service_bin());
         cmd.args(args);
         for (k, _) in std::env::vars() {
@@ -105,11 +105,11 @@ impl Projected {
     }
 }
 
-fn codec() -> Codec {
+pub(crate) fn codec() -> Codec {
     Codec::new(Keyring::new(Keyring::parse_entries(KEY1).unwrap(), None).unwrap())
 }
 
-fn sk(s: &str) -> SessionKey {
+pub(crate) fn sk(s: &str) -> SessionKey {
     SessionKey::parse("t", s).unwrap()
 }
 
@@ -265,7 +265,7 @@ async fn mongo_stopped_during_writes_lags_then_catches_up_without_duplicates_or_
     runner.await.unwrap();
 }
 
-async fn wait_lag_below(m: &Materializer, below: u64, secs: u64) {
+pub(crate) async fn wait_lag_below(m: &Materializer, below: u64, secs: u64) {
     let start = Instant::now();
     loop {
         let lag = m.lag().await.unwrap();
@@ -412,7 +412,7 @@ async fn redis_holds(conn: &mut redis::aio::ConnectionManager, needle: &[u8]) ->
 }
 
 /// Every document of every collection of every database, as BSON bytes.
-async fn mongo_holds(client: &bstore_mongo::mongodb::Client, needle: &[u8]) -> bool {
+pub(crate) async fn mongo_holds(client: &bstore_mongo::mongodb::Client, needle: &[u8]) -> bool {
     use futures_util::TryStreamExt;
     for db in client.list_database_names().await.unwrap() {
         let db = client.database(&db);
@@ -482,7 +482,7 @@ async fn patched_values_reach_redis_and_mongo_whole_even_when_mongo_lost_the_bas
     let store = p.mongo_store().await;
     let keys = store.database().collection::<Document>("keys");
     let ty = bstore_domain::KeyType::parse("sender-key").unwrap();
-    let doc_id = bstore_mongo::key_doc_id(&bstore_mongo::sid(&sk("patched")), &ty, &bstore_domain::KeyId::parse(id).unwrap());
+    let doc_id = store.key_doc_id(&sk("patched"), &ty, &bstore_domain::KeyId::parse(id).unwrap());
     let gone = keys.delete_one(doc! { "_id": doc_id }).await.unwrap();
     assert_eq!(gone.deleted_count, 1);
     s.keys_set(&rid(), &key_data([("sender-key", id, Some(&crate::deltas::sender_key_record(806)[..]))])).await.unwrap();

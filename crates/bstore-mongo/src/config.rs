@@ -13,8 +13,8 @@ pub struct MongoConfig {
     /// driver is built without a DNS resolver). Unset (the default): no
     /// materializer runs inside `serve`.
     pub url: Option<String>,
-    /// Database holding the `keys`, `sessions` and `checkpoints`
-    /// collections. Default `bstore`.
+    /// Database holding the `keys`, `sessions`, `checkpoints` and
+    /// `quarantine` collections. Default `bstore`.
     pub database: String,
     /// Name of the durable JetStream consumer. Instances sharing a name share
     /// the work; a second name materializes the log a second time.
@@ -30,6 +30,12 @@ pub struct MongoConfig {
     /// event again. Default 30 s.
     #[serde(with = "bstore_domain::secs")]
     pub ack_wait: Duration,
+    /// How many times an event is delivered at most. One that was delivered
+    /// this many times without being acknowledged (each instance it went to
+    /// died or hung on it) is quarantined on its last delivery, unapplied;
+    /// one of a newer schema than the instance reads is handed back (for an
+    /// upgraded instance) until then. Default 5.
+    pub max_deliver: i64,
     /// How long a deleted key or session stays as a tombstone (so that a
     /// late replay cannot bring it back) before the TTL index purges it.
     /// Default 7 days.
@@ -54,6 +60,7 @@ impl Default for MongoConfig {
             batch_size: 500,
             batch_wait: Duration::from_millis(200),
             ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
             tombstone_retention_secs: 7 * 24 * 3600,
             retry_max: Duration::from_secs(5),
             timeout: Duration::from_secs(5),

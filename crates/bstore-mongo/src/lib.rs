@@ -16,17 +16,24 @@
 //! older event changes no fact; deletions leave tombstones carrying their
 //! sequence, purged by a TTL index only after the configured retention, and
 //! a key change older than a deletion is never left live; values stay
-//! sealed for their session, type and id.
+//! sealed for their session, type and id; no key id is stored in clear
+//! (documents are named by keyed hashes, `keydoc.rs`); one poison event or
+//! document never stops the others: it is quarantined, recorded and
+//! acknowledged, while Mongo being down is waited out (`quarantine.rs`).
 
 mod config;
+mod keydoc;
 mod materializer;
+mod plan;
+mod quarantine;
 mod store;
 
 pub use config::MongoConfig;
-pub use materializer::{Lag, Materializer, lag, session_of};
+pub use materializer::{Lag, Materializer, Stats, lag, session_of};
 /// The MongoDB driver, for tools and tests that read the documents.
 pub use mongodb;
-pub use store::{Applied, ID_SEP, LoggedEvent, Store, StoredSession, key_doc_id, sid};
+pub use quarantine::{QuarantineKind, Quarantined};
+pub use store::{Applied, ID_SEP, LoggedEvent, Store, StoredSession, sid};
 
 /// Why the materializer could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +50,15 @@ pub enum MongoError {
     /// Stored data cannot be opened or decoded.
     #[error("unreadable: {0}")]
     Unreadable(String),
+    /// Mongo refused a write for what it holds (not for being unavailable):
+    /// the same write fails again. `seq`: the event whose change it was.
+    #[error("refused: {reason}")]
+    Refused {
+        /// The stream sequence of the event, if the write carried one.
+        seq: Option<u64>,
+        /// Why, naming no value and no key id.
+        reason: String,
+    },
 }
 
 #[cfg(test)]

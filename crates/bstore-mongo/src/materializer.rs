@@ -4,7 +4,11 @@
 //! Mongo fails the batch is retried with a growing pause (and JetStream is
 //! told the events are still in progress), so nothing is skipped and the lag
 //! simply grows. An event redelivered after a lost ack is written again and
-//! changes nothing.
+//! changes nothing. An event that fails for good is quarantined instead
+//! (recorded, then acknowledged: `quarantine.rs`), so that it holds up
+//! neither its batch nor delivery; one of a newer schema than this build
+//! reads is handed back for an upgraded instance until its last delivery
+//! (`mongo.max_deliver`).
 //!
 //! Several instances may run this loop on the same durable consumer: each
 //! fetches its own batches, so events of one session can be applied by two
@@ -13,22 +17,27 @@
 //! here assumes one instance. The checkpoint kept in Mongo is the
 //! consumer's ack floor, which every instance's acks move.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer};
-use bstore_codec::Codec;
+use bstore_codec::{Codec, CodecError, SealError};
 use bstore_domain::delta::Delta;
 use bstore_domain::{Change, KeyId, KeyType, SessionKey, SessionState};
-use bstore_log::{EventLog, LogConfig};
+use bstore_log::{EventLog, LogConfig, LogError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::store::{ID_SEP, KeyValueAt, LoggedEvent, Store, key_doc_id, sid};
-use crate::{MongoConfig, MongoError};
+use crate::plan::{Base, KeyPlace, Seen};
+use crate::store::{Applied, LoggedEvent, Store};
+use crate::{MongoConfig, MongoError, QuarantineKind, Quarantined};
+
+/// How many times Mongo refuses an event's write before it is quarantined
+/// (a refusal that was in fact passing gets two more chances).
+const REFUSALS_BEFORE_QUARANTINE: u32 = 3;
 
 /// How far the materializer is behind the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +68,30 @@ pub async fn lag(js: &jetstream::Context, stream: &str, consumer: &str) -> Resul
     Ok(Lag { last_seq, applied_seq })
 }
 
+/// What one materializer process did since it started, for metrics. The
+/// `quarantine` collection keeps the records themselves, across restarts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The highest sequence this process applied.
+    pub applied_seq: u64,
+    /// Events quarantined: skipped for good, recorded and acknowledged.
+    pub quarantined_events: u64,
+    /// Key documents found unreadable when a patch needed their value (the
+    /// value was taken from the log).
+    pub unreadable_documents: u64,
+    /// Deliveries handed back for another instance: events of a newer
+    /// schema than this build reads.
+    pub deferred_events: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    applied_seq: AtomicU64,
+    quarantined_events: AtomicU64,
+    unreadable_documents: AtomicU64,
+    deferred_events: AtomicU64,
+}
+
 /// The materializer. Run it with [`Materializer::run`]; ask its lag with
 /// [`Materializer::lag`].
 #[derive(Clone)]
@@ -68,7 +101,22 @@ pub struct Materializer {
     log: LogConfig,
     cfg: MongoConfig,
     codec: Codec,
-    applied: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+}
+
+/// What [`Materializer::write_batch`] did.
+struct Written {
+    applied: Applied,
+    set_aside: Vec<Quarantined>,
+}
+
+/// Why a message could not be turned into an event, naming no value.
+struct Undecodable {
+    seq: u64,
+    session: Option<SessionKey>,
+    reason: String,
+    /// Another instance may read it: written by a newer schema.
+    defer: bool,
 }
 
 impl Materializer {
@@ -76,105 +124,153 @@ impl Materializer {
     pub fn new(client: async_nats::Client, log: LogConfig, cfg: MongoConfig, store: Store, codec: Codec) -> Self {
         let mut js = jetstream::new(client);
         js.set_timeout(log.request_timeout);
-        Self { store, js, log, cfg, codec, applied: Arc::new(AtomicU64::new(0)) }
+        Self { store, js, log, cfg, codec, counters: Arc::default() }
+    }
+
+    /// Writes `events` (whole values or patches): reads what the batch needs
+    /// once ([`Store::read`]), turns patches into whole values, and writes.
+    /// Returns what was written and what was set aside for good: events
+    /// whose patch fits nothing the log holds, and key documents that did
+    /// not open. An error is transient, or a write Mongo refused
+    /// ([`MongoError::Refused`], naming its event).
+    async fn write_batch(&self, events: &[LoggedEvent]) -> Result<Written, MongoError> {
+        let seen = self.store.read(events).await?;
+        let mut set_aside = Vec::new();
+        let events = self.resolve_patches(events, &seen, &mut set_aside).await?;
+        let applied = self.store.write(&events, &seen).await?;
+        Ok(Written { applied, set_aside })
     }
 
     /// Turns every patched value of `events` into the whole value it stands
     /// for. The base of a patch is the key's value from an earlier event of
-    /// the same batch, else the value its Mongo document holds; a document
-    /// already at or past the event means the event was applied before (a
-    /// redelivery) and the patch is dropped. When the base is missing or is
-    /// not the one the patch was made against (the patch checks), the
-    /// session is replayed from the log up to the event — slow, and only
-    /// needed when Mongo lost or never had the previous value.
-    pub async fn resolve_patches(&self, events: &[LoggedEvent]) -> Result<Vec<LoggedEvent>, MongoError> {
+    /// the same batch, else the value its Mongo document holds (as `seen`
+    /// read it); a document already at or past the event means the event
+    /// was applied before (a redelivery) and the patch is dropped. When the
+    /// base is missing, does not open (the document is then recorded in
+    /// `set_aside`), or is not the one the patch was made against (the patch
+    /// checks), the session is replayed from the log up to the event — slow,
+    /// and only needed when Mongo lost or never had the previous value. An
+    /// event whose patch fits nothing the log holds either is left out and
+    /// recorded in `set_aside`.
+    async fn resolve_patches(
+        &self,
+        events: &[LoggedEvent],
+        seen: &Seen,
+        set_aside: &mut Vec<Quarantined>,
+    ) -> Result<Vec<LoggedEvent>, MongoError> {
         let mut events: Vec<LoggedEvent> = events.to_vec();
         events.sort_by_key(|e| e.seq);
-        let wanted: Vec<(SessionKey, KeyType, KeyId)> = events
-            .iter()
-            .flat_map(|e| match &e.event.change {
-                Change::KeysChanged { patched, .. } => patched
-                    .iter()
-                    .flat_map(|(t, ids)| ids.keys().map(move |i| (e.session.clone(), t.clone(), i.clone())))
-                    .collect::<Vec<_>>(),
-                _ => Vec::new(),
-            })
-            .collect();
-        if wanted.is_empty() {
+        if !events.iter().any(|e| matches!(&e.event.change, Change::KeysChanged { patched, .. } if !patched.is_empty())) {
             return Ok(events);
         }
-        let stored = self.store.values_of(&wanted).await?;
+        let mut out = Vec::with_capacity(events.len());
+        let mut unreadable_noted = HashSet::new();
         // Values as of the event being resolved: what earlier events of the
-        // batch left, by document id, with the sequence that left them
-        // (`None`: deleted).
-        let mut in_batch: HashMap<String, KeyValueAt> = HashMap::new();
-        for e in &mut events {
-            let sid = sid(&e.session);
+        // batch left, with the sequence that left them (`None`: deleted).
+        let mut in_batch: HashMap<KeyPlace, (u64, Option<Bytes>)> = HashMap::new();
+        'events: for mut e in events {
             let Change::KeysChanged { keys, patched } = &mut e.event.change else {
                 if matches!(e.event.change, Change::SessionDeleted) {
-                    let prefix = format!("{sid}{ID_SEP}");
-                    in_batch.retain(|id, _| !id.starts_with(&prefix));
-                    for id in stored.keys().filter(|id| id.starts_with(&prefix)) {
-                        in_batch.insert(id.clone(), (e.seq, None));
+                    in_batch.retain(|(s, _, _), _| *s != e.session);
+                    for place in seen.bases.keys().filter(|(s, _, _)| *s == e.session) {
+                        in_batch.insert(place.clone(), (e.seq, None));
                     }
                 }
+                out.push(e);
                 continue;
             };
+            let mut resolved = Vec::new();
             for (ty, ids) in std::mem::take(patched) {
                 for (kid, delta) in ids {
-                    let doc_id = key_doc_id(&sid, &ty, &kid);
-                    let mongo = stored.get(&doc_id);
-                    if mongo.is_some_and(|(seq, _)| *seq >= e.seq) && !in_batch.contains_key(&doc_id) {
+                    let place = (e.session.clone(), ty.clone(), kid.clone());
+                    let mark = seen.keys.get(&place);
+                    if mark.is_some_and(|m| m.seq >= e.seq) && !in_batch.contains_key(&place) {
                         continue; // applied before: the guard would drop it anyway
                     }
+                    let stored = match seen.bases.get(&place) {
+                        Some(Base::Value(v)) => mark.filter(|m| m.seq < e.seq).map(|m| (m.seq, Some(v.clone()))),
+                        Some(Base::Unreadable(why)) => {
+                            if unreadable_noted.insert(place.clone()) {
+                                let tag = self.codec.id_tag(&e.session, &ty, &kid);
+                                let reason = format!("the key document does not open ({why}); its value was taken from the log");
+                                set_aside.push(Quarantined::document(
+                                    &self.subject(&e.session),
+                                    &e.session,
+                                    e.seq,
+                                    ty.as_str(),
+                                    tag,
+                                    reason,
+                                ));
+                            }
+                            None
+                        }
+                        None => None,
+                    };
                     // With several instances, the batch and Mongo may each
                     // hold an older value than the one just before this
                     // event (another instance has the events between): the
                     // newer of the two is tried first, and the patch checks
                     // which one it was made against.
-                    let mut bases: Vec<&KeyValueAt> =
-                        in_batch.get(&doc_id).into_iter().chain(mongo.filter(|(seq, _)| *seq < e.seq)).collect();
+                    let mut bases: Vec<&(u64, Option<Bytes>)> = in_batch.get(&place).into_iter().chain(stored.as_ref()).collect();
                     bases.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
                     let new = match bases.iter().find_map(|(_, v)| v.as_deref().and_then(|b| delta.apply(b).ok())) {
                         Some(new) => new,
-                        None => self.value_from_log(&e.session, e.seq, &ty, &kid, &delta).await?,
+                        None => match self.value_from_log(&e.session, e.seq, &ty, &kid, &delta).await {
+                            Ok(new) => new,
+                            Err(MongoError::Unreadable(reason)) => {
+                                set_aside.push(Quarantined::event(&self.subject(&e.session), Some(&e.session), e.seq, reason));
+                                continue 'events;
+                            }
+                            Err(other) => return Err(other),
+                        },
                     };
-                    keys.entry(ty.clone()).or_default().insert(kid, Some(new));
+                    resolved.push((ty.clone(), kid, new));
                 }
+            }
+            for (ty, kid, new) in resolved {
+                keys.entry(ty).or_default().insert(kid, Some(new));
             }
             for (ty, ids) in keys.iter() {
                 for (kid, value) in ids {
-                    in_batch.insert(key_doc_id(&sid, ty, kid), (e.seq, value.clone()));
+                    in_batch.insert((e.session.clone(), ty.clone(), kid.clone()), (e.seq, value.clone()));
                 }
             }
+            out.push(e);
         }
-        Ok(events)
+        Ok(out)
     }
 
     /// The value a patch at `seq` produces, computed from the session as the
-    /// log has it just before `seq`.
+    /// log has it just before `seq`. [`MongoError::Unreadable`]: it never
+    /// will be (the log cannot be replayed, or the patch fits nothing it
+    /// holds), said without naming the key.
     async fn value_from_log(&self, session: &SessionKey, seq: u64, ty: &KeyType, kid: &KeyId, delta: &Delta) -> Result<Bytes, MongoError> {
         tracing::info!(%session, seq, key = %format!("{ty}/{kid}"), "patch base not in mongo; replaying the session from the log");
         let log = EventLog::attach(self.js.clone(), self.log.clone(), self.codec.clone());
         let mut state = SessionState::default();
         let mut failed = None;
-        log.replay(session, 0, |s, event| {
-            if s < seq
-                && failed.is_none()
-                && let Err(e) = state.apply(s, &event)
-            {
-                failed = Some(e);
-            }
-        })
-        .await
-        .map_err(|e| MongoError::Stream(e.to_string()))?;
+        let replayed = log
+            .replay(session, 0, |s, event| {
+                if s < seq
+                    && failed.is_none()
+                    && let Err(e) = state.apply(s, &event)
+                {
+                    failed = Some(e);
+                }
+            })
+            .await;
+        match replayed {
+            Ok(_) => {}
+            Err(LogError::Unavailable(e)) => return Err(MongoError::Stream(e)),
+            Err(e) => return Err(MongoError::Unreadable(format!("a patch needs the session replayed from the log, which fails: {e}"))),
+        }
         if let Some(e) = failed {
-            return Err(MongoError::Unreadable(e.to_string()));
+            tracing::warn!(%session, seq, error = %e, "the session's log does not replay");
+            return Err(MongoError::Unreadable("a patch needs the session replayed from the log, where an event does not apply".into()));
         }
         let base = state.get_keys(ty, [kid]).pop().map(|(_, v)| v);
-        base.and_then(|b| delta.apply(&b).ok()).ok_or_else(|| {
-            MongoError::Unreadable(format!("event {seq} of {session} patches {ty}/{kid}, which the log does not hold as patched"))
-        })
+        base.and_then(|b| delta.apply(&b).ok())
+            .ok_or_else(|| MongoError::Unreadable(format!("it patches a {ty} key that the log does not hold as patched")))
     }
 
     /// The Mongo side.
@@ -189,7 +285,22 @@ impl Materializer {
 
     /// The highest sequence this process has applied.
     pub fn applied_seq(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
+        self.counters.applied_seq.load(Ordering::Acquire)
+    }
+
+    /// What this process did since it started.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            applied_seq: c.applied_seq.load(Ordering::Acquire),
+            quarantined_events: c.quarantined_events.load(Ordering::Relaxed),
+            unreadable_documents: c.unreadable_documents.load(Ordering::Relaxed),
+            deferred_events: c.deferred_events.load(Ordering::Relaxed),
+        }
+    }
+
+    fn subject(&self, session: &SessionKey) -> String {
+        format!("{}.{}.{}", self.log.subject_prefix, session.tenant, session.session)
     }
 
     /// Materializes until `shutdown` resolves. Mongo and NATS failures are
@@ -255,11 +366,17 @@ impl Materializer {
 
     /// The durable consumer, created when missing — from the checkpoint kept
     /// in Mongo if there is one, so a lost consumer does not mean a replay of
-    /// the whole log.
+    /// the whole log. One made by an earlier release, without a bound on
+    /// redeliveries, is given `mongo.max_deliver`.
     async fn consumer(&self) -> Result<consumer::PullConsumer, MongoError> {
         let stream = self.js.get_stream(&self.log.stream).await.map_err(nats)?;
-        if let Ok(c) = stream.get_consumer(&self.cfg.consumer).await {
-            return Ok(c);
+        if let Ok(c) = stream.get_consumer::<consumer::pull::Config>(&self.cfg.consumer).await {
+            let config = &c.cached_info().config;
+            if config.max_deliver == self.max_deliver() {
+                return Ok(c);
+            }
+            tracing::info!(consumer = %self.cfg.consumer, max_deliver = self.max_deliver(), "bounding the materializer's redeliveries");
+            return stream.update_consumer(self.consumer_config(config.deliver_policy)).await.map_err(nats);
         }
         let checkpoint = self.store.checkpoint(&self.cfg.consumer).await.unwrap_or(0);
         let deliver_policy = match checkpoint {
@@ -267,22 +384,31 @@ impl Materializer {
             n => consumer::DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
         };
         tracing::info!(consumer = %self.cfg.consumer, from = checkpoint + 1, "creating the materializer's durable consumer");
-        let config = consumer::pull::Config {
+        stream.get_or_create_consumer(&self.cfg.consumer, self.consumer_config(deliver_policy)).await.map_err(nats)
+    }
+
+    fn consumer_config(&self, deliver_policy: consumer::DeliverPolicy) -> consumer::pull::Config {
+        consumer::pull::Config {
             durable_name: Some(self.cfg.consumer.clone()),
             description: Some("baileys-store mongo materializer".into()),
             filter_subject: format!("{}.>", self.log.subject_prefix),
             deliver_policy,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.cfg.ack_wait,
+            max_deliver: self.max_deliver(),
             max_ack_pending: (self.cfg.batch_size.max(1) * 4) as i64,
             max_batch: self.cfg.batch_size.max(1) as i64,
             ..Default::default()
-        };
-        stream.get_or_create_consumer(&self.cfg.consumer, config).await.map_err(nats)
+        }
     }
 
-    /// Fetches one batch, writes it (retrying until Mongo accepts it), and
-    /// acknowledges it. Returns how many messages came.
+    fn max_deliver(&self) -> i64 {
+        self.cfg.max_deliver.max(1)
+    }
+
+    /// Fetches one batch, writes it (retrying while Mongo fails), records
+    /// what fails for good in quarantine, and acknowledges the batch.
+    /// Returns how many messages came.
     async fn step(&self, consumer: &consumer::PullConsumer) -> Result<usize, MongoError> {
         let mut batch =
             consumer.batch().max_messages(self.cfg.batch_size.max(1)).expires(self.cfg.batch_wait).messages().await.map_err(nats)?;
@@ -294,32 +420,59 @@ impl Materializer {
             return Ok(0);
         }
         let mut events = Vec::with_capacity(messages.len());
-        let mut good = Vec::with_capacity(messages.len());
+        let mut set_aside = Vec::new();
+        // Messages this call acknowledges, by sequence.
+        let mut pending: HashMap<u64, &jetstream::Message> = HashMap::new();
         for m in &messages {
+            let delivered = m.info().map_or(1, |i| i.delivered);
+            let last_delivery = delivered >= self.max_deliver();
             match self.decode(m) {
-                Ok(e) => {
-                    events.push(e);
-                    good.push(m);
+                // Each delivery before this one failed to finish: an event
+                // that makes an instance die, or hang past the ack wait.
+                Ok(e) if last_delivery => {
+                    let reason = format!("delivered {delivered} times without being acknowledged");
+                    set_aside.push(Quarantined::event(&m.subject, Some(&e.session), e.seq, reason));
+                    pending.insert(e.seq, m);
                 }
-                // Left unacknowledged: it comes back after the ack wait, the
-                // lag stays above 0, and the error repeats until an operator
-                // acts (a missing key in the keyring, typically).
-                Err(e) => tracing::error!(subject = %m.subject, error = %e, "cannot materialize an event; leaving it unacknowledged"),
+                Ok(e) => {
+                    pending.insert(e.seq, m);
+                    events.push(e);
+                }
+                Err(u) if u.defer && !last_delivery => {
+                    self.counters.deferred_events.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject = %m.subject, seq = u.seq, reason = %u.reason, delivered, "cannot read an event here; handing it back for another instance");
+                    let _ = m.ack_with(AckKind::Nak(Some(self.cfg.ack_wait))).await;
+                }
+                Err(u) => {
+                    set_aside.push(Quarantined::event(&m.subject, u.session.as_ref(), u.seq, u.reason));
+                    pending.insert(u.seq, m);
+                }
             }
         }
-        let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
-        let write = async {
+        let write = async move {
             let mut pause = Backoff::new(self.cfg.retry_max);
+            let mut refusals: HashMap<u64, u32> = HashMap::new();
             loop {
-                let written = async {
-                    let events = self.resolve_patches(&events).await?;
-                    self.store.apply(&events).await
-                }
-                .await;
-                match written {
-                    Ok(applied) => {
-                        tracing::debug!(?applied, max_seq, "batch materialized");
+                match self.write_batch(&events).await {
+                    Ok(written) => {
+                        tracing::debug!(applied = ?written.applied, "batch materialized");
+                        set_aside.extend(written.set_aside);
                         break;
+                    }
+                    // Mongo refuses one event's change for what it is: once
+                    // that repeats, the rest of the batch is written without
+                    // it.
+                    Err(MongoError::Refused { seq: Some(seq), reason }) if events.iter().any(|e| e.seq == seq) => {
+                        let refused = refusals.entry(seq).or_default();
+                        *refused += 1;
+                        if *refused < REFUSALS_BEFORE_QUARANTINE {
+                            tracing::warn!(seq, %reason, "mongo refused a write of the batch; retrying");
+                            pause.wait().await;
+                            continue;
+                        }
+                        let i = events.iter().position(|e| e.seq == seq).expect("checked above");
+                        let e = events.remove(i);
+                        set_aside.push(Quarantined::event(&self.subject(&e.session), Some(&e.session), seq, reason));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, events = events.len(), "writing a batch to mongo failed; retrying");
@@ -327,6 +480,13 @@ impl Materializer {
                     }
                 }
             }
+            // Recorded before anything is acknowledged: a quarantine that is
+            // not recorded would be a silent skip.
+            while let Err(e) = self.store.quarantine(&set_aside).await {
+                tracing::warn!(error = %e, "recording quarantined records in mongo failed; retrying");
+                pause.wait().await;
+            }
+            (events, set_aside)
         };
         // While the batch is being written (or retried), JetStream is told
         // it is in progress, so that it is not delivered to another instance
@@ -335,23 +495,36 @@ impl Materializer {
         tokio::pin!(write);
         let mut keep_alive = tokio::time::interval((self.cfg.ack_wait / 3).max(Duration::from_millis(100)));
         keep_alive.tick().await;
-        loop {
+        let (events, set_aside) = loop {
             tokio::select! {
-                _ = &mut write => break,
+                done = &mut write => break done,
                 _ = keep_alive.tick() => {
-                    for m in &good {
+                    for m in pending.values() {
                         let _ = m.ack_with(AckKind::Progress).await;
                     }
                 }
             }
+        };
+        for q in &set_aside {
+            tracing::error!(subject = %q.subject, seq = q.seq, kind = ?q.kind, reason = %q.reason, "quarantined");
+            let counter = match q.kind {
+                QuarantineKind::Event => &self.counters.quarantined_events,
+                QuarantineKind::Document => &self.counters.unreadable_documents,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
-        for m in good {
+        for m in pending.into_values() {
+            // A quarantined event is acknowledged like the others once it is
+            // recorded: never delivered again, and the ack floor (and so the
+            // checkpoint) moves past it. (A terminated message would leave
+            // the floor behind it.)
             if let Err(e) = m.ack().await {
                 // The event will come again and change nothing.
                 tracing::debug!(error = %e, "ack lost");
             }
         }
-        self.applied.fetch_max(max_seq, Ordering::AcqRel);
+        let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+        self.counters.applied_seq.fetch_max(max_seq, Ordering::AcqRel);
         self.save_checkpoint(consumer).await;
         Ok(messages.len())
     }
@@ -377,13 +550,33 @@ impl Materializer {
         }
     }
 
-    fn decode(&self, m: &jetstream::Message) -> Result<LoggedEvent, MongoError> {
-        let seq = m.info().map_err(|e| MongoError::Unreadable(e.to_string()))?.stream_sequence;
-        let session = session_of(&self.log.subject_prefix, &m.subject)
-            .ok_or_else(|| MongoError::Unreadable(format!("subject {} names no session", m.subject)))?;
-        let event =
-            self.codec.decode_event(&session, &m.payload).map_err(|e| MongoError::Unreadable(format!("event {seq} of {session}: {e}")))?;
-        Ok(LoggedEvent { seq, session, event })
+    fn decode(&self, m: &jetstream::Message) -> Result<LoggedEvent, Undecodable> {
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
+        let Some(session) = session_of(&self.log.subject_prefix, &m.subject) else {
+            return Err(Undecodable { seq, session: None, reason: "its subject names no session".into(), defer: false });
+        };
+        match self.codec.decode_event(&session, &m.payload) {
+            Ok(event) => Ok(LoggedEvent { seq, session, event }),
+            Err(e) => {
+                let (reason, defer) = match &e {
+                    // Only a newer build can tell: during a rolling upgrade,
+                    // an upgraded instance takes it. (The version is sealed:
+                    // nobody without the key makes such an event.)
+                    CodecError::UnknownSchema(_) => (e.to_string(), true),
+                    // Not deferred: in a cluster every instance reads with
+                    // the same keys (a new key is accepted for reading
+                    // everywhere before it seals), and a forged header
+                    // naming any key id must not hold delivery up.
+                    CodecError::Seal(SealError::UnknownKey(id)) => {
+                        (format!("sealed under key {id}, which is not in the keyring (add it, then `rebuild mongo`)"), false)
+                    }
+                    // What does not decode may be quoted in the message.
+                    CodecError::Decode(_) => ("it opens but does not decode as an event".into(), false),
+                    _ => (format!("it does not open: {e}"), false),
+                };
+                Err(Undecodable { seq, session: Some(session), reason, defer })
+            }
+        }
     }
 }
 

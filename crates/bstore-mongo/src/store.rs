@@ -1,9 +1,12 @@
-//! The documents, and the one function that writes events into them.
+//! The documents, what a batch reads of them, and the writer that sends
+//! what the batch's plan (`plan.rs`) says.
 //!
 //! `keys`: one document per key ever written —
-//! `{_id: "<tenant>.<session>\x1f<type>\x1f<id>", sid, tenant, session, type, id,
-//! seq, value: <sealed>, deleted: false, updated_at}`; a deleted key keeps
-//! its document as a tombstone: `deleted: true`, no value, `deleted_at`.
+//! `{_id: "<tenant>.<session>\x1f<type>\x1f<tag>", sid, tenant, session, type, tag,
+//! seq, value: <sealed id and value>, deleted: false, updated_at}`; a deleted
+//! key keeps its document as a tombstone: `deleted: true`, no value,
+//! `deleted_at`. The key id is never in clear: the document is named by the
+//! id's tag and the id is sealed with the value (`keydoc.rs`).
 //!
 //! `sessions`: one per session, made of registers that are each written on
 //! their own, last-writer-wins by their own sequence:
@@ -23,6 +26,10 @@
 //! event cannot bring back a key the deletion removed.
 //!
 //! `checkpoints`: `{_id: <consumer>, last_seq, updated_at}`.
+//!
+//! `quarantine`: what the materializer skipped or found unreadable
+//! (`quarantine.rs`): `{_id, kind, tenant, session, seq, reason, at}`, no
+//! values and no key ids.
 //!
 //! # Several instances at once
 //!
@@ -79,17 +86,15 @@ use futures_util::TryStreamExt;
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{Binary, Bson, DateTime, Document, doc};
 use mongodb::error::PartialBulkWriteResult;
-use mongodb::options::{ClientOptions, IndexOptions, UpdateManyModel, UpdateOneModel, WriteModel};
+use mongodb::options::{ClientOptions, DeleteOneModel, IndexOptions, UpdateManyModel, UpdateOneModel, WriteModel};
 use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
+use crate::keydoc::{doc_id_of_tag, open_key, seal_key};
+use crate::plan::{Base, KeyMark, KeyOp, KeyPlace, KeyWrite, Outcome, Seen, SessionMarks, SessionWrite, Tombstone, Wipe, plan};
 use crate::{MongoConfig, MongoError};
 
-/// A key's document as far as patching needs it: its sequence and, unless
-/// it is a tombstone, its opened value.
-pub type KeyValueAt = (u64, Option<Bytes>);
-
 /// Separates the parts of a key document's `_id`; it cannot occur in a key
-/// type or id.
+/// type, an id tag or a session name.
 pub const ID_SEP: char = '\x1f';
 /// Server error: duplicate key. On a guarded upsert it means the document is
 /// already as new or newer.
@@ -97,6 +102,12 @@ const DUPLICATE_KEY: i32 = 11000;
 /// Server errors when an index exists with other options.
 const INDEX_OPTIONS_CONFLICT: i32 = 85;
 const INDEX_KEY_SPECS_CONFLICT: i32 = 86;
+/// Server errors on a single write that pass: the network, a server
+/// stepping down, shutting down or interrupted, a time limit. Any other
+/// error on a write is the server refusing that document.
+const TRANSIENT_WRITE_ERRORS: [i32; 15] = [6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11601, 11602, 13435, 13436];
+/// Documents per `$in` read.
+const READ_CHUNK: usize = 1000;
 
 /// One event as the log stored it.
 #[derive(Debug, Clone)]
@@ -152,6 +163,7 @@ pub struct Store {
     keys: Collection<Document>,
     sessions: Collection<Document>,
     checkpoints: Collection<Document>,
+    pub(crate) quarantine: Collection<Document>,
     codec: Codec,
     retention_secs: u64,
     #[cfg(test)]
@@ -173,6 +185,7 @@ impl Store {
             keys: db.collection("keys"),
             sessions: db.collection("sessions"),
             checkpoints: db.collection("checkpoints"),
+            quarantine: db.collection("quarantine"),
             client,
             db,
             codec,
@@ -187,8 +200,14 @@ impl Store {
         &self.db
     }
 
-    /// Creates the indexes (idempotent). A changed tombstone retention is
-    /// applied to the existing TTL indexes.
+    /// The `_id` of the document of key `id` of type `ty` of `session`.
+    pub fn key_doc_id(&self, session: &SessionKey, ty: &KeyType, id: &KeyId) -> String {
+        crate::keydoc::key_doc_id(&self.codec, session, ty, id)
+    }
+
+    /// Creates the indexes (idempotent) and brings documents of earlier
+    /// releases in line. A changed tombstone retention is applied to the
+    /// existing TTL indexes.
     pub async fn ensure_indexes(&self) -> Result<(), MongoError> {
         let by_session = IndexModel::builder()
             .keys(doc! { "sid": 1, "deleted": 1, "type": 1 })
@@ -217,7 +236,8 @@ impl Store {
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        self.migrate().await
+        self.migrate().await?;
+        self.migrate_key_ids().await.map(|_| ())
     }
 
     /// Brings session documents written before the creds had a register of
@@ -240,245 +260,180 @@ impl Store {
         Ok(())
     }
 
-    /// The stored sequence and value of each of `wanted` keys that has a
-    /// document, by document id. Values are opened (and so checked to belong
-    /// to their session, type and id).
-    pub async fn values_of(&self, wanted: &[(SessionKey, KeyType, KeyId)]) -> Result<HashMap<String, KeyValueAt>, MongoError> {
-        let mut places: HashMap<String, &(SessionKey, KeyType, KeyId)> = HashMap::new();
-        for w in wanted {
-            places.insert(key_doc_id(&sid(&w.0), &w.1, &w.2), w);
+    /// Rewrites the key documents of earlier releases, which named their key
+    /// in clear (`_id` ending in the id, an `id` field, the value sealed for
+    /// the id), into documents named by the id's tag; returns how many.
+    ///
+    /// Each becomes a guarded key write like any other (a document of the
+    /// tag that is as new or newer wins), then the old document is removed
+    /// if it did not change since it was read (an instance of the earlier
+    /// release still running may write it again: the next start converts
+    /// that too), and the sessions touched are recounted. A value that does
+    /// not open is dropped with a warning; `verify` then reports the key
+    /// missing and `rebuild mongo` writes it again from the log.
+    async fn migrate_key_ids(&self) -> Result<usize, MongoError> {
+        let mut cursor = self.keys.find(doc! { "id": { "$exists": true } }).await.map_err(unavailable)?;
+        let mut old = Vec::new();
+        while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+            old.push(d);
         }
-        let ids: Vec<String> = places.keys().cloned().collect();
-        let mut out = HashMap::new();
-        for chunk in ids.chunks(1000) {
-            let mut cursor = self.keys.find(doc! { "_id": { "$in": chunk } }).await.map_err(unavailable)?;
-            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-                let Some((id, (session, ty, kid))) = d.get_str("_id").ok().and_then(|id| places.get_key_value(id)) else { continue };
+        if old.is_empty() {
+            return Ok(0);
+        }
+        tracing::info!(documents = old.len(), "rewriting key documents of an earlier release, which named their key ids in clear");
+        for chunk in old.chunks(500) {
+            let (mut writes, mut removals, mut recount) = (Vec::new(), Vec::new(), BTreeSet::new());
+            for d in chunk {
+                let Ok(old_id) = d.get_str("_id") else { continue };
+                removals.push(
+                    DeleteOneModel::builder()
+                        .namespace(self.keys.namespace())
+                        .filter(doc! { "_id": old_id, "seq": d.get("seq").cloned().unwrap_or(Bson::Null) })
+                        .build(),
+                );
+                let place = match (d.get_str("tenant"), d.get_str("session"), d.get_str("type"), d.get_str("id")) {
+                    (Ok(t), Ok(s), Ok(ty), Ok(id)) => match (SessionKey::parse(t, s), KeyType::parse(ty), KeyId::parse(id)) {
+                        (Ok(s), Ok(ty), Ok(id)) => (s, ty, id),
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                let at_ms = d.get_datetime("updated_at").map_or(0, |t| t.timestamp_millis().max(0) as u64);
                 let value = match d.get_binary_generic("value") {
-                    Ok(blob) if !d.get_bool("deleted").unwrap_or(false) => Some(
-                        self.codec
-                            .open_value(session, Some((ty, kid)), blob)
-                            .map_err(|e| MongoError::Unreadable(format!("{session} key {ty}/{kid}: {e}")))?
-                            .into(),
-                    ),
+                    Ok(blob) if !d.get_bool("deleted").unwrap_or(false) => {
+                        match self.codec.open_value(&place.0, Some((&place.1, &place.2)), blob) {
+                            Ok(v) => Some(Bytes::from(v)),
+                            Err(e) => {
+                                tracing::warn!(session = %place.0, error = %e, "dropping an unreadable key document of an earlier release");
+                                continue;
+                            }
+                        }
+                    }
                     _ => None,
                 };
-                out.insert(id.clone(), (int(&d, "seq"), value));
+                recount.insert(place.0.clone());
+                let op = KeyOp { seq: int(d, "seq"), at_ms, value };
+                writes.push(self.key_write(&KeyWrite { place, op, expect: None }, None));
             }
+            self.write_all(&writes).await?;
+            self.client.bulk_write(removals).ordered(false).await.map_err(unavailable)?;
+            self.recount(&recount).await?;
         }
-        Ok(out)
+        Ok(old.len())
     }
 
-    /// Removes every collection this store writes, checkpoints included.
+    /// Removes every collection this store writes, checkpoints and
+    /// quarantine included.
     pub async fn drop_all(&self) -> Result<(), MongoError> {
-        for coll in [&self.keys, &self.sessions, &self.checkpoints] {
+        for coll in [&self.keys, &self.sessions, &self.checkpoints, &self.quarantine] {
             coll.drop().await.map_err(unavailable)?;
         }
         Ok(())
     }
 
-    /// Writes a batch of events. Idempotent and order-insensitive, also
-    /// against other instances applying other batches (or the same one) at
-    /// the same time: repeats, events already applied and events older than
-    /// what a document holds change no fact. See the module documentation
-    /// for why each step is safe under every interleaving.
+    /// Writes a batch of events holding whole values only (no patches):
+    /// [`Store::read`], then [`Store::write`].
     pub async fn apply(&self, batch: &[LoggedEvent]) -> Result<Applied, MongoError> {
-        let mut events: Vec<&LoggedEvent> = batch.iter().collect();
-        events.sort_by_key(|e| e.seq);
-        events.dedup_by_key(|e| e.seq);
-        let mut stats = Applied { events: events.len(), ..Default::default() };
-        if events.is_empty() {
-            return Ok(stats);
-        }
+        let seen = self.read(batch).await?;
+        self.write(batch, &seen).await
+    }
 
-        // How far each session document's registers are. Each only ever
-        // rises, so a write found older than its register here is dead for
-        // good and is not sent: nothing another instance does later can
-        // make it live again.
-        let sids: Vec<String> = events.iter().map(|e| sid(&e.session)).collect::<BTreeSet<_>>().into_iter().collect();
-        let known = self.marks(&sids).await?;
-
-        // Collapse the batch: per session the newest event of each register,
-        // per key the newest change; a deletion of the session turns every
-        // earlier change of the batch into a tombstone at its sequence.
-        let mut plans: BTreeMap<String, SessionPlan> = BTreeMap::new();
-        let mut key_ops: BTreeMap<KeyPlace, KeyOp> = BTreeMap::new();
-        for e in &events {
-            let id = sid(&e.session);
-            let reset_before = known.get(&id).map_or(0, |m| m.reset_seq);
-            let plan = plans.entry(id.clone()).or_insert_with(|| SessionPlan::new(e.session.clone()));
-            let deleted = matches!(e.event.change, Change::SessionDeleted);
-            plan.last = Mark { seq: e.seq, at_ms: e.event.at_ms, deleted };
-            match &e.event.change {
-                Change::CredsPut { creds } => plan.creds = Some((e.seq, Some(creds.clone()))),
-                // Patches need the previous value; the materializer turns them
-                // into whole values first (`Materializer::resolve_patches`).
-                Change::KeysChanged { patched, .. } if !patched.is_empty() => {
-                    return Err(MongoError::Unreadable(format!("event {} of {} still holds patches", e.seq, e.session)));
-                }
-                Change::KeysChanged { keys, .. } => {
-                    if e.seq <= reset_before {
-                        stats.already_applied += 1;
-                        continue;
-                    }
-                    for (ty, ids) in keys {
-                        for (kid, value) in ids {
-                            let op = KeyOp { seq: e.seq, at_ms: e.event.at_ms, value: value.clone(), session: e.session.clone() };
-                            key_ops.insert((id.clone(), ty.clone(), kid.clone()), op);
-                        }
-                    }
-                }
-                Change::SessionDeleted => {
-                    plan.creds = Some((e.seq, None));
-                    plan.reset = Some((e.seq, e.event.at_ms));
-                    for ((s, _, _), op) in key_ops.iter_mut() {
-                        if *s == id && op.seq < e.seq {
-                            *op = KeyOp { seq: e.seq, at_ms: e.event.at_ms, value: None, session: e.session.clone() };
-                        }
-                    }
+    /// Reads what writing `batch` needs to know, each document once: the
+    /// registers of its sessions' documents, the sequence and liveness of
+    /// the documents of the keys it touches, and the values of those it
+    /// patches (opened, or why they do not open).
+    pub(crate) async fn read(&self, batch: &[LoggedEvent]) -> Result<Seen, MongoError> {
+        let sessions: BTreeSet<&SessionKey> = batch.iter().map(|e| &e.session).collect();
+        let mut seen = Seen { sessions: self.marks(sessions.into_iter().cloned()).await?, ..Default::default() };
+        // By document id: the key, and whether its value is wanted.
+        let mut places: HashMap<String, (KeyPlace, bool)> = HashMap::new();
+        for e in batch {
+            if let Change::KeysChanged { keys, patched } = &e.event.change {
+                let whole = keys.iter().flat_map(|(t, ids)| ids.keys().map(move |i| (t, i, false)));
+                let patches = patched.iter().flat_map(|(t, ids)| ids.keys().map(move |i| (t, i, true)));
+                for (ty, kid, wanted) in whole.chain(patches) {
+                    let tag = self.codec.id_tag(&e.session, ty, kid);
+                    let entry = places
+                        .entry(doc_id_of_tag(&e.session, ty, &tag))
+                        .or_insert_with(|| ((e.session.clone(), ty.clone(), kid.clone()), false));
+                    entry.1 |= wanted;
                 }
             }
         }
+        for with_values in [false, true] {
+            let ids: Vec<&String> = places.iter().filter(|(_, (_, w))| *w == with_values).map(|(id, _)| id).collect();
+            for chunk in ids.chunks(READ_CHUNK) {
+                let find = self.keys.find(doc! { "_id": { "$in": chunk } });
+                let find = if with_values { find } else { find.projection(doc! { "seq": 1, "deleted": 1 }) };
+                let mut cursor = find.await.map_err(unavailable)?;
+                while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+                    let Some((place, _)) = d.get_str("_id").ok().and_then(|id| places.get(id)) else { continue };
+                    let mark = KeyMark { seq: int(&d, "seq"), live: !d.get_bool("deleted").unwrap_or(false) };
+                    if with_values && mark.live {
+                        seen.bases.insert(place.clone(), self.base(place, &d));
+                    }
+                    seen.keys.insert(place.clone(), mark);
+                }
+            }
+        }
+        Ok(seen)
+    }
 
-        // Each key's document as it stands: its sequence and whether it is a
-        // tombstone. Only an optimization and a hint for the counts: every
-        // write below is guarded on the server, never decided by this read.
-        let doc_ids: Vec<String> = key_ops.keys().map(|(s, t, i)| key_doc_id(s, t, i)).collect();
-        let before = self.key_marks(&doc_ids).await?;
+    /// The value a live key document holds, opened.
+    fn base(&self, (session, ty, kid): &KeyPlace, d: &Document) -> Base {
+        let opened = match (d.get_str("tag"), d.get_binary_generic("value")) {
+            (Ok(tag), Ok(blob)) => open_key(&self.codec, session, ty, tag, blob).and_then(|(id, v)| {
+                if id == *kid { Ok(Bytes::from(v)) } else { Err("the sealed key id does not match its document".into()) }
+            }),
+            _ => Err("no tag or no value".into()),
+        };
+        opened.map_or_else(Base::Unreadable, Base::Value)
+    }
+
+    /// Writes a batch of events holding whole values, given what
+    /// [`Store::read`] read for it (a batch with patches resolved touches the
+    /// same keys). Idempotent and order-insensitive, also against other
+    /// instances applying other batches (or the same one) at the same time:
+    /// repeats, events already applied and events older than what a
+    /// document holds change no fact. See the module documentation for why
+    /// each step is safe under every interleaving.
+    pub(crate) async fn write(&self, batch: &[LoggedEvent], seen: &Seen) -> Result<Applied, MongoError> {
+        let mut plan = plan(batch, seen)?;
+        if plan.stats.events == 0 {
+            return Ok(plan.stats);
+        }
         self.stage(Stage::Read).await;
 
-        // Sessions whose counts per type must be recomputed.
-        let mut recount: BTreeMap<String, SessionKey> = BTreeMap::new();
-
-        // 1. A deletion first raises its session's reset sequence, before it
-        //    tombstones anything (step 2): a key writer that comes after
-        //    this point sees the deletion in its own check (step 3).
-        let mut resets = Vec::new();
-        for (id, plan) in &plans {
-            if let Some((seq, at_ms)) = plan.reset
-                && seq > known.get(id).map_or(0, |m| m.reset_seq)
-            {
-                resets.push(self.reset_write(id, &plan.session, seq, at_ms));
-            }
-        }
-        stats.session_writes += resets.len();
-        stats.already_applied += count_missed(&self.write_all(&resets).await?);
-        if plans.values().any(|p| p.reset.is_some()) {
+        // 1. Deletions raise their sessions' reset registers.
+        let resets: Vec<Write> = plan.resets.iter().map(|w| self.session_write(w)).collect();
+        plan.stats.already_applied += count_missed(&self.write_all(&resets).await?);
+        if plan.deletes {
             self.stage(Stage::ResetRaised).await;
         }
 
         // 2. Every other write, in one unordered bulk write: the session
         //    documents' registers, the deletions' tombstones, the keys.
-        let mut writes: Vec<Write> = Vec::new();
-        for (id, plan) in &plans {
-            let mark = known.get(id).copied().unwrap_or_default();
-            if plan.last.seq > mark.seq {
-                writes.push(self.last_write(id, &plan.session, plan.last));
-            } else {
-                stats.already_applied += 1;
-            }
-            if let Some((seq, creds)) = &plan.creds {
-                if *seq > mark.creds_seq {
-                    writes.push(self.creds_write(id, &plan.session, *seq, creds.as_ref()));
-                } else {
-                    stats.already_applied += 1;
-                }
-            }
-        }
-        stats.session_writes += writes.len();
-        // A deletion at or above the known reset sequence tombstones again
-        // even when that sequence was already raised: the instance that
-        // raised it may have died before its tombstones were written. One
-        // below it is covered by the newer deletion's own tombstones.
-        for (id, plan) in &plans {
-            if let Some((seq, at_ms)) = plan.reset
-                && seq >= known.get(id).map_or(0, |m| m.reset_seq)
-            {
-                writes.push(wipe_write(&self.keys, id, seq, at_ms));
-                recount.insert(id.clone(), plan.session.clone());
-                stats.session_wipes += 1;
-            }
-        }
+        let mut writes: Vec<Write> = plan.registers.iter().map(|w| self.session_write(w)).collect();
+        writes.extend(plan.wipes.iter().map(|w| self.wipe_write(w)));
         let first_key_write = writes.len();
-        // Key writes by their place in `writes`, with what the write knew.
-        let mut sent: Vec<(&KeyPlace, &KeyOp, Option<KeyMark>)> = Vec::new();
-        for (place, op) in &key_ops {
-            let (id, ty, kid) = place;
-            let doc_id = key_doc_id(id, ty, kid);
-            match before.get(&doc_id).copied() {
-                // Already as new: this event (an earlier, maybe unfinished,
-                // attempt of this batch) or a newer one wrote it. Whether the
-                // counts caught up with that write is unknown: recount.
-                Some(b) if b.seq >= op.seq => {
-                    stats.already_applied += 1;
-                    recount.insert(id.clone(), op.session.clone());
-                }
-                // Compare-and-set on the sequence read: when it matches, the
-                // document replaced is exactly the one read, so whether a key
-                // appeared or disappeared is known.
-                Some(b) => {
-                    writes.push(self.key_write(&doc_id, place, op, Some(b.seq)));
-                    sent.push((place, op, Some(b)));
-                }
-                None => {
-                    writes.push(self.key_write(&doc_id, place, op, None));
-                    sent.push((place, op, None));
-                }
-            }
-        }
-        stats.key_writes = sent.len();
+        writes.extend(plan.keys.iter().map(|w| self.key_write(w, w.expect.map(|b| b.seq))));
         let outcomes = self.write_all(&writes).await?;
-        stats.already_applied += count_missed(&outcomes[..first_key_write]);
-        let mut changed_under_us = Vec::new();
-        for (&(place, op, b), outcome) in sent.iter().zip(&outcomes[first_key_write..]) {
-            let live = op.value.is_some();
-            // Whether the write is known to have left the set of live keys
-            // as it was.
-            let same_keys = match (b, outcome) {
-                (Some(b), Outcome::Matched) => b.live == live,
-                (None, Outcome::Inserted) => !live,
-                (Some(_), _) => {
-                    // Another instance changed the document after it was
-                    // read: write again, guarded by sequence alone.
-                    changed_under_us.push(self.key_write(&key_doc_id(&place.0, &place.1, &place.2), place, op, None));
-                    false
-                }
-                (None, Outcome::Missed) => {
-                    stats.already_applied += 1;
-                    false
-                }
-                (None, _) => false,
-            };
-            if !same_keys {
-                recount.insert(place.0.clone(), op.session.clone());
-            }
-        }
-        stats.already_applied += count_missed(&self.write_all(&changed_under_us).await?);
+        plan.stats.already_applied += count_missed(&outcomes[..first_key_write]);
+        let again: Vec<Write> = plan.settle(&outcomes[first_key_write..]).iter().map(|w| self.key_write(w, None)).collect();
+        plan.stats.already_applied += count_missed(&self.write_all(&again).await?);
         self.stage(Stage::Written).await;
 
-        // 3. Each key written, then the session's reset sequence read again:
-        //    a deletion newer than the key that raised it in the meantime
-        //    may have tombstoned before the key was written, so the key is
-        //    tombstoned here (guarded, so a newer write survives).
-        let with_keys: Vec<String> = key_ops.keys().map(|(s, _, _)| s.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let after = self.marks(&with_keys).await?;
-        let mut late_tombstones = Vec::new();
-        for ((id, ty, kid), op) in &key_ops {
-            let Some(mark) = after.get(id) else { continue };
-            if op.seq < mark.reset_seq {
-                let at = if mark.reset_at_ms > 0 { mark.reset_at_ms } else { op.at_ms };
-                late_tombstones.push(tombstone_write(&self.keys, &key_doc_id(id, ty, kid), mark.reset_seq, at));
-                recount.insert(id.clone(), op.session.clone());
-            }
-        }
-        self.write_all(&late_tombstones).await?;
+        // 3. Each key written, then its session's reset register read again.
+        let after = self.marks(plan.sessions_with_keys()).await?;
+        let late: Vec<Write> = plan.late_tombstones(&after).iter().map(|t| self.tombstone_write(t)).collect();
+        self.write_all(&late).await?;
 
         // 4. Counts, recomputed from the key documents.
-        if !recount.is_empty() {
-            stats.recounts = recount.len();
-            self.recount(&recount).await?;
+        if !plan.recount.is_empty() {
+            plan.stats.recounts = plan.recount.len();
+            self.recount(&plan.recount).await?;
         }
-        Ok(stats)
+        Ok(plan.stats)
     }
 
     /// Recomputes the counts per type of `sessions` from their key
@@ -493,22 +448,23 @@ impl Store {
     /// generation read it after every increment, so after every key write
     /// of every recount: its counts are the true ones, and no lower
     /// generation can overwrite them.
-    async fn recount(&self, sessions: &BTreeMap<String, SessionKey>) -> Result<(), MongoError> {
+    async fn recount(&self, sessions: &BTreeSet<SessionKey>) -> Result<(), MongoError> {
         let claims: Vec<Write> = sessions
             .iter()
-            .map(|(id, key)| Write {
+            .map(|key| Write {
                 ns: self.sessions.namespace(),
-                filter: doc! { "_id": id },
+                filter: doc! { "_id": sid(key) },
                 update: doc! {
                     "$inc": { "count_gen": 1_i64 },
                     "$set": { "tenant": key.tenant.as_str(), "session": key.session.as_str() },
                 },
                 upsert: true,
                 many: false,
+                event: None,
             })
             .collect();
         self.write_all(&claims).await?;
-        let ids: Vec<&String> = sessions.keys().collect();
+        let ids: Vec<String> = sessions.iter().map(sid).collect();
         let mut gens: HashMap<String, u64> = HashMap::new();
         let mut cursor =
             self.sessions.find(doc! { "_id": { "$in": &ids } }).projection(doc! { "count_gen": 1 }).await.map_err(unavailable)?;
@@ -518,7 +474,7 @@ impl Store {
             }
         }
 
-        let mut counts: BTreeMap<&String, Document> = sessions.keys().map(|s| (s, Document::new())).collect();
+        let mut counts: BTreeMap<&str, Document> = ids.iter().map(|s| (s.as_str(), Document::new())).collect();
         let pipeline = vec![
             doc! { "$match": { "sid": { "$in": &ids }, "deleted": false } },
             doc! { "$group": { "_id": { "sid": "$sid", "type": "$type" }, "n": { "$sum": 1 } } },
@@ -532,7 +488,7 @@ impl Store {
                 Some(Bson::Int64(n)) => *n,
                 _ => 0,
             };
-            if let Some(c) = counts.get_mut(&s.to_owned()) {
+            if let Some(c) = counts.get_mut(s) {
                 c.insert(t, n);
             }
         }
@@ -547,6 +503,7 @@ impl Store {
                     update: doc! { "$set": { "counts": c, "counted_gen": g } },
                     upsert: false,
                     many: false,
+                    event: None,
                 })
             })
             .collect();
@@ -554,111 +511,84 @@ impl Store {
         Ok(())
     }
 
-    /// The registers of each session document among `ids` that exists.
-    async fn marks(&self, ids: &[String]) -> Result<HashMap<String, SessionMarks>, MongoError> {
+    /// The registers of each of `sessions` that has a document.
+    async fn marks(&self, sessions: impl IntoIterator<Item = SessionKey>) -> Result<HashMap<SessionKey, SessionMarks>, MongoError> {
+        let by_id: HashMap<String, SessionKey> = sessions.into_iter().map(|s| (sid(&s), s)).collect();
+        let ids: Vec<&String> = by_id.keys().collect();
         let mut out = HashMap::new();
-        for chunk in ids.chunks(1000) {
+        for chunk in ids.chunks(READ_CHUNK) {
             let projection = doc! { "seq": 1, "creds_seq": 1, "reset_seq": 1, "reset_at_ms": 1 };
             let mut cursor = self.sessions.find(doc! { "_id": { "$in": chunk } }).projection(projection).await.map_err(unavailable)?;
             while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-                let Ok(id) = d.get_str("_id") else { continue };
+                let Some(session) = d.get_str("_id").ok().and_then(|id| by_id.get(id)) else { continue };
                 let marks = SessionMarks {
                     seq: int(&d, "seq"),
                     creds_seq: int(&d, "creds_seq"),
                     reset_seq: int(&d, "reset_seq"),
                     reset_at_ms: int(&d, "reset_at_ms"),
                 };
-                out.insert(id.to_owned(), marks);
+                out.insert(session.clone(), marks);
             }
         }
         Ok(out)
     }
 
-    /// The sequence and liveness of each key document among `ids` that
-    /// exists.
-    async fn key_marks(&self, ids: &[String]) -> Result<HashMap<String, KeyMark>, MongoError> {
-        let mut out = HashMap::new();
-        for chunk in ids.chunks(1000) {
-            let mut cursor =
-                self.keys.find(doc! { "_id": { "$in": chunk } }).projection(doc! { "seq": 1, "deleted": 1 }).await.map_err(unavailable)?;
-            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-                if let Ok(id) = d.get_str("_id") {
-                    out.insert(id.to_owned(), KeyMark { seq: int(&d, "seq"), live: !d.get_bool("deleted").unwrap_or(false) });
-                }
+    /// One register of a session document, guarded by its sequence.
+    fn session_write(&self, w: &SessionWrite) -> Write {
+        let (session, register, seq, update) = match w {
+            SessionWrite::Reset { session, seq, at_ms } => {
+                (session, "reset_seq", *seq, doc! { "$set": { "reset_seq": *seq as i64, "reset_at_ms": *at_ms as i64 } })
             }
-        }
-        Ok(out)
-    }
-
-    /// The session's last event: sequence, time, whether it deleted.
-    fn last_write(&self, id: &str, session: &SessionKey, last: Mark) -> Write {
-        let mut set = doc! {
-            "tenant": session.tenant.as_str(), "session": session.session.as_str(),
-            "seq": last.seq as i64, "updated_at_ms": last.at_ms as i64, "deleted": last.deleted,
-        };
-        let update = if last.deleted {
-            set.insert("deleted_at", DateTime::from_millis(last.at_ms as i64));
-            doc! { "$set": set }
-        } else {
-            doc! { "$set": set, "$unset": { "deleted_at": "" } }
-        };
-        Write {
-            ns: self.sessions.namespace(),
-            filter: doc! { "_id": id, "$or": older_than("seq", last.seq as i64) },
-            update,
-            upsert: true,
-            many: false,
-        }
-    }
-
-    /// The creds as of `seq`: put, or removed by a deletion.
-    fn creds_write(&self, id: &str, session: &SessionKey, seq: u64, creds: Option<&Bytes>) -> Write {
-        let set = doc! { "tenant": session.tenant.as_str(), "session": session.session.as_str(), "creds_seq": seq as i64 };
-        let update = match creds {
-            Some(c) => {
-                let mut set = set;
-                set.insert("creds", binary(self.codec.seal_value(session, None, c)));
-                doc! { "$set": set }
+            SessionWrite::Last { session, last } => {
+                let set = doc! { "seq": last.seq as i64, "updated_at_ms": last.at_ms as i64, "deleted": last.deleted };
+                let update = if last.deleted {
+                    let mut set = set;
+                    set.insert("deleted_at", DateTime::from_millis(last.at_ms as i64));
+                    doc! { "$set": set }
+                } else {
+                    doc! { "$set": set, "$unset": { "deleted_at": "" } }
+                };
+                (session, "seq", last.seq, update)
             }
-            None => doc! { "$set": set, "$unset": { "creds": "" } },
+            SessionWrite::Creds { session, seq, creds } => {
+                let update = match creds {
+                    Some(c) => doc! { "$set": { "creds_seq": *seq as i64, "creds": binary(self.codec.seal_value(session, None, c)) } },
+                    None => doc! { "$set": { "creds_seq": *seq as i64 }, "$unset": { "creds": "" } },
+                };
+                (session, "creds_seq", *seq, update)
+            }
         };
-        Write {
-            ns: self.sessions.namespace(),
-            filter: doc! { "_id": id, "$or": older_than("creds_seq", seq as i64) },
-            update,
-            upsert: true,
-            many: false,
+        let mut update = update;
+        if let Ok(set) = update.get_document_mut("$set") {
+            set.insert("tenant", session.tenant.as_str());
+            set.insert("session", session.session.as_str());
         }
-    }
-
-    /// Raises the session's reset sequence to a deletion's.
-    fn reset_write(&self, id: &str, session: &SessionKey, seq: u64, at_ms: u64) -> Write {
-        let update = doc! { "$set": {
-            "tenant": session.tenant.as_str(), "session": session.session.as_str(),
-            "reset_seq": seq as i64, "reset_at_ms": at_ms as i64,
-        } };
         Write {
             ns: self.sessions.namespace(),
-            filter: doc! { "_id": id, "$or": older_than("reset_seq", seq as i64) },
+            filter: doc! { "_id": sid(session), "$or": older_than(register, seq as i64) },
             update,
             upsert: true,
             many: false,
+            event: Some(seq),
         }
     }
 
     /// One key's change. `expect`: the sequence the document was read at
     /// (compare-and-set, no upsert); `None`: guarded by `seq < new` alone,
     /// with upsert.
-    fn key_write(&self, doc_id: &str, place: &KeyPlace, op: &KeyOp, expect: Option<u64>) -> Write {
-        let (id, ty, kid) = place;
+    fn key_write(&self, w: &KeyWrite, expect: Option<u64>) -> Write {
+        let (session, ty, kid) = &w.place;
+        let op = &w.op;
+        let tag = self.codec.id_tag(session, ty, kid);
+        let doc_id = doc_id_of_tag(session, ty, &tag);
         let at = DateTime::from_millis(op.at_ms as i64);
         let mut set = doc! {
-            "sid": id, "tenant": op.session.tenant.as_str(), "session": op.session.session.as_str(),
-            "type": ty.as_str(), "id": kid.as_str(), "seq": op.seq as i64, "updated_at": at,
+            "sid": sid(session), "tenant": session.tenant.as_str(), "session": session.session.as_str(),
+            "type": ty.as_str(), "tag": &tag, "seq": op.seq as i64, "updated_at": at,
         };
         let update = match &op.value {
             Some(v) => {
-                set.insert("value", binary(self.codec.seal_value(&op.session, Some((ty, kid)), v)));
+                set.insert("value", binary(seal_key(&self.codec, session, ty, &tag, kid, v)));
                 set.insert("deleted", false);
                 doc! { "$set": set, "$unset": { "deleted_at": "" } }
             }
@@ -672,7 +602,37 @@ impl Store {
             Some(seq) => (doc! { "_id": doc_id, "seq": seq as i64 }, false),
             None => (doc! { "_id": doc_id, "seq": { "$lt": op.seq as i64 } }, true),
         };
-        Write { ns: self.keys.namespace(), filter, update, upsert, many: false }
+        Write { ns: self.keys.namespace(), filter, update, upsert, many: false, event: Some(op.seq) }
+    }
+
+    /// A deletion's tombstones: every key document of the session older
+    /// than it.
+    fn wipe_write(&self, w: &Wipe) -> Write {
+        self.tombstones(doc! { "sid": sid(&w.session) }, w.seq, w.at_ms, true)
+    }
+
+    /// One key document made a tombstone of the deletion at `seq`, if older.
+    fn tombstone_write(&self, t: &Tombstone) -> Write {
+        let (session, ty, kid) = &t.place;
+        self.tombstones(doc! { "_id": self.key_doc_id(session, ty, kid) }, t.seq, t.at_ms, false)
+    }
+
+    /// Makes the key documents matching `filter` that are older than `seq`
+    /// tombstones of the deletion at `seq`.
+    fn tombstones(&self, mut filter: Document, seq: u64, at_ms: u64, many: bool) -> Write {
+        let at = DateTime::from_millis(at_ms as i64);
+        filter.insert("seq", doc! { "$lt": seq as i64 });
+        Write {
+            ns: self.keys.namespace(),
+            filter,
+            update: doc! {
+                "$set": { "seq": seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
+                "$unset": { "value": "" },
+            },
+            upsert: false,
+            many,
+            event: Some(seq),
+        }
     }
 
     /// Sends `writes` as one unordered bulk write (the order does not
@@ -734,7 +694,16 @@ impl Store {
                     collided.push(i);
                     continue;
                 }
-                return Err(MongoError::Unavailable(format!("mongo refused a write ({}): {}", err.code, err.message)));
+                let what = format!("mongo refused a write ({}): {}", err.code, err.message);
+                if TRANSIENT_WRITE_ERRORS.contains(&err.code) {
+                    return Err(MongoError::Unavailable(what));
+                }
+                // The document, not the server: the same write fails again.
+                // Only the code: the message may quote the document.
+                return Err(MongoError::Refused {
+                    seq: writes[i].borrow().event,
+                    reason: format!("mongo refused a write (error {})", err.code),
+                });
             }
             *slot = match results.get(&i) {
                 Some(r) if r.upserted_id.is_some() => Outcome::Inserted,
@@ -803,25 +772,22 @@ impl Store {
                 out.tombstones += 1;
                 continue;
             }
-            let (Ok(t), Ok(i)) = (d.get_str("type"), d.get_str("id")) else {
-                return Err(MongoError::Unreadable(format!("{session}: a key document without type or id")));
+            // Errors name the type and the document's tag, never an id.
+            let (Ok(t), Ok(tag)) = (d.get_str("type"), d.get_str("tag")) else {
+                let what = if d.contains_key("id") { "in the format of an earlier release" } else { "without type or tag" };
+                return Err(MongoError::Unreadable(format!("{session}: a key document {what}")));
             };
-            let (ty, kid) = match (KeyType::parse(t), KeyId::parse(i)) {
-                (Ok(ty), Ok(kid)) => (ty, kid),
-                _ => return Err(MongoError::Unreadable(format!("{session}: malformed key {t:?}/{i:?}"))),
-            };
-            let blob = d.get_binary_generic("value").map_err(|_| MongoError::Unreadable(format!("{session} key {t}/{i}: no value")))?;
-            let v = self
-                .codec
-                .open_value(session, Some((&ty, &kid)), blob)
-                .map_err(|e| MongoError::Unreadable(format!("{session} key {t}/{i}: {e}")))?;
-            out.keys.insert((t.to_owned(), i.to_owned()), v);
+            let ty = KeyType::parse(t).map_err(|_| MongoError::Unreadable(format!("{session}: a key document of a malformed type")))?;
+            let blob = d.get_binary_generic("value").map_err(|_| MongoError::Unreadable(format!("{session} key {t}/{tag}: no value")))?;
+            let (kid, v) = open_key(&self.codec, session, &ty, tag, blob)
+                .map_err(|e| MongoError::Unreadable(format!("{session} key {t}/{tag}: {e}")))?;
+            out.keys.insert((t.to_owned(), kid.as_str().to_owned()), v);
         }
         Ok((found || any_key).then_some(out))
     }
 }
 
-/// Points inside [`Store::apply`] where a test can hold one instance while
+/// Points inside [`Store::write`] where a test can hold one instance while
 /// another runs, to drive the interleavings of two instances directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
@@ -858,62 +824,6 @@ pub fn sid(session: &SessionKey) -> String {
     format!("{}.{}", session.tenant, session.session)
 }
 
-/// The `_id` of a key document.
-pub fn key_doc_id(sid: &str, ty: &KeyType, id: &KeyId) -> String {
-    format!("{sid}{ID_SEP}{ty}{ID_SEP}{id}")
-}
-
-/// A key by session document id, type and id.
-type KeyPlace = (String, KeyType, KeyId);
-
-struct KeyOp {
-    seq: u64,
-    at_ms: u64,
-    value: Option<Bytes>,
-    session: SessionKey,
-}
-
-/// A key document as read: its sequence and whether it holds a value.
-#[derive(Debug, Clone, Copy)]
-struct KeyMark {
-    seq: u64,
-    live: bool,
-}
-
-/// A session document's registers as read (0: absent).
-#[derive(Debug, Clone, Copy, Default)]
-struct SessionMarks {
-    seq: u64,
-    creds_seq: u64,
-    reset_seq: u64,
-    reset_at_ms: u64,
-}
-
-/// One event as the session document's `seq` register records it.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mark {
-    seq: u64,
-    at_ms: u64,
-    deleted: bool,
-}
-
-/// What a batch brings to one session document, register by register.
-struct SessionPlan {
-    session: SessionKey,
-    /// The newest event.
-    last: Mark,
-    /// The newest creds put (`Some`) or deletion (`None`).
-    creds: Option<(u64, Option<Bytes>)>,
-    /// The newest deletion: sequence and time.
-    reset: Option<(u64, u64)>,
-}
-
-impl SessionPlan {
-    fn new(session: SessionKey) -> Self {
-        Self { session, last: Mark::default(), creds: None, reset: None }
-    }
-}
-
 /// One guarded write.
 struct Write {
     ns: Namespace,
@@ -921,6 +831,8 @@ struct Write {
     update: Document,
     upsert: bool,
     many: bool,
+    /// The stream sequence of the event whose change it writes, if one.
+    event: Option<u64>,
 }
 
 impl Write {
@@ -934,18 +846,6 @@ impl Write {
     }
 }
 
-/// What one [`Write`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// It created the document.
-    Inserted,
-    /// It matched a document older than the write and brought it forward.
-    Matched,
-    /// It matched nothing: the document is as new or newer (or absent, for
-    /// a write without upsert).
-    Missed,
-}
-
 fn count_missed(outcomes: &[Outcome]) -> usize {
     outcomes.iter().filter(|o| **o == Outcome::Missed).count()
 }
@@ -956,38 +856,11 @@ fn older_than(field: &str, n: i64) -> Vec<Document> {
     vec![doc! { field: { "$lt": n } }, doc! { field: { "$exists": false } }]
 }
 
-/// A deletion's tombstones: every key document of the session older than it.
-fn wipe_write(keys: &Collection<Document>, id: &str, seq: u64, at_ms: u64) -> Write {
-    tombstones(keys, doc! { "sid": id }, seq, at_ms, true)
-}
-
-/// One key document made a tombstone of the deletion at `seq`, if older.
-fn tombstone_write(keys: &Collection<Document>, doc_id: &str, seq: u64, at_ms: u64) -> Write {
-    tombstones(keys, doc! { "_id": doc_id }, seq, at_ms, false)
-}
-
-/// Makes the key documents matching `filter` that are older than `seq`
-/// tombstones of the deletion at `seq`.
-fn tombstones(keys: &Collection<Document>, mut filter: Document, seq: u64, at_ms: u64, many: bool) -> Write {
-    let at = DateTime::from_millis(at_ms as i64);
-    filter.insert("seq", doc! { "$lt": seq as i64 });
-    Write {
-        ns: keys.namespace(),
-        filter,
-        update: doc! {
-            "$set": { "seq": seq as i64, "deleted": true, "deleted_at": at, "updated_at": at },
-            "$unset": { "value": "" },
-        },
-        upsert: false,
-        many,
-    }
-}
-
-fn binary(bytes: Vec<u8>) -> Bson {
+pub(crate) fn binary(bytes: Vec<u8>) -> Bson {
     Bson::Binary(Binary { subtype: BinarySubtype::Generic, bytes })
 }
 
-fn int(d: &Document, field: &str) -> u64 {
+pub(crate) fn int(d: &Document, field: &str) -> u64 {
     match d.get(field) {
         Some(Bson::Int64(n)) => (*n).max(0) as u64,
         Some(Bson::Int32(n)) => (*n).max(0) as u64,
@@ -1003,6 +876,6 @@ fn command_code(e: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
-fn unavailable(e: mongodb::error::Error) -> MongoError {
+pub(crate) fn unavailable(e: mongodb::error::Error) -> MongoError {
     MongoError::Unavailable(e.to_string())
 }

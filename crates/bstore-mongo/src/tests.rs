@@ -53,12 +53,21 @@ fn creds(s: &str, seq: u64, v: &str) -> LoggedEvent {
     LoggedEvent {
         seq,
         session: session(s),
-        event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::CredsPut { creds: Bytes::copy_from_slice(v.as_bytes()) } },
+        event: Event {
+            v: 1,
+            at_ms: 1000 + seq,
+            rid: None,
+            change: Change::CredsPut { creds: Bytes::copy_from_slice(v.as_bytes()) },
+        },
     }
 }
 
 fn deleted(s: &str, seq: u64) -> LoggedEvent {
-    LoggedEvent { seq, session: session(s), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::SessionDeleted } }
+    LoggedEvent {
+        seq,
+        session: session(s),
+        event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::SessionDeleted },
+    }
 }
 
 /// Every document of the projection, in `_id` order, without the
@@ -171,27 +180,79 @@ async fn a_deleted_session_is_tombstoned_and_late_events_cannot_resurrect_it() {
 }
 
 #[tokio::test]
-async fn values_are_sealed_for_their_place() {
+async fn values_are_sealed_for_their_place_and_key_ids_are_not_in_clear() {
     let server = MongoServer::start();
     let store = store(&server, "sealed").await;
-    store.apply(&[keys("a", 1, &[("pre-key", "1", Some("PLAINTEXT-MARKER"))])]).await.unwrap();
+    store.apply(&[keys("a", 1, &[("pre-key", "ID-MARKER-1", Some("PLAINTEXT-MARKER"))])]).await.unwrap();
     for d in dump(&store).await {
         let bytes = mongodb::bson::to_vec(&d).unwrap();
         assert!(!bytes.windows(16).any(|w| w == b"PLAINTEXT-MARKER"));
+        assert!(!bytes.windows(11).any(|w| w == b"ID-MARKER-1"), "a key id in clear: {d:?}");
     }
-    // A value moved to another key's document fails to open.
+    let a = store.read_session(&session("a")).await.unwrap().unwrap();
+    assert_eq!(
+        a.keys.get(&k("pre-key", "ID-MARKER-1")).map(Vec::as_slice),
+        Some(&b"PLAINTEXT-MARKER"[..]),
+        "the id is sealed beside the value"
+    );
+
+    // A value moved to the same key's document of another session, or to
+    // another key's document, fails to open.
     let coll = store.database().collection::<Document>("keys");
     let d = coll.find_one(doc! {}).await.unwrap().unwrap();
+    let (ty, id) = (KeyType::parse("pre-key").unwrap(), KeyId::parse("ID-MARKER-1").unwrap());
     let mut moved = d.clone();
-    moved.insert("_id", "t.b\u{1f}pre-key\u{1f}1");
+    moved.insert("_id", store.key_doc_id(&session("b"), &ty, &id));
     moved.insert("sid", "t.b");
     moved.insert("session", "b");
     coll.insert_one(moved).await.unwrap();
     assert!(matches!(store.read_session(&session("b")).await, Err(crate::MongoError::Unreadable(_))));
+    let mut moved = d.clone();
+    let other = KeyId::parse("2").unwrap();
+    moved.insert("_id", store.key_doc_id(&session("a"), &ty, &other));
+    moved.insert("tag", store.key_doc_id(&session("a"), &ty, &other).rsplit('\u{1f}').next().unwrap());
+    coll.insert_one(moved).await.unwrap();
+    assert!(matches!(store.read_session(&session("a")).await, Err(crate::MongoError::Unreadable(_))));
+
     assert_eq!(store.checkpoint("x").await.unwrap(), 0);
     store.save_checkpoint("x", 7).await.unwrap();
     store.save_checkpoint("x", 5).await.unwrap();
     assert_eq!(store.checkpoint("x").await.unwrap(), 7);
+}
+
+#[tokio::test]
+async fn key_documents_of_the_earlier_release_are_rewritten_under_their_tags() {
+    let server = MongoServer::start();
+    let store = store(&server, "old-format").await;
+    let codec = codec();
+    let (s, ty) = (session("a"), KeyType::parse("session").unwrap());
+    let coll = store.database().collection::<Document>("keys");
+    // As the earlier release wrote them: the id in `_id` and `id`, the value
+    // sealed for the id; one live, one a tombstone, one older than the
+    // document of its tag that this release already wrote.
+    let old = |id: &str, seq: i64, value: Option<&[u8]>| {
+        let kid = KeyId::parse(id).unwrap();
+        let mut d = doc! {
+            "_id": format!("t.a\u{1f}session\u{1f}{id}"), "sid": "t.a", "tenant": "t", "session": "a",
+            "type": "session", "id": id, "seq": seq, "deleted": value.is_none(),
+            "updated_at": mongodb::bson::DateTime::from_millis(1000 + seq),
+        };
+        if let Some(v) = value {
+            let blob = codec.seal_value(&s, Some((&ty, &kid)), v);
+            d.insert("value", mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: blob });
+        }
+        d
+    };
+    store.apply(&[keys("a", 9, &[("session", "491.0", Some("new"))])]).await.unwrap();
+    coll.insert_many([old("490.0", 3, Some(b"v3")), old("492.0", 4, None), old("491.0", 5, Some(b"older"))]).await.unwrap();
+
+    store.ensure_indexes().await.unwrap();
+    let docs: Vec<Document> = coll.find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(docs.len(), 3, "{docs:?}");
+    assert!(docs.iter().all(|d| !d.contains_key("id") && !d.get_str("_id").unwrap().contains("49")), "{docs:?}");
+    let a = store.read_session(&s).await.unwrap().unwrap();
+    assert_eq!(a.keys, BTreeMap::from([(k("session", "490.0"), b"v3".to_vec()), (k("session", "491.0"), b"new".to_vec())]));
+    assert_eq!((a.tombstones, a.counts), (1, counts(&[("session", 2)])));
 }
 
 /// Holds an `apply` at one [`Stage`], once: it reports reaching the stage,
