@@ -173,13 +173,24 @@ pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Cl
 }
 
 /// Prints a session's audit history as JSON lines: sequence, time, request
-/// id, and which keys were written or deleted — never a value.
+/// id, the predecessor the event was appended after (`prev`), and which keys
+/// were written or deleted — never a value. An event refused as not where it
+/// was written carries `refused`.
 pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Result<()> {
     use bstore_domain::Change;
     let (client, codec) = connect_tool(&cfg).await?;
     let log = EventLog::open(client, cfg.stream.clone(), codec).await?;
-    log.replay(&key, 0, |seq, event| {
-        let mut line = serde_json::json!({ "seq": seq, "at_ms": event.at_ms, "kind": event.kind(), "rid": event.rid });
+    log.replay_checked(&key, 0, |seq, replayed| {
+        // An event that is not where it was written is listed, marked
+        // `refused` with the reason; it was not applied.
+        let (event, refused) = match replayed {
+            bstore_log::Replayed::Fits(event) => (event, None),
+            bstore_log::Replayed::Refused(event, why) => (event, Some(why.to_string())),
+        };
+        let mut line = serde_json::json!({ "seq": seq, "at_ms": event.at_ms, "kind": event.kind(), "rid": event.rid, "prev": event.prev });
+        if let Some(why) = refused {
+            line["refused"] = why.into();
+        }
         match &event.change {
             Change::CredsPut { creds } => line["creds_bytes"] = creds.len().into(),
             Change::KeysChanged { keys, patched } => {

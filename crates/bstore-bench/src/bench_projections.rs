@@ -102,7 +102,7 @@ fn keys_event<'a>(entries: impl IntoIterator<Item = (&'a str, String, Option<Byt
     for (ty, id, v) in entries {
         keys.entry(KeyType::parse(ty).unwrap()).or_default().insert(KeyId::parse(&id).unwrap(), v);
     }
-    Event { v: 1, at_ms: 1, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } }
+    Event { v: 1, at_ms: 1, rid: None, prev: None, change: Change::KeysChanged { keys, patched: Default::default() } }
 }
 
 async fn cold_loads(args: &Args, log: &EventLog, codec: &Codec) -> anyhow::Result<()> {

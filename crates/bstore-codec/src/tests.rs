@@ -63,7 +63,7 @@ fn events_round_trip() {
     let mut keys = KeyChanges::new();
     keys.entry(KeyType::parse("pre-key").unwrap()).or_default().insert(KeyId::parse("1").unwrap(), Some(Bytes::from_static(b"\x00\x01")));
     keys.entry(KeyType::parse("pre-key").unwrap()).or_default().insert(KeyId::parse("2").unwrap(), None);
-    let ev = Event { v: 1, at_ms: 7, rid: Some("r".into()), change: Change::KeysChanged { keys, patched: Default::default() } };
+    let ev = Event { v: 1, at_ms: 7, rid: Some("r".into()), prev: None, change: Change::KeysChanged { keys, patched: Default::default() } };
     let blob = codec.encode_event(&s, &ev);
     assert_eq!(codec.decode_event(&s, &blob).unwrap(), ev);
 }
@@ -98,7 +98,7 @@ fn a_blob_of_another_place_fails_to_open() {
     assert!(tampered(codec.open_value(&sk("t2", "s1"), Some((&ty, &a)), &blob)), "other tenant");
     assert!(tampered(codec.open_value(&sk("t", "s1"), Some((&ty, &b)), &blob)), "other id");
     assert!(tampered(codec.open_value(&sk("t", "s1"), None, &blob)), "creds slot");
-    let ev = codec.encode_event(&sk("t", "s1"), &Event { v: 1, at_ms: 0, rid: None, change: Change::SessionDeleted });
+    let ev = codec.encode_event(&sk("t", "s1"), &Event { v: 1, at_ms: 0, rid: None, prev: None, change: Change::SessionDeleted });
     assert!(matches!(codec.decode_event(&sk("t", "s2"), &ev), Err(CodecError::Seal(SealError::Tampered))));
 }
 

@@ -11,13 +11,24 @@ use serde::{Deserialize, Serialize};
 use crate::delta::Delta;
 use crate::ids::{KeyId, KeyType};
 
-/// The schema version this build writes. Readers accept this one and every
-/// older one they know how to upgrade.
+/// The newest schema version this build reads and writes. Each event is
+/// written with the *lowest* version that interprets it correctly
+/// ([`Event::new`]), so that a reader of the previous release reads every
+/// event it can interpret and refuses, by its version, only those it would
+/// misread. Readers accept this one and every older one they know how to
+/// upgrade.
 ///
 /// - 1: whole values only.
-/// - 2: `KeysChanged` may also carry `patched` values (deltas against the
-///   previous value). A version-1 reader would ignore that field and lose
-///   those changes, which is why the version was raised.
+/// - 2: `KeysChanged` carries `patched` values (deltas against the previous
+///   value). A version-1 reader would ignore that field and lose those
+///   changes, which is why an event with patches is version 2 — and why one
+///   without is still version 1.
+///
+/// A field that a reader may ignore without misreading the change needs no
+/// new version. `prev` (the event's place in the log) is one: events are
+/// MessagePack maps with named fields and `Event` does not deny unknown
+/// ones, so a reader that predates it skips it and applies the change as
+/// it should; it only does not check the event's place.
 pub const EVENT_SCHEMA_VERSION: u16 = 2;
 
 /// The changes of one `keys.set`, by type then id. `None` deletes the key.
@@ -29,7 +40,8 @@ pub type KeyPatches = BTreeMap<KeyType, BTreeMap<KeyId, Delta>>;
 /// One recorded change to a session, with its metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Schema version of this record ([`EVENT_SCHEMA_VERSION`] when written).
+    /// Schema version of this record: the lowest that interprets it
+    /// correctly ([`Change::schema_version`]).
     pub v: u16,
     /// When the write was decided, in milliseconds since the Unix epoch.
     pub at_ms: u64,
@@ -38,6 +50,14 @@ pub struct Event {
     pub rid: Option<String>,
     /// What changed.
     pub change: Change,
+    /// The stream sequence of the session's previous event when this one was
+    /// appended (0: it was the first), set by the log at append time from the
+    /// same expected sequence that fences the append. Sealed with the rest,
+    /// it binds the event to its place: a copy of the event put anywhere
+    /// else in the log no longer fits its predecessor (see [`crate::chain`]).
+    /// `None` on events written before the chain existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
 }
 
 /// What an event changed.
@@ -63,7 +83,24 @@ pub enum Change {
     SessionDeleted,
 }
 
+impl Change {
+    /// The lowest schema version that interprets this change correctly: 2
+    /// when it carries patches, 1 otherwise.
+    pub fn schema_version(&self) -> u16 {
+        match self {
+            Change::KeysChanged { patched, .. } if !patched.is_empty() => 2,
+            _ => 1,
+        }
+    }
+}
+
 impl Event {
+    /// A new event, not yet in the log (`prev` is set when it is appended),
+    /// with the lowest schema version that interprets `change` correctly.
+    pub fn new(at_ms: u64, rid: Option<String>, change: Change) -> Self {
+        Self { v: change.schema_version(), at_ms, rid, change, prev: None }
+    }
+
     /// Bytes of values (whole or as deltas) the event carries: what sealing
     /// it costs in proportion to.
     pub fn value_bytes(&self) -> usize {

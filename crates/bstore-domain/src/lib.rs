@@ -10,6 +10,7 @@
 //! **Architecture invariant:** this crate depends on nothing that can block,
 //! allocate a socket or read a clock. Time is passed in by the caller.
 
+pub mod chain;
 pub mod delta;
 mod error;
 mod event;
@@ -18,6 +19,7 @@ mod limits;
 pub mod secs;
 mod state;
 
+pub use chain::{Chain, Link, Refusal};
 pub use error::DomainError;
 pub use event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
 pub use ids::{IdError, KNOWN_KEY_TYPES, KeyId, KeyType, SessionId, SessionKey, TenantId};

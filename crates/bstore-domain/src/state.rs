@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::delta::{Delta, WrongBase};
 use crate::error::DomainError;
-use crate::event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
+use crate::event::{Change, Event, KeyChanges, KeyPatches};
 use crate::ids::{KeyId, KeyType};
 use crate::limits::Limits;
 
@@ -186,7 +186,7 @@ impl SessionState {
                 Change::SessionDeleted
             }
         };
-        Ok(Some(Event { v: EVENT_SCHEMA_VERSION, at_ms: now_ms, rid, change }))
+        Ok(Some(Event::new(now_ms, rid, change)))
     }
 
     /// Drops the parts of a key change that would change nothing.
@@ -231,6 +231,20 @@ impl SessionState {
         }
         keys.retain(|_, ids| !ids.is_empty());
         (keys, patched)
+    }
+
+    /// Moves the state to sequence `seq` without applying anything: for a
+    /// message of the session's subject that was refused (see
+    /// [`crate::chain`]), so that the state's sequence is still the session's
+    /// last message, which the next append is fenced on. Like
+    /// [`SessionState::apply`], it ignores a sequence that is not newer.
+    /// Returns whether the state moved.
+    pub fn pass_over(&mut self, seq: u64) -> bool {
+        if seq <= self.seq {
+            return false;
+        }
+        self.seq = seq;
+        true
     }
 
     /// Records an event that the log stored at `seq`. Applying an event whose
@@ -367,7 +381,8 @@ mod tests {
             .when(Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("session", "x.0", Some("s"))]) })
             .unwrap()
             .unwrap();
-        assert_eq!(ev.v, EVENT_SCHEMA_VERSION);
+        assert_eq!(ev.v, 1, "no patch: the lowest version, which the release before deltas reads");
+        assert_eq!(ev.prev, None, "the log sets it");
         assert_eq!(ev.rid.as_deref(), Some("r1"));
         let Change::KeysChanged { keys, .. } = ev.change else { panic!("wrong change") };
         assert_eq!(keys.len(), 2);
@@ -422,7 +437,7 @@ mod tests {
     #[test]
     fn apply_is_idempotent_and_ignores_older_events() {
         let mut s = SessionState::default();
-        let put = |v: &str| Event { v: 1, at_ms: 1, rid: None, change: Change::CredsPut { creds: b(v) } };
+        let put = |v: &str| Event::new(1, None, Change::CredsPut { creds: b(v) });
         assert!(s.apply(5, &put("new")).unwrap());
         assert!(!s.apply(5, &put("new")).unwrap(), "same sequence twice");
         assert!(!s.apply(3, &put("old")).unwrap(), "older event after a newer one");
@@ -478,6 +493,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let Change::KeysChanged { keys, patched } = &ev.change else { panic!() };
+        assert_eq!(ev.v, 2, "patches need version 2");
         assert_eq!(patched[&t("sender-key")].len(), 1, "the big value travels as a delta");
         assert!(!keys.contains_key(&t("sender-key")), "and not whole as well");
         assert_eq!(keys[&t("pre-key")].len(), 2, "small values stay whole");
@@ -506,7 +522,25 @@ mod tests {
 
     #[test]
     fn unknown_schema_versions_are_refused_not_guessed() {
-        let ev = Event { v: 7, at_ms: 0, rid: None, change: Change::SessionDeleted };
+        let ev = Event { v: 7, ..Event::new(0, None, Change::SessionDeleted) };
         assert_eq!(ev.upgrade(), Err(7));
+    }
+
+    #[test]
+    fn creds_and_deletions_are_version_1() {
+        let g = given(vec![Command::SetKeys { keys: set(&[("pre-key", "1", Some("a"))]) }]);
+        assert_eq!(g.when(Command::PutCreds { creds: b("c") }).unwrap().unwrap().v, 1);
+        assert_eq!(g.when(Command::DeleteSession).unwrap().unwrap().v, 1);
+    }
+
+    #[test]
+    fn a_refused_message_moves_the_sequence_and_nothing_else() {
+        let Given(mut s) = given(vec![Command::PutCreds { creds: b("c") }]);
+        let before = s.clone();
+        assert!(s.pass_over(9));
+        assert_eq!(s.seq(), 9);
+        assert_eq!((s.creds(), s.info().events, s.updated_at_ms()), (before.creds(), before.info().events, before.updated_at_ms()));
+        assert!(!s.pass_over(9), "not newer");
+        assert!(!s.apply(8, &Event::new(1, None, Change::SessionDeleted)).unwrap(), "an older event changes nothing after it");
     }
 }

@@ -60,6 +60,9 @@ impl LogConfig {
     /// The JetStream stream configuration these settings ask for. History is
     /// kept without an age limit: replaying the log is how a session is
     /// rebuilt, so no event may expire before a durable snapshot covers it.
+    /// Nor may it be removed through the JetStream API: the stream denies
+    /// deleting messages and purging it or a subject (the server refuses to
+    /// turn either off again).
     pub fn stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
@@ -74,6 +77,7 @@ impl LogConfig {
             duplicate_window: self.duplicate_window,
             allow_direct: true,
             deny_delete: true,
+            deny_purge: true,
             ..Default::default()
         }
     }

@@ -7,17 +7,27 @@
 //! it, and carries `Nats-Msg-Id` from the client's request id, so a retried
 //! request is stored once.
 //!
+//! Each event also seals the sequence it was fenced on (`Event::prev`), and
+//! [`EventLog::replay`] checks it against the message that precedes it on the
+//! subject ([`bstore_domain::chain`]): an event that is not where it was
+//! written — a copy of an older one, published again by someone who may
+//! write to the stream — is refused, logged and counted
+//! ([`refused_events`]), never applied; one that names a predecessor the
+//! replay never saw stops it ([`LogError::Broken`]). The stream denies
+//! deleting messages and purging, so what was acknowledged stays.
+//!
 //! **Architecture invariant:** nothing but [`EventLog::append`] writes a
 //! session's subject, and it writes only sealed events.
 
 mod config;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, message::PublishMessage, stream};
 use bstore_codec::{Codec, CodecError};
-use bstore_domain::{Event, SessionKey};
+use bstore_domain::{Chain, Event, Link, Refusal, SessionKey};
 use futures_util::StreamExt;
 
 pub use config::{LogConfig, Storage};
@@ -50,6 +60,54 @@ pub enum LogError {
         #[source]
         source: CodecError,
     },
+    /// An event does not follow the message before it: it names a
+    /// predecessor the replay never saw (an event is missing), or the replay
+    /// started after a sequence that is not the session's. The session's
+    /// state cannot be vouched for.
+    #[error("event {seq} of {session} does not follow sequence {last}: {what}")]
+    Broken {
+        /// The session.
+        session: String,
+        /// The event's stream sequence.
+        seq: u64,
+        /// The sequence of the message before it (or the replay's start).
+        last: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// What a checked replay hands over for each message of the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// The event is where it was written: apply it.
+    Fits(Event),
+    /// The event is not where it was written (already logged and counted):
+    /// never apply it. The state's sequence still moves past it.
+    Refused(Event, Refusal),
+}
+
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+static BROKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Events this process's replays refused because they were not where they
+/// were written (copies of older events). A copy stays in the log, so it is
+/// counted again by every replay that passes it.
+pub fn refused_events() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+/// Replays this process stopped because an event named a predecessor they
+/// never saw ([`LogError::Broken`]).
+pub fn broken_chains() -> u64 {
+    BROKEN.load(Ordering::Relaxed)
+}
+
+/// The sealed bytes [`EventLog::append`] publishes for `event` appended after
+/// sequence `expected_last`: the event with `prev` set to it, sealed for
+/// `session`.
+pub fn seal_appended(codec: &Codec, session: &SessionKey, expected_last: u64, event: &Event) -> Vec<u8> {
+    codec.encode_event(session, &Event { prev: Some(expected_last), ..event.clone() })
 }
 
 /// The result of an append.
@@ -108,15 +166,17 @@ impl EventLog {
     }
 
     /// Appends `event` if the session's last event is still `expected_last`
-    /// (0: the session has no events).
+    /// (0: the session has no events). The stored event names
+    /// `expected_last` as its predecessor (`prev`), whatever `event.prev`
+    /// says: the fence makes that true.
     pub async fn append(&self, session: &SessionKey, expected_last: u64, event: &Event) -> Result<Appended, LogError> {
         // Compressing and sealing a large event happens off the thread that
         // serves the other sessions.
         let payload = if event.value_bytes() < OFF_THREAD_BYTES {
-            self.codec.encode_event(session, event)
+            seal_appended(&self.codec, session, expected_last, event)
         } else {
             let (codec, session, event) = (self.codec.clone(), session.clone(), event.clone());
-            tokio::task::spawn_blocking(move || codec.encode_event(&session, &event))
+            tokio::task::spawn_blocking(move || seal_appended(&codec, &session, expected_last, &event))
                 .await
                 .map_err(|e| LogError::Unavailable(format!("sealing an event failed: {e}")))?
         };
@@ -130,32 +190,120 @@ impl EventLog {
     }
 
     /// Replays `session`'s events after sequence `after` (0: from the
-    /// start), in order, calling `f` with each event and its sequence.
-    /// Returns the sequence of the last event seen (or `after`).
+    /// start), in order, calling `f` with each event that is where it was
+    /// written and its sequence; events that are not are refused (see
+    /// [`EventLog::replay_checked`]) and not handed over. Returns the
+    /// sequence of the last message seen, refused ones included (or
+    /// `after`): the sequence a state built from these events is at.
     pub async fn replay(&self, session: &SessionKey, after: u64, mut f: impl FnMut(u64, Event)) -> Result<u64, LogError> {
-        let mut last = after;
-        self.replay_raw(session, after, |seq, _headers, payload| {
-            let event = self.codec.decode_event(session, payload).map_err(|source| LogError::Unreadable {
-                session: session.to_string(),
-                seq,
-                source,
-            })?;
-            f(seq, event);
-            last = seq;
-            Ok(())
+        self.replay_checked(session, after, |seq, replayed| {
+            if let Replayed::Fits(event) = replayed {
+                f(seq, event);
+            }
         })
-        .await?;
-        Ok(last)
+        .await
+    }
+
+    /// Like [`EventLog::replay`], handing over refused events too.
+    ///
+    /// `after` must be 0 or the sequence of one of the session's messages
+    /// (the sequence of a state built from them is): the first message after
+    /// it must name it as its predecessor. Each event is checked against the
+    /// message before it ([`Chain`]). One that is not where it was written is
+    /// logged at error level, counted ([`refused_events`]) and handed over as
+    /// [`Replayed::Refused`]; the replay goes on. One that names a
+    /// predecessor the replay never saw stops it with [`LogError::Broken`].
+    pub async fn replay_checked(&self, session: &SessionKey, after: u64, mut f: impl FnMut(u64, Replayed)) -> Result<u64, LogError> {
+        let mut chain = Chain::after(after);
+        let Some(mut tail) = self.tail(session, after).await? else { return Ok(after) };
+        while let Some((seq, msg)) = tail.next().await? {
+            let event = self.decode(session, seq, &msg.payload)?;
+            let mut link = chain.check(seq, &event);
+            if link == Link::NeedPredecessor {
+                // Only an unchained event read from the middle asks for this:
+                // whether it may be a write of the previous release depends
+                // on what precedes it. A chained predecessor says enough; an
+                // unchained one says nothing of what came before it (it may
+                // itself be a refused copy), so then the history up to it is
+                // read.
+                match self.event_at(session, after).await? {
+                    Some(predecessor) if predecessor.prev.is_some() => chain.learn(&predecessor),
+                    Some(_) => chain = self.chain_through(session, after, seq).await?,
+                    None => return Err(not_a_message(session, seq, after)),
+                }
+                link = chain.check(seq, &event);
+            }
+            match link {
+                Link::Fits => f(seq, Replayed::Fits(event)),
+                Link::Refused(why) => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(session = %session, seq, prev = ?event.prev, kind = event.kind(), reason = %why, "refused an event that is not where it was written; it is not applied");
+                    f(seq, Replayed::Refused(event, why));
+                }
+                Link::Gap { prev, last } => {
+                    return Err(broken(session, seq, last, format!("it was appended after sequence {prev}: an event is missing")));
+                }
+                Link::NeedPredecessor => unreachable!("a learned chain judges every event"),
+            }
+        }
+        Ok(chain.last())
     }
 
     /// Like [`EventLog::replay`] but hands over the sealed payload, for
-    /// tools that audit or copy the log without opening it.
+    /// tools that audit or copy the log without opening it. Nothing is
+    /// checked.
     pub async fn replay_raw(
         &self,
         session: &SessionKey,
         after: u64,
         mut f: impl FnMut(u64, Option<&HeaderMap>, &[u8]) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
+        let Some(mut tail) = self.tail(session, after).await? else { return Ok(()) };
+        while let Some((seq, msg)) = tail.next().await? {
+            f(seq, msg.headers.as_ref(), &msg.payload)?;
+        }
+        Ok(())
+    }
+
+    fn decode(&self, session: &SessionKey, seq: u64, payload: &[u8]) -> Result<Event, LogError> {
+        self.codec.decode_event(session, payload).map_err(|source| LogError::Unreadable { session: session.to_string(), seq, source })
+    }
+
+    /// The chain of `session`'s messages from the first through the one at
+    /// `upto`, as a replay from the start leaves it there. `next` is the
+    /// message the caller is judging, for the error.
+    async fn chain_through(&self, session: &SessionKey, upto: u64, next: u64) -> Result<Chain, LogError> {
+        let mut chain = Chain::from_start();
+        let Some(mut tail) = self.tail(session, 0).await? else { return Err(not_a_message(session, next, upto)) };
+        while let Some((seq, msg)) = tail.next().await? {
+            if seq > upto {
+                break;
+            }
+            let event = self.decode(session, seq, &msg.payload)?;
+            if let Link::Gap { prev, last } = chain.check(seq, &event) {
+                return Err(broken(session, seq, last, format!("it was appended after sequence {prev}: an event is missing")));
+            }
+        }
+        if chain.last() != upto {
+            return Err(not_a_message(session, next, upto));
+        }
+        Ok(chain)
+    }
+
+    /// The event of `session` stored at `seq`, if that message is one of the
+    /// session's.
+    async fn event_at(&self, session: &SessionKey, seq: u64) -> Result<Option<Event>, LogError> {
+        let stream = self.js.get_stream_no_info(&self.cfg.stream).await.map_err(unavailable)?;
+        match stream.get_raw_message(seq).await {
+            Ok(m) if m.subject.as_str() == self.subject(session) => Ok(Some(self.decode(session, seq, &m.payload)?)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The session's messages after `after`, or `None` when there are none.
+    async fn tail(&self, session: &SessionKey, after: u64) -> Result<Option<Tail>, LogError> {
         let deliver_policy = match after {
             0 => consumer::DeliverPolicy::All,
             n => consumer::DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
@@ -169,25 +317,12 @@ impl EventLog {
         // consumers of a stream (1,000 by default): left to expire, the
         // consumers of a burst of session loads would refuse the next ones.
         // So each is deleted as soon as its replay is over, whichever way.
-        let _delete = DeleteOnDrop(Some((stream, consumer.cached_info().name.clone())));
+        let delete = DeleteOnDrop(Some((stream, consumer.cached_info().name.clone())));
         if consumer.cached_info().num_pending == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        let mut messages = consumer.messages().await.map_err(unavailable)?;
-        loop {
-            let next = tokio::time::timeout(self.cfg.request_timeout, messages.next()).await;
-            let msg = match next {
-                Err(_) => return Err(LogError::Unavailable("replay stalled".into())),
-                Ok(None) => return Err(LogError::Unavailable("replay ended early".into())),
-                Ok(Some(msg)) => msg.map_err(unavailable)?,
-            };
-            let info = msg.info().map_err(|e| LogError::Unavailable(e.to_string()))?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            f(seq, msg.headers.as_ref(), &msg.payload)?;
-            if pending == 0 {
-                return Ok(());
-            }
-        }
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        Ok(Some(Tail { messages, timeout: self.cfg.request_timeout, done: false, _delete: delete }))
     }
 
     /// The sequence of `session`'s last event, 0 when it has none.
@@ -199,6 +334,42 @@ impl EventLog {
             Err(e) => Err(unavailable(e)),
         }
     }
+}
+
+/// The messages of one replay, up to the last one pending when it started.
+struct Tail {
+    messages: consumer::pull::Ordered,
+    timeout: Duration,
+    done: bool,
+    _delete: DeleteOnDrop,
+}
+
+impl Tail {
+    /// The next message and its stream sequence; `None` after the last.
+    async fn next(&mut self) -> Result<Option<(u64, jetstream::Message)>, LogError> {
+        if self.done {
+            return Ok(None);
+        }
+        let msg = match tokio::time::timeout(self.timeout, self.messages.next()).await {
+            Err(_) => return Err(LogError::Unavailable("replay stalled".into())),
+            Ok(None) => return Err(LogError::Unavailable("replay ended early".into())),
+            Ok(Some(msg)) => msg.map_err(unavailable)?,
+        };
+        let info = msg.info().map_err(|e| LogError::Unavailable(e.to_string()))?;
+        let seq = info.stream_sequence;
+        self.done = info.pending == 0;
+        Ok(Some((seq, msg)))
+    }
+}
+
+fn not_a_message(session: &SessionKey, seq: u64, after: u64) -> LogError {
+    broken(session, seq, after, format!("the replay started after sequence {after}, which is not a message of the session"))
+}
+
+fn broken(session: &SessionKey, seq: u64, last: u64, what: String) -> LogError {
+    BROKEN.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(session = %session, seq, last, %what, "an event does not follow the message before it; the session cannot be vouched for");
+    LogError::Broken { session: session.to_string(), seq, last, what }
 }
 
 /// Deletes a consumer in the background when dropped.
@@ -245,7 +416,12 @@ fn differs(have: &stream::Config, want: &stream::Config) -> bool {
         || have.duplicate_window != want.duplicate_window
         || have.max_age != want.max_age
         || have.allow_direct != want.allow_direct
+        || have.deny_delete != want.deny_delete
+        || have.deny_purge != want.deny_purge
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Events carrying more value bytes than this are sealed on a blocking-pool
 /// thread.

@@ -334,7 +334,7 @@ mod tests {
     }
 
     fn event(session: &str, seq: u64, change: Change) -> LoggedEvent {
-        LoggedEvent { seq, session: s(session), event: Event { v: 1, at_ms: 1000 + seq, rid: None, change } }
+        LoggedEvent { seq, session: s(session), event: Event { v: 1, at_ms: 1000 + seq, rid: None, prev: None, change } }
     }
 
     fn keys(session: &str, seq: u64, entries: &[(&str, &str, Option<&str>)]) -> LoggedEvent {

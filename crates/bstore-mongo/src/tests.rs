@@ -45,7 +45,7 @@ fn keys(s: &str, seq: u64, entries: &[(&str, &str, Option<&str>)]) -> LoggedEven
     LoggedEvent {
         seq,
         session: session(s),
-        event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } },
+        event: Event { v: 1, at_ms: 1000 + seq, rid: None, prev: None, change: Change::KeysChanged { keys, patched: Default::default() } },
     }
 }
 
@@ -57,6 +57,7 @@ fn creds(s: &str, seq: u64, v: &str) -> LoggedEvent {
             v: 1,
             at_ms: 1000 + seq,
             rid: None,
+            prev: None,
             change: Change::CredsPut { creds: Bytes::copy_from_slice(v.as_bytes()) },
         },
     }
@@ -66,7 +67,7 @@ fn deleted(s: &str, seq: u64) -> LoggedEvent {
     LoggedEvent {
         seq,
         session: session(s),
-        event: Event { v: 1, at_ms: 1000 + seq, rid: None, change: Change::SessionDeleted },
+        event: Event { v: 1, at_ms: 1000 + seq, rid: None, prev: None, change: Change::SessionDeleted },
     }
 }
 

@@ -27,7 +27,7 @@ fn keys(entries: &[(&str, &str, Option<&str>)]) -> Event {
             .or_default()
             .insert(KeyId::parse(id).unwrap(), v.map(|v| Bytes::copy_from_slice(v.as_bytes())));
     }
-    Event { v: 1, at_ms: 1000, rid: None, change: Change::KeysChanged { keys, patched: Default::default() } }
+    Event { v: 1, at_ms: 1000, rid: None, prev: None, change: Change::KeysChanged { keys, patched: Default::default() } }
 }
 
 /// Applies `event` to `st` at `seq` and projects it; returns the outcome.
@@ -43,7 +43,7 @@ async fn deltas_apply_in_order_and_load_back() {
     let p = projection(&server);
     let s = sk("a");
     let mut st = SessionState::default();
-    let creds = Event { v: 1, at_ms: 5, rid: None, change: Change::CredsPut { creds: Bytes::from_static(b"creds") } };
+    let creds = Event { v: 1, at_ms: 5, rid: None, prev: None, change: Change::CredsPut { creds: Bytes::from_static(b"creds") } };
     assert_eq!(step(&p, &s, &mut st, 3, creds).await, DeltaOutcome::Applied);
     assert_eq!(step(&p, &s, &mut st, 7, keys(&[("pre-key", "1", Some("a")), ("session", "u.0", Some("s"))])).await, DeltaOutcome::Applied);
     assert_eq!(step(&p, &s, &mut st, 9, keys(&[("pre-key", "1", None), ("pre-key", "2", Some("b"))])).await, DeltaOutcome::Applied);
@@ -91,7 +91,7 @@ async fn a_deleted_session_keeps_only_its_sequence_so_late_deltas_cannot_resurre
     let mut st = SessionState::default();
     let set = keys(&[("pre-key", "1", Some("a"))]);
     step(&p, &s, &mut st, 2, set.clone()).await;
-    let deleted = Event { v: 1, at_ms: 9, rid: None, change: Change::SessionDeleted };
+    let deleted = Event { v: 1, at_ms: 9, rid: None, prev: None, change: Change::SessionDeleted };
     assert_eq!(step(&p, &s, &mut st, 5, deleted).await, DeltaOutcome::Applied);
     let mut conn = p.connection();
     let fields: Vec<String> = conn.hkeys(p.key(&s)).await.unwrap();

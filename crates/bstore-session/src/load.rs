@@ -8,9 +8,17 @@
 //! unreadable, or ahead of the log — the session loads from the log alone,
 //! with a warning for the suspicious cases, and the caller is told how to
 //! repair the copy.
+//!
+//! Every replay checks that each event is where it was written
+//! ([`EventLog::replay_checked`]); a refused one is never applied, but the
+//! state's sequence moves past it ([`SessionState::pass_over`]), since the
+//! next append is fenced on the session's last message. A replay after the
+//! Redis copy that refuses an event falls back to the log alone: from the
+//! middle, a copy of an older event and a Redis copy at a sequence that is
+//! not the session's can look the same, and the whole log tells them apart.
 
 use bstore_domain::{Event, SessionKey, SessionState};
-use bstore_log::EventLog;
+use bstore_log::{EventLog, Replayed};
 use bstore_redis::{RedisError, RedisProjection, SnapshotMode};
 
 use crate::SessionError;
@@ -57,10 +65,15 @@ pub(crate) async fn load_observed(
     let last = last?;
     let repair = match copy {
         Ok(Some(mut state)) if state.seq() <= last => {
+            let from = state.seq();
             match replay_observed(log, key, &mut state, seen).await {
-                Ok(tail) => {
-                    let repair = (tail > 0).then_some(SnapshotMode::Guarded);
-                    return Ok(Loaded { state, source: Source::Redis { tail }, repair });
+                Ok(tail) if tail.refused == 0 => {
+                    let repair = (state.seq() > from).then_some(SnapshotMode::Guarded);
+                    return Ok(Loaded { state, source: Source::Redis { tail: tail.applied }, repair });
+                }
+                Ok(_) => {
+                    tracing::warn!(session = %key, redis_seq = from, "events after the redis copy were refused; loading from the log alone");
+                    Some(SnapshotMode::Replace)
                 }
                 // The log's events do not fit the copy: the copy is wrong.
                 Err(SessionError::Unreadable(e)) => {
@@ -103,10 +116,20 @@ async fn from_log_observed(
 }
 
 /// Applies every event of `key` after `state`'s sequence and returns how
-/// many were applied. An event that does not fit the state (a patch of a
-/// value the state does not hold) stops the replay as unreadable.
+/// many were applied; the state ends at the session's last message, refused
+/// ones included. An event that does not fit the state (a patch of a value
+/// the state does not hold) stops the replay as unreadable.
 pub async fn replay_into(log: &EventLog, key: &SessionKey, state: &mut SessionState) -> Result<u64, SessionError> {
-    replay_observed(log, key, state, &mut |_, _| {}).await
+    Ok(replay_observed(log, key, state, &mut |_, _| {}).await?.applied)
+}
+
+/// What one replay into a state did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tail {
+    /// Events applied.
+    pub applied: u64,
+    /// Events refused (not where they were written) and passed over.
+    pub refused: u64,
 }
 
 /// Like [`replay_into`], calling `seen` with every event applied.
@@ -115,23 +138,117 @@ pub(crate) async fn replay_observed(
     key: &SessionKey,
     state: &mut SessionState,
     seen: &mut (dyn FnMut(u64, &Event) + Send),
-) -> Result<u64, SessionError> {
-    let (mut applied, mut failed) = (0, None);
-    log.replay(key, state.seq(), |seq, event| {
-        if failed.is_none() {
-            match state.apply(seq, &event) {
-                Ok(true) => {
-                    applied += 1;
-                    seen(seq, &event);
-                }
-                Ok(false) => {}
-                Err(e) => failed = Some(e),
+) -> Result<Tail, SessionError> {
+    let (mut tail, mut failed) = (Tail::default(), None);
+    let last = log
+        .replay_checked(key, state.seq(), |seq, replayed| {
+            if failed.is_some() {
+                return;
             }
+            match replayed {
+                Replayed::Fits(event) => match state.apply(seq, &event) {
+                    Ok(true) => {
+                        tail.applied += 1;
+                        seen(seq, &event);
+                    }
+                    Ok(false) => {}
+                    Err(e) => failed = Some(e),
+                },
+                Replayed::Refused(..) => {
+                    tail.refused += 1;
+                    state.pass_over(seq);
+                }
+            }
+        })
+        .await?;
+    if let Some(e) = failed {
+        return Err(SessionError::Unreadable(format!("{key}: {e}")));
+    }
+    state.pass_over(last);
+    Ok(tail)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Loading through the Redis copy when the log holds an event that is
+    //! not where it was written, against real servers.
+
+    use async_nats::jetstream;
+    use bstore_codec::{Codec, Keyring};
+    use bstore_domain::Change;
+    use bstore_log::LogConfig;
+    use bstore_redis::RedisConfig;
+    use bstore_testkit::{NatsServer, RedisServer};
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn codec() -> Codec {
+        Codec::new(Keyring::new(vec![(1, [7u8; 32])], None).unwrap())
+    }
+
+    fn creds(v: &'static [u8]) -> Event {
+        Event::new(1, None, Change::CredsPut { creds: Bytes::from_static(v) })
+    }
+
+    struct Servers {
+        _nats: NatsServer,
+        _redis: RedisServer,
+        js: jetstream::Context,
+        log: EventLog,
+        redis: RedisProjection,
+    }
+
+    async fn servers() -> Servers {
+        let (nats, redis_server) = (NatsServer::start(), RedisServer::start());
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let log = EventLog::open(client.clone(), LogConfig::default(), codec()).await.unwrap();
+        let redis = RedisProjection::new(RedisConfig { url: Some(redis_server.url()), ..Default::default() }, codec()).unwrap();
+        Servers { _nats: nats, _redis: redis_server, js: jetstream::new(client), log, redis }
+    }
+
+    impl Servers {
+        async fn publish_again(&self, key: &SessionKey, seq: u64) -> u64 {
+            let stored = self.js.get_stream("BSTORE_EVENTS").await.unwrap().get_raw_message(seq).await.unwrap();
+            self.js.publish(self.log.subject(key), stored.payload).await.unwrap().await.unwrap().sequence
         }
-    })
-    .await?;
-    match failed {
-        Some(e) => Err(SessionError::Unreadable(format!("{key}: {e}"))),
-        None => Ok(applied),
+    }
+
+    #[tokio::test]
+    async fn a_copy_after_the_redis_copy_is_refused_and_the_session_loads_from_the_log_once() {
+        let s = servers().await;
+        let key = SessionKey::parse("t", "a").unwrap();
+        let first = s.log.append(&key, 0, &creds(b"v1")).await.unwrap().seq;
+        s.log.append(&key, first, &creds(b"v2")).await.unwrap();
+        s.redis.write_snapshot(&key, &from_log(&s.log, &key).await.unwrap(), SnapshotMode::Replace).await.unwrap();
+        let copy = s.publish_again(&key, first).await;
+
+        let loaded = load(&s.log, Some(&s.redis), &key).await.unwrap();
+        assert_eq!(loaded.state.creds().map(|c| &c[..]), Some(&b"v2"[..]));
+        assert_eq!(loaded.state.seq(), copy, "at the session's last message, to fence the next append on");
+        assert_eq!((loaded.source, loaded.repair), (Source::Log, Some(SnapshotMode::Replace)));
+
+        // Once repaired, the copy is behind the Redis copy: nothing to refuse.
+        s.redis.write_snapshot(&key, &loaded.state, SnapshotMode::Replace).await.unwrap();
+        let again = load(&s.log, Some(&s.redis), &key).await.unwrap();
+        assert_eq!((again.source, again.repair, again.state), (Source::Redis { tail: 0 }, None, loaded.state));
+    }
+
+    #[tokio::test]
+    async fn a_redis_copy_at_a_sequence_that_is_not_the_sessions_loses_no_event() {
+        let s = servers().await;
+        let (key, other) = (SessionKey::parse("t", "a").unwrap(), SessionKey::parse("t", "b").unwrap());
+        let first = s.log.append(&key, 0, &creds(b"v1")).await.unwrap().seq;
+        let elsewhere = s.log.append(&other, 0, &creds(b"other")).await.unwrap().seq;
+        s.log.append(&key, first, &creds(b"v2")).await.unwrap();
+        // A copy that says it is at the other session's sequence, with the
+        // state of the first event: from there, the second event looks out
+        // of place (it names the first), so the whole log decides.
+        let wrong = SessionState::from_parts(elsewhere, Some(Bytes::from_static(b"v1")), Vec::new(), Some(1), 1);
+        s.redis.write_snapshot(&key, &wrong, SnapshotMode::Replace).await.unwrap();
+
+        let loaded = load(&s.log, Some(&s.redis), &key).await.unwrap();
+        assert_eq!(loaded.state.creds().map(|c| &c[..]), Some(&b"v2"[..]), "the second event was applied");
+        assert_eq!((loaded.source, loaded.repair), (Source::Log, Some(SnapshotMode::Replace)));
     }
 }

@@ -111,6 +111,7 @@ fn a_lost_lease_stops_serving_and_a_regained_one_reloads_from_the_log() {
             v: 1,
             at_ms: 1,
             rid: None,
+            prev: None,
             change: bstore_domain::Change::KeysChanged {
                 keys: BTreeMap::from([(
                     KeyType::parse("session").unwrap(),
