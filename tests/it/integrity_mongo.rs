@@ -1,8 +1,9 @@
 //! Integrity at rest, the Mongo half (issue "Integrity at rest", findings 4
-//! and 7): a copy of Mongo names no contact, and one poison record — a key
-//! document replaced with junk, an event that does not decode — is
-//! quarantined, listed by `verify` and counted, while every other session is
-//! still materialized.
+//! and 7, and the materializer's side of 1): a copy of Mongo names no
+//! contact; one poison record — a key document replaced with junk, an event
+//! that does not decode — is quarantined, listed by `verify` and counted,
+//! while every other session is still materialized; a copy of an old event
+//! published again is refused, not materialized.
 
 use std::time::{Duration, Instant};
 
@@ -119,6 +120,35 @@ async fn an_event_that_does_not_decode_is_quarantined_and_acknowledged_while_oth
     assert!(out.contains(&format!("QUARANTINED mongo t/victim: event {seq}: sealed under key")), "{out}");
     assert!(out.contains("DIFF log t/victim: cannot be replayed"), "{out}");
     assert!(!out.contains("DIFF mongo t/other"), "{out}");
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_old_event_published_at_the_end_is_refused_not_materialized() {
+    let p = Projected::start(false, true, false).await;
+    let (m, stop, task) = materializer(&p).await;
+    let store = p.mongo_store().await;
+    let s = p.session("replayed");
+    let first = s.creds_put(&rid(), b"creds-1").await.unwrap();
+    s.creds_put(&rid(), b"creds-2").await.unwrap();
+    s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"k"[..]))])).await.unwrap();
+    wait_materialized(&store, "replayed", "pre-key", "1", b"k", 20).await;
+
+    // The sealed payload of the first creds put, published again: no key
+    // needed.
+    let js = async_nats::jetstream::new(p.stack.nc.clone());
+    let original = js.get_stream("BSTORE_EVENTS").await.unwrap().get_raw_message(first).await.unwrap();
+    let copy = js.publish("bstore-events.t.replayed", original.payload).await.unwrap().await.unwrap().sequence;
+    wait_lag_below(&m, 1, 10).await;
+
+    let got = store.read_session(&sk("replayed")).await.unwrap().unwrap();
+    assert_eq!(got.creds.as_deref(), Some(&b"creds-2"[..]), "the creds were rolled back");
+    assert_eq!(got.seq, copy, "the copy is passed over, as the log's readers do");
+    assert_eq!(m.stats().quarantined_events, 1, "{:?}", m.stats());
+    let (_, out) = p.tool(&["verify"]).await;
+    assert!(out.contains(&format!("QUARANTINED mongo t/replayed: event {copy}: it was appended after sequence")), "{out}");
+    assert!(!out.contains("DIFF mongo"), "mongo is as the log's readers say:\n{out}");
     let _ = stop.send(());
     task.await.unwrap();
 }

@@ -31,7 +31,7 @@ use bstore_log::{EventLog, LogConfig, LogError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::plan::{Base, KeyPlace, Seen};
+use crate::plan::{Base, KeyPlace, Seen, displaced};
 use crate::store::{Applied, LoggedEvent, Store};
 use crate::{MongoConfig, MongoError, QuarantineKind, Quarantined};
 
@@ -128,16 +128,19 @@ impl Materializer {
     }
 
     /// Writes `events` (whole values or patches): reads what the batch needs
-    /// once ([`Store::read`]), turns patches into whole values, and writes.
-    /// Returns what was written and what was set aside for good: events
-    /// whose patch fits nothing the log holds, and key documents that did
-    /// not open. An error is transient, or a write Mongo refused
-    /// ([`MongoError::Refused`], naming its event).
+    /// once ([`Store::read`]), refuses the events out of their place in the
+    /// log (passed over, not applied), turns patches into whole values, and
+    /// writes. Returns what was written and what was set aside for good:
+    /// events refused, events whose patch fits nothing the log holds, and
+    /// key documents that did not open. An error is transient, or a write
+    /// Mongo refused ([`MongoError::Refused`], naming its event).
     async fn write_batch(&self, events: &[LoggedEvent]) -> Result<Written, MongoError> {
         let seen = self.store.read(events).await?;
-        let mut set_aside = Vec::new();
-        let events = self.resolve_patches(events, &seen, &mut set_aside).await?;
-        let applied = self.store.write(&events, &seen).await?;
+        let (events, displaced) = displaced(events.to_vec(), &seen);
+        let mut set_aside: Vec<Quarantined> =
+            displaced.iter().map(|d| Quarantined::event(&self.subject(&d.session), Some(&d.session), d.seq, d.reason.clone())).collect();
+        let events = self.resolve_patches(&events, &seen, &mut set_aside).await?;
+        let applied = self.store.write(&events, &displaced, &seen).await?;
         Ok(Written { applied, set_aside })
     }
 
@@ -516,8 +519,7 @@ impl Materializer {
         for m in pending.into_values() {
             // A quarantined event is acknowledged like the others once it is
             // recorded: never delivered again, and the ack floor (and so the
-            // checkpoint) moves past it. (A terminated message would leave
-            // the floor behind it.)
+            // checkpoint) moves past it.
             if let Err(e) = m.ack().await {
                 // The event will come again and change nothing.
                 tracing::debug!(error = %e, "ack lost");

@@ -1,8 +1,9 @@
 //! The pure half of writing a batch: given the batch's events and the
-//! documents read for it ([`Seen`]), which guarded writes to make
-//! ([`plan`]), and, from what those writes did, which to make next
-//! ([`Plan::settle`], [`Plan::late_tombstones`]). No I/O: the writer in
-//! `store.rs` reads, calls these, and sends what they say.
+//! documents read for it ([`Seen`]), which events are out of place
+//! ([`displaced`]), which guarded writes to make ([`plan`]), and, from what
+//! those writes did, which to make next ([`Plan::settle`],
+//! [`Plan::late_tombstones`]). No I/O: the writer in `store.rs` reads,
+//! calls these, and sends what they say.
 //!
 //! The module documentation of `store.rs` says why each write is safe
 //! under every interleaving of instances; the steps here are its steps:
@@ -36,6 +37,16 @@ pub(crate) struct SessionMarks {
     pub creds_seq: u64,
     pub reset_seq: u64,
     pub reset_at_ms: u64,
+    /// The newest event passed over (refused by the chain check).
+    pub passed_seq: u64,
+}
+
+impl SessionMarks {
+    /// The newest of the session's messages materialized: applied or
+    /// passed over.
+    pub fn last(&self) -> u64 {
+        self.seq.max(self.passed_seq)
+    }
 }
 
 /// The value a key document held, for the patches of a batch.
@@ -86,6 +97,54 @@ pub(crate) enum SessionWrite {
     Last { session: SessionKey, last: Mark },
     /// The creds as of `seq`: put, or removed by a deletion.
     Creds { session: SessionKey, seq: u64, creds: Option<Bytes> },
+    /// The newest event passed over: refused, so the session's last message
+    /// without applying it (as the log's readers do).
+    PassOver { session: SessionKey, seq: u64 },
+}
+
+/// An event out of its place in the log, refused: its stream sequence and
+/// why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Displaced {
+    pub session: SessionKey,
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// Splits off the events of `batch` that are out of place: an event whose
+/// `prev` (the sequence of its session's previous event when it was
+/// appended) is below a message of its session that precedes it — the
+/// session document's last materialized one (when older than the event) or
+/// an earlier event of the batch. That is a copy of an older event
+/// published again at the end of the subject: applied, it would roll the
+/// session back. A legitimate event's `prev` is the newest message of its
+/// session before it, so it is never below one.
+///
+/// With several instances applying batches out of order, a copy can pass
+/// when no message between its original place and itself has been
+/// materialized yet, or when newer events were; the log's readers refuse it
+/// in either case, and `verify` then reports the difference. Events
+/// written before the chain (no `prev`) are not checked.
+pub(crate) fn displaced(batch: Vec<LoggedEvent>, seen: &Seen) -> (Vec<LoggedEvent>, Vec<Displaced>) {
+    let mut events = batch;
+    events.sort_by_key(|e| e.seq);
+    events.dedup_by_key(|e| e.seq);
+    let mut last: HashMap<SessionKey, u64> = HashMap::new();
+    let (mut kept, mut refused) = (Vec::with_capacity(events.len()), Vec::new());
+    for e in events {
+        let stored = seen.sessions.get(&e.session).map_or(0, SessionMarks::last);
+        let before = last.get(&e.session).copied().unwrap_or(0).max(if stored < e.seq { stored } else { 0 });
+        last.insert(e.session.clone(), e.seq);
+        match e.event.prev {
+            Some(prev) if prev < before => refused.push(Displaced {
+                session: e.session,
+                seq: e.seq,
+                reason: format!("it was appended after sequence {prev} but follows {before}: a copy of an older event"),
+            }),
+            _ => kept.push(e),
+        }
+    }
+    (kept, refused)
 }
 
 /// A deletion's tombstones: every key document of the session older than it.
@@ -162,12 +221,25 @@ struct SessionPlan {
 /// document or register already as new) is left out, because a sequence
 /// only ever rises and it stays dead. Events must hold whole values only
 /// (the materializer resolves patches first).
-pub(crate) fn plan(batch: &[LoggedEvent], seen: &Seen) -> Result<Plan, MongoError> {
+pub(crate) fn plan(batch: &[LoggedEvent], passed: &[Displaced], seen: &Seen) -> Result<Plan, MongoError> {
     let mut events: Vec<&LoggedEvent> = batch.iter().collect();
     events.sort_by_key(|e| e.seq);
     events.dedup_by_key(|e| e.seq);
-    let mut out = Plan { stats: Applied { events: events.len(), ..Default::default() }, ..Default::default() };
+    let mut out = Plan { stats: Applied { events: events.len() + passed.len(), ..Default::default() }, ..Default::default() };
     let marks = |s: &SessionKey| seen.sessions.get(s).copied().unwrap_or_default();
+
+    let mut pass_overs: BTreeMap<&SessionKey, u64> = BTreeMap::new();
+    for d in passed {
+        let newest = pass_overs.entry(&d.session).or_default();
+        *newest = (*newest).max(d.seq);
+    }
+    for (session, seq) in pass_overs {
+        if seq > marks(session).passed_seq {
+            out.registers.push(SessionWrite::PassOver { session: session.clone(), seq });
+        } else {
+            out.stats.already_applied += 1;
+        }
+    }
 
     // Collapse the batch: per session the newest event of each register,
     // per key the newest change; a deletion of the session turns every
@@ -372,7 +444,7 @@ mod tests {
             creds("a", 4, "c4"),
             creds("a", 4, "c4"), // a repeat
         ];
-        let p = plan(&batch, &Seen::default()).unwrap();
+        let p = plan(&batch, &[], &Seen::default()).unwrap();
         assert_eq!(p.resets, vec![]);
         assert_eq!(
             p.registers,
@@ -397,7 +469,7 @@ mod tests {
             keys: HashMap::from([(place("a", "pre-key", "1"), KeyMark { seq: 2, live: true })]),
             bases: HashMap::new(),
         };
-        let p = plan(&batch, &seen).unwrap();
+        let p = plan(&batch, &[], &seen).unwrap();
         assert!(p.registers.is_empty() && p.keys.is_empty(), "{p:?}");
         // Whoever wrote the key may have died before its recount.
         assert_eq!(p.recount, BTreeSet::from([s("a")]));
@@ -407,7 +479,7 @@ mod tests {
     #[test]
     fn given_an_older_key_document_the_write_compares_and_sets_on_its_sequence() {
         let seen = Seen { keys: HashMap::from([(place("a", "pre-key", "1"), KeyMark { seq: 3, live: true })]), ..Default::default() };
-        let mut p = plan(&[keys("a", 5, &[("pre-key", "1", None)])], &seen).unwrap();
+        let mut p = plan(&[keys("a", 5, &[("pre-key", "1", None)])], &[], &seen).unwrap();
         let expect = Some(KeyMark { seq: 3, live: true });
         assert_eq!(p.keys, vec![KeyWrite { place: place("a", "pre-key", "1"), op: op(5, None), expect }]);
 
@@ -423,12 +495,12 @@ mod tests {
     #[test]
     fn when_a_write_lands_as_read_and_leaves_the_live_keys_as_they_were_no_recount() {
         let seen = Seen { keys: HashMap::from([(place("a", "pre-key", "1"), KeyMark { seq: 3, live: true })]), ..Default::default() };
-        let mut p = plan(&[keys("a", 5, &[("pre-key", "1", Some("v"))])], &seen).unwrap();
+        let mut p = plan(&[keys("a", 5, &[("pre-key", "1", Some("v"))])], &[], &seen).unwrap();
         assert_eq!(p.settle(&[Outcome::Matched]), vec![]);
         assert!(p.recount.is_empty());
         // A first write that found the document made by someone else in the
         // meantime (as new or newer) is already applied.
-        let mut p = plan(&[keys("b", 5, &[("pre-key", "1", Some("v"))])], &Seen::default()).unwrap();
+        let mut p = plan(&[keys("b", 5, &[("pre-key", "1", Some("v"))])], &[], &Seen::default()).unwrap();
         p.settle(&[Outcome::Missed]);
         assert_eq!((p.stats.already_applied, p.recount.len()), (1, 1));
     }
@@ -440,7 +512,7 @@ mod tests {
             deleted("c", 11),
             keys("c", 12, &[("pre-key", "2", Some("z"))]),
         ];
-        let p = plan(&batch, &Seen::default()).unwrap();
+        let p = plan(&batch, &[], &Seen::default()).unwrap();
         assert!(p.deletes);
         assert_eq!(p.resets, vec![SessionWrite::Reset { session: s("c"), seq: 11, at_ms: 1011 }]);
         assert_eq!(p.wipes, vec![Wipe { session: s("c"), seq: 11, at_ms: 1011 }]);
@@ -458,31 +530,83 @@ mod tests {
     #[test]
     fn given_a_raised_reset_a_redelivered_deletion_wipes_again_and_older_key_changes_are_dropped() {
         let seen = Seen {
-            sessions: HashMap::from([(s("b"), SessionMarks { seq: 4, creds_seq: 4, reset_seq: 4, reset_at_ms: 1004 })]),
+            sessions: HashMap::from([(
+                s("b"),
+                SessionMarks { seq: 4, creds_seq: 4, reset_seq: 4, reset_at_ms: 1004, ..Default::default() },
+            )]),
             ..Default::default()
         };
-        let p = plan(&[keys("b", 3, &[("pre-key", "K", Some("v"))]), deleted("b", 4)], &seen).unwrap();
+        let p = plan(&[keys("b", 3, &[("pre-key", "K", Some("v"))]), deleted("b", 4)], &[], &seen).unwrap();
         // The instance that raised it may have died before its tombstones.
         assert_eq!(p.resets, vec![]);
         assert_eq!(p.wipes, vec![Wipe { session: s("b"), seq: 4, at_ms: 1004 }]);
         assert!(p.keys.is_empty() && p.registers.is_empty(), "{p:?}");
         // A deletion below the known reset adds nothing: the newer one's
         // tombstones cover it.
-        let p = plan(&[deleted("b", 2)], &seen).unwrap();
+        let p = plan(&[deleted("b", 2)], &[], &seen).unwrap();
         assert!(p.deletes && p.resets.is_empty() && p.wipes.is_empty() && p.registers.is_empty(), "{p:?}");
     }
 
     #[test]
     fn when_a_deletion_raised_the_reset_meanwhile_the_older_keys_written_are_tombstoned() {
-        let mut p = plan(&[keys("a", 3, &[("pre-key", "K", Some("v3"))]), keys("a", 6, &[("pre-key", "L", Some("v6"))])], &Seen::default())
-            .unwrap();
+        let mut p =
+            plan(&[keys("a", 3, &[("pre-key", "K", Some("v3"))]), keys("a", 6, &[("pre-key", "L", Some("v6"))])], &[], &Seen::default())
+                .unwrap();
         assert_eq!(p.sessions_with_keys(), vec![s("a")]);
         let after = HashMap::from([(s("a"), SessionMarks { seq: 5, reset_seq: 5, reset_at_ms: 1005, ..Default::default() })]);
         assert_eq!(p.late_tombstones(&after), vec![Tombstone { place: place("a", "pre-key", "K"), seq: 5, at_ms: 1005 }]);
         assert_eq!(p.recount, BTreeSet::from([s("a")]));
         // No deletion since: nothing.
-        let mut p = plan(&[keys("a", 3, &[("pre-key", "K", Some("v3"))])], &Seen::default()).unwrap();
+        let mut p = plan(&[keys("a", 3, &[("pre-key", "K", Some("v3"))])], &[], &Seen::default()).unwrap();
         assert_eq!(p.late_tombstones(&HashMap::from([(s("a"), SessionMarks::default())])), vec![]);
+    }
+
+    fn chained(mut e: LoggedEvent, prev: u64) -> LoggedEvent {
+        e.event.prev = Some(prev);
+        e
+    }
+
+    #[test]
+    fn given_a_session_materialized_past_its_predecessor_a_copy_at_the_end_is_refused_and_passed_over() {
+        let seen =
+            Seen { sessions: HashMap::from([(s("a"), SessionMarks { seq: 7, creds_seq: 7, ..Default::default() })]), ..Default::default() };
+        // The creds of 3 (whose predecessor was 2) published again at 9.
+        let copy = chained(creds("a", 9, "old"), 2);
+        let fits = chained(keys("a", 10, &[("pre-key", "1", Some("v"))]), 9);
+        let unchained = creds("a", 11, "pre-chain");
+        let (kept, refused) = displaced(vec![fits.clone(), copy, unchained.clone()], &seen);
+        assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![10, 11]);
+        let reason = "it was appended after sequence 2 but follows 7: a copy of an older event".to_string();
+        assert_eq!(refused, vec![Displaced { session: s("a"), seq: 9, reason }]);
+
+        let p = plan(&kept, &refused, &seen).unwrap();
+        assert!(p.registers.contains(&SessionWrite::PassOver { session: s("a"), seq: 9 }), "{p:?}");
+        assert!(!p.registers.iter().any(|w| matches!(w, SessionWrite::Creds { seq: 9, .. })), "{p:?}");
+        // Passed over once already: not written again.
+        let seen = Seen {
+            sessions: HashMap::from([(s("a"), SessionMarks { seq: 7, passed_seq: 9, ..Default::default() })]),
+            ..Default::default()
+        };
+        let p = plan(&[], &refused, &seen).unwrap();
+        assert!(p.registers.is_empty() && p.stats.already_applied == 1, "{p:?}");
+    }
+
+    #[test]
+    fn an_event_is_checked_against_earlier_events_of_its_batch_and_not_against_newer_documents() {
+        // 4 and the copy (of an event appended after 3) in one batch.
+        let batch = vec![chained(creds("a", 4, "c4"), 3), chained(creds("a", 6, "c-old"), 3), chained(creds("a", 7, "c7"), 6)];
+        let (kept, refused) = displaced(batch, &Seen::default());
+        assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 7]);
+        assert_eq!(refused.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![6]);
+        // Below what the document holds, an event is a redelivery or late:
+        // the guards decide, not the chain (its predecessor is older still).
+        let seen = Seen { sessions: HashMap::from([(s("a"), SessionMarks { seq: 9, ..Default::default() })]), ..Default::default() };
+        let (kept, refused) = displaced(vec![chained(creds("a", 5, "c5"), 4)], &seen);
+        assert_eq!((kept.len(), refused.len()), (1, 0));
+        // Another session's messages do not count.
+        let seen = Seen { sessions: HashMap::from([(s("b"), SessionMarks { seq: 9, ..Default::default() })]), ..Default::default() };
+        let (kept, _) = displaced(vec![chained(creds("a", 12, "c"), 0)], &seen);
+        assert_eq!(kept.len(), 1);
     }
 
     #[test]
@@ -491,6 +615,6 @@ mod tests {
         let delta = bstore_domain::delta::Delta::between(b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab");
         patched.entry(KeyType::parse("pre-key").unwrap()).or_default().insert(KeyId::parse("1").unwrap(), delta);
         let e = event("a", 1, Change::KeysChanged { keys: Default::default(), patched });
-        assert!(matches!(plan(&[e], &Seen::default()), Err(MongoError::Unreadable(_))));
+        assert!(matches!(plan(&[e], &[], &Seen::default()), Err(MongoError::Unreadable(_))));
     }
 }

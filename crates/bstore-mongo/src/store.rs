@@ -2,7 +2,7 @@
 //! what the batch's plan (`plan.rs`) says.
 //!
 //! `keys`: one document per key ever written —
-//! `{_id: "<tenant>.<session>\x1f<type>\x1f<tag>", sid, tenant, session, type, tag,
+//! `{_id: "<tenant>.<session>\x1f<type>\x1f<tag>", sid, tenant, session, type,
 //! seq, value: <sealed id and value>, deleted: false, updated_at}`; a deleted
 //! key keeps its document as a tombstone: `deleted: true`, no value,
 //! `deleted_at`. The key id is never in clear: the document is named by the
@@ -16,6 +16,7 @@
 //!  seq, updated_at_ms, deleted, deleted_at,      the newest event
 //!  creds: <sealed>, creds_seq,                   the newest creds put or deletion
 //!  reset_seq, reset_at_ms,                       the newest deletion
+//!  passed_seq,                                   the newest event refused (passed over)
 //!  counts: {type: n}, counted_gen, count_gen}    recomputed (`Store::recount`)
 //! ```
 //!
@@ -90,7 +91,7 @@ use mongodb::options::{ClientOptions, DeleteOneModel, IndexOptions, UpdateManyMo
 use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use crate::keydoc::{doc_id_of_tag, open_key, seal_key};
-use crate::plan::{Base, KeyMark, KeyOp, KeyPlace, KeyWrite, Outcome, Seen, SessionMarks, SessionWrite, Tombstone, Wipe, plan};
+use crate::plan::{Base, Displaced, KeyMark, KeyOp, KeyPlace, KeyWrite, Outcome, Seen, SessionMarks, SessionWrite, Tombstone, Wipe, plan};
 use crate::{MongoConfig, MongoError};
 
 /// Separates the parts of a key document's `_id`; it cannot occur in a key
@@ -335,7 +336,7 @@ impl Store {
     /// [`Store::read`], then [`Store::write`].
     pub async fn apply(&self, batch: &[LoggedEvent]) -> Result<Applied, MongoError> {
         let seen = self.read(batch).await?;
-        self.write(batch, &seen).await
+        self.write(batch, &[], &seen).await
     }
 
     /// Reads what writing `batch` needs to know, each document once: the
@@ -345,8 +346,8 @@ impl Store {
     pub(crate) async fn read(&self, batch: &[LoggedEvent]) -> Result<Seen, MongoError> {
         let sessions: BTreeSet<&SessionKey> = batch.iter().map(|e| &e.session).collect();
         let mut seen = Seen { sessions: self.marks(sessions.into_iter().cloned()).await?, ..Default::default() };
-        // By document id: the key, and whether its value is wanted.
-        let mut places: HashMap<String, (KeyPlace, bool)> = HashMap::new();
+        // By document id: the key, its tag, and whether its value is wanted.
+        let mut places: HashMap<String, (KeyPlace, String, bool)> = HashMap::new();
         for e in batch {
             if let Change::KeysChanged { keys, patched } = &e.event.change {
                 let whole = keys.iter().flat_map(|(t, ids)| ids.keys().map(move |i| (t, i, false)));
@@ -355,22 +356,22 @@ impl Store {
                     let tag = self.codec.id_tag(&e.session, ty, kid);
                     let entry = places
                         .entry(doc_id_of_tag(&e.session, ty, &tag))
-                        .or_insert_with(|| ((e.session.clone(), ty.clone(), kid.clone()), false));
-                    entry.1 |= wanted;
+                        .or_insert_with(|| ((e.session.clone(), ty.clone(), kid.clone()), tag, false));
+                    entry.2 |= wanted;
                 }
             }
         }
         for with_values in [false, true] {
-            let ids: Vec<&String> = places.iter().filter(|(_, (_, w))| *w == with_values).map(|(id, _)| id).collect();
+            let ids: Vec<&String> = places.iter().filter(|(_, (_, _, w))| *w == with_values).map(|(id, _)| id).collect();
             for chunk in ids.chunks(READ_CHUNK) {
                 let find = self.keys.find(doc! { "_id": { "$in": chunk } });
                 let find = if with_values { find } else { find.projection(doc! { "seq": 1, "deleted": 1 }) };
                 let mut cursor = find.await.map_err(unavailable)?;
                 while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
-                    let Some((place, _)) = d.get_str("_id").ok().and_then(|id| places.get(id)) else { continue };
+                    let Some((place, tag, _)) = d.get_str("_id").ok().and_then(|id| places.get(id)) else { continue };
                     let mark = KeyMark { seq: int(&d, "seq"), live: !d.get_bool("deleted").unwrap_or(false) };
                     if with_values && mark.live {
-                        seen.bases.insert(place.clone(), self.base(place, &d));
+                        seen.bases.insert(place.clone(), self.base(place, tag, &d));
                     }
                     seen.keys.insert(place.clone(), mark);
                 }
@@ -379,26 +380,26 @@ impl Store {
         Ok(seen)
     }
 
-    /// The value a live key document holds, opened.
-    fn base(&self, (session, ty, kid): &KeyPlace, d: &Document) -> Base {
-        let opened = match (d.get_str("tag"), d.get_binary_generic("value")) {
-            (Ok(tag), Ok(blob)) => open_key(&self.codec, session, ty, tag, blob).and_then(|(id, v)| {
-                if id == *kid { Ok(Bytes::from(v)) } else { Err("the sealed key id does not match its document".into()) }
-            }),
-            _ => Err("no tag or no value".into()),
+    /// The value the live document of the key tagged `tag` holds, opened
+    /// (the id sealed inside hashes to the tag, so it is the key's).
+    fn base(&self, (session, ty, _): &KeyPlace, tag: &str, d: &Document) -> Base {
+        let opened = match d.get_binary_generic("value") {
+            Ok(blob) => open_key(&self.codec, session, ty, tag, blob).map(|(_, v)| Bytes::from(v)),
+            Err(_) => Err("no value".into()),
         };
         opened.map_or_else(Base::Unreadable, Base::Value)
     }
 
-    /// Writes a batch of events holding whole values, given what
-    /// [`Store::read`] read for it (a batch with patches resolved touches the
-    /// same keys). Idempotent and order-insensitive, also against other
+    /// Writes a batch of events holding whole values, and passes over the
+    /// `passed` ones (refused by the chain check), given what [`Store::read`]
+    /// read for it (a batch with patches resolved touches the same keys).
+    /// Idempotent and order-insensitive, also against other
     /// instances applying other batches (or the same one) at the same time:
     /// repeats, events already applied and events older than what a
     /// document holds change no fact. See the module documentation for why
     /// each step is safe under every interleaving.
-    pub(crate) async fn write(&self, batch: &[LoggedEvent], seen: &Seen) -> Result<Applied, MongoError> {
-        let mut plan = plan(batch, seen)?;
+    pub(crate) async fn write(&self, batch: &[LoggedEvent], passed: &[Displaced], seen: &Seen) -> Result<Applied, MongoError> {
+        let mut plan = plan(batch, passed, seen)?;
         if plan.stats.events == 0 {
             return Ok(plan.stats);
         }
@@ -517,7 +518,7 @@ impl Store {
         let ids: Vec<&String> = by_id.keys().collect();
         let mut out = HashMap::new();
         for chunk in ids.chunks(READ_CHUNK) {
-            let projection = doc! { "seq": 1, "creds_seq": 1, "reset_seq": 1, "reset_at_ms": 1 };
+            let projection = doc! { "seq": 1, "creds_seq": 1, "reset_seq": 1, "reset_at_ms": 1, "passed_seq": 1 };
             let mut cursor = self.sessions.find(doc! { "_id": { "$in": chunk } }).projection(projection).await.map_err(unavailable)?;
             while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
                 let Some(session) = d.get_str("_id").ok().and_then(|id| by_id.get(id)) else { continue };
@@ -526,6 +527,7 @@ impl Store {
                     creds_seq: int(&d, "creds_seq"),
                     reset_seq: int(&d, "reset_seq"),
                     reset_at_ms: int(&d, "reset_at_ms"),
+                    passed_seq: int(&d, "passed_seq"),
                 };
                 out.insert(session.clone(), marks);
             }
@@ -550,6 +552,7 @@ impl Store {
                 };
                 (session, "seq", last.seq, update)
             }
+            SessionWrite::PassOver { session, seq } => (session, "passed_seq", *seq, doc! { "$set": { "passed_seq": *seq as i64 } }),
             SessionWrite::Creds { session, seq, creds } => {
                 let update = match creds {
                     Some(c) => doc! { "$set": { "creds_seq": *seq as i64, "creds": binary(self.codec.seal_value(session, None, c)) } },
@@ -584,7 +587,7 @@ impl Store {
         let at = DateTime::from_millis(op.at_ms as i64);
         let mut set = doc! {
             "sid": sid(session), "tenant": session.tenant.as_str(), "session": session.session.as_str(),
-            "type": ty.as_str(), "tag": &tag, "seq": op.seq as i64, "updated_at": at,
+            "type": ty.as_str(), "seq": op.seq as i64, "updated_at": at,
         };
         let update = match &op.value {
             Some(v) => {
@@ -752,7 +755,9 @@ impl Store {
         let mut out = StoredSession::default();
         let found = doc.is_some();
         if let Some(d) = &doc {
-            out.seq = int(d, "seq");
+            // A message passed over (refused) still moves the session's
+            // sequence, as it moves the log readers' state.
+            out.seq = int(d, "seq").max(int(d, "passed_seq"));
             out.updated_at_ms = Some(int(d, "updated_at_ms")).filter(|&t| t > 0);
             if let Ok(c) = d.get_binary_generic("creds") {
                 out.creds =
@@ -772,12 +777,18 @@ impl Store {
                 out.tombstones += 1;
                 continue;
             }
-            // Errors name the type and the document's tag, never an id.
-            let (Ok(t), Ok(tag)) = (d.get_str("type"), d.get_str("tag")) else {
-                let what = if d.contains_key("id") { "in the format of an earlier release" } else { "without type or tag" };
-                return Err(MongoError::Unreadable(format!("{session}: a key document {what}")));
-            };
-            let ty = KeyType::parse(t).map_err(|_| MongoError::Unreadable(format!("{session}: a key document of a malformed type")))?;
+            // The tag is read from the document's name, which the value is
+            // sealed for. Errors name the type and the tag, never an id.
+            let unreadable = |what: &str| MongoError::Unreadable(format!("{session}: a key document {what}"));
+            if d.contains_key("id") {
+                return Err(unreadable("in the format of an earlier release"));
+            }
+            let (Ok(name), Ok(t)) = (d.get_str("_id"), d.get_str("type")) else { return Err(unreadable("without name or type")) };
+            let ty = KeyType::parse(t).map_err(|_| unreadable("of a malformed type"))?;
+            let tag = name.rsplit(ID_SEP).next().unwrap_or_default();
+            if doc_id_of_tag(session, &ty, tag) != name {
+                return Err(unreadable("named for another session or type"));
+            }
             let blob = d.get_binary_generic("value").map_err(|_| MongoError::Unreadable(format!("{session} key {t}/{tag}: no value")))?;
             let (kid, v) = open_key(&self.codec, session, &ty, tag, blob)
                 .map_err(|e| MongoError::Unreadable(format!("{session} key {t}/{tag}: {e}")))?;
