@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use bstore_api::client::{SessionClient, key_data};
 use bstore_codec::{Codec, Keyring};
-use bstore_domain::SessionKey;
+use bstore_domain::{SessionKey, SessionState};
 use bstore_mongo::mongodb::bson::{Document, RawDocumentBuf, doc};
 use bstore_mongo::{Materializer, MongoConfig, Store};
 use bstore_redis::redis::{self, AsyncCommands};
-use bstore_redis::{RedisConfig, RedisProjection};
+use bstore_redis::{RedisConfig, RedisProjection, SnapshotMode};
 use bstore_testkit::{MongoServer, RedisServer};
 
 use crate::harness::{KEY1, Stack, rid, service_bin};
@@ -57,7 +57,7 @@ impl Projected {
         self.stack.session("t", s).with_timeout(Duration::from_secs(10))
     }
 
-    fn redis_projection(&self) -> RedisProjection {
+    pub(crate) fn redis_projection(&self) -> RedisProjection {
         let url = self.redis.as_ref().expect("redis").url();
         RedisProjection::new(RedisConfig { url: Some(url), ..Default::default() }, codec()).unwrap()
     }
@@ -92,7 +92,7 @@ impl Projected {
 
     /// Runs `verify` until it passes; panics with its last output after
     /// `secs`.
-    async fn verify_eventually(&self, secs: u64) -> String {
+    pub(crate) async fn verify_eventually(&self, secs: u64) -> String {
         let start = Instant::now();
         loop {
             let (ok, out) = self.tool(&["verify"]).await;
@@ -289,7 +289,8 @@ async fn a_corrupt_foreign_or_ahead_redis_copy_is_ignored_logged_and_repaired() 
     wait_stored(&proj, "a", last_a).await;
     wait_stored(&proj, "b", last_b).await;
     let mut conn = proj.connection();
-    let field = "pre-key\u{1f}1";
+    let (ty, id) = (bstore_domain::KeyType::parse("pre-key").unwrap(), bstore_domain::KeyId::parse("1").unwrap());
+    let (field, field_b) = (proj.field(&sk("a"), &ty, &id), proj.field(&sk("b"), &ty, &id));
     let (key_a, key_b) = (proj.key(&sk("a")), proj.key(&sk("b")));
 
     // What is done to a's copy, the warning the load logs, and how many
@@ -301,12 +302,20 @@ async fn a_corrupt_foreign_or_ahead_redis_copy_is_ignored_logged_and_repaired() 
     ];
     for (n, (how, warning, times)) in tamperings.into_iter().enumerate() {
         match how {
-            "corrupt" => conn.hset::<_, _, _, ()>(&key_a, field, b"\xb5\x01garbage-that-is-not-a-sealed-blob".as_slice()).await.unwrap(),
+            "corrupt" => conn.hset::<_, _, _, ()>(&key_a, &field, b"\xb5\x01garbage-that-is-not-a-sealed-blob".as_slice()).await.unwrap(),
             "foreign" => {
-                let theirs: Vec<u8> = conn.hget(&key_b, field).await.unwrap();
-                conn.hset::<_, _, _, ()>(&key_a, field, theirs).await.unwrap()
+                let theirs: Vec<u8> = conn.hget(&key_b, &field_b).await.unwrap();
+                conn.hset::<_, _, _, ()>(&key_a, &field, theirs).await.unwrap()
             }
-            _ => conn.hset::<_, _, _, ()>(&key_a, "seq", last_a + 1000).await.unwrap(),
+            // A copy that is authentic but ahead of the log (a restored
+            // backup, data lost under the log): moving `seq` alone would
+            // only make it untrusted.
+            _ => {
+                let copy = proj.load(&sk("a")).await.unwrap().unwrap();
+                let keys = copy.iter_keys().map(|(t, i, v)| (t.clone(), i.clone(), v.clone()));
+                let ahead = SessionState::from_parts(last_a + 1000, copy.creds().cloned(), keys, copy.updated_at_ms(), copy.events());
+                proj.write_snapshot(&sk("a"), &ahead, SnapshotMode::Replace).await.unwrap();
+            }
         }
         let (ok, out) = p.tool(&["verify", "--tenant", "t", "--session", "a"]).await;
         assert!(!ok && out.contains("DIFF redis t/a"), "verify sees the {how} copy:\n{out}");
@@ -336,7 +345,7 @@ async fn a_corrupt_foreign_or_ahead_redis_copy_is_ignored_logged_and_repaired() 
     assert_eq!(b.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"value-b");
 }
 
-async fn wait_stored(proj: &RedisProjection, s: &str, seq: u64) {
+pub(crate) async fn wait_stored(proj: &RedisProjection, s: &str, seq: u64) {
     let start = Instant::now();
     while proj.stored_seq(&sk(s)).await.unwrap() != Some(seq) {
         assert!(start.elapsed() < Duration::from_secs(10), "redis copy of {s} never reached {seq}");
@@ -387,7 +396,7 @@ async fn nothing_written_through_the_api_is_readable_in_clear_anywhere() {
     assert!(!files_hold(&p.stack.nats.store_dir(), &marker), "plaintext in the JetStream store");
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
@@ -449,12 +458,13 @@ async fn verify_reports_tampering_and_rebuild_repairs_both_projections() {
 
     // Tamper with both: a key gone from Redis, a session moved back in Mongo.
     let proj = p.redis_projection();
-    proj.connection().hdel::<_, _, ()>(proj.key(&sk("v")), "pre-key\u{1f}2").await.unwrap();
+    let (ty, id) = (bstore_domain::KeyType::parse("pre-key").unwrap(), bstore_domain::KeyId::parse("2").unwrap());
+    proj.connection().hdel::<_, _, ()>(proj.key(&sk("v")), proj.field(&sk("v"), &ty, &id)).await.unwrap();
     let store = p.mongo_store().await;
     store.database().collection::<Document>("sessions").update_one(doc! { "_id": "t.v" }, doc! { "$set": { "seq": 1_i64 } }).await.unwrap();
     let (ok, out) = p.tool(&["verify"]).await;
     assert!(!ok, "verify must fail:\n{out}");
-    assert!(out.contains("DIFF redis t/v: key pre-key/2 missing"), "{out}");
+    assert!(out.contains("DIFF redis t/v: the redis copy of t/v is unreadable: entries: 1 in the hash, 2 in its manifest"), "{out}");
     assert!(out.contains("DIFF mongo t/v: at sequence 1"), "{out}");
     assert!(out.contains("2 differences"), "{out}");
 

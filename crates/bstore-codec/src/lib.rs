@@ -124,5 +124,69 @@ impl Codec {
     }
 }
 
+impl Codec {
+    /// Seals `plain` for `ctx`: for a projection that lays out what it
+    /// seals itself (a manifest, a key kept beside its id).
+    pub fn seal_for(&self, ctx: &Context, plain: &[u8]) -> Vec<u8> {
+        seal::seal(&self.keyring, ctx, plain)
+    }
+
+    /// Opens a blob sealed by [`Codec::seal_for`] for the same context.
+    pub fn open_for(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, CodecError> {
+        Ok(seal::open(&self.keyring, ctx, blob)?)
+    }
+
+    /// The keyed hashes of `session`'s entries (its creds, each key with its
+    /// type and id) that a projection's manifest combines into a digest of
+    /// the whole copy. Keyed, so whoever lacks the ring cannot compute the
+    /// hash of an entry and balance a forged set of entries. The key is
+    /// derived from the ring's index key and the session: like the id tags,
+    /// digests survive a rotation of the sealing key.
+    pub fn entry_hasher(&self, session: &SessionKey) -> EntryHasher {
+        let mut sub = ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.keyring.index_key()));
+        sub.update(b"bstore/entry-digest/v1");
+        for part in [session.tenant.as_str(), session.session.as_str()] {
+            sub.update(&(part.len() as u32).to_be_bytes());
+            sub.update(part.as_bytes());
+        }
+        EntryHasher { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, sub.sign().as_ref()) }
+    }
+}
+
+/// One session's keyed hash of entries ([`Codec::entry_hasher`]).
+pub struct EntryHasher {
+    key: ring::hmac::Key,
+}
+
+impl std::fmt::Debug for EntryHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntryHasher")
+    }
+}
+
+impl EntryHasher {
+    /// The hash of the creds `value`.
+    pub fn creds(&self, value: &[u8]) -> [u8; 32] {
+        self.hash(&[b"creds"], value)
+    }
+
+    /// The hash of key `id` of type `ty` holding `value`.
+    pub fn key(&self, ty: &KeyType, id: &KeyId, value: &[u8]) -> [u8; 32] {
+        self.hash(&[b"key", ty.as_str().as_bytes(), id.as_str().as_bytes()], value)
+    }
+
+    // Every part before the value is length-prefixed, so no two entries
+    // hash the same input.
+    fn hash(&self, parts: &[&[u8]], value: &[u8]) -> [u8; 32] {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        for part in parts {
+            ctx.update(&(part.len() as u32).to_be_bytes());
+            ctx.update(part);
+        }
+        ctx.update(value);
+        ctx.sign().as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests;

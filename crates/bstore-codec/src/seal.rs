@@ -143,3 +143,20 @@ pub fn open(ring: &Keyring, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealE
     }
     lz4_flex::decompress_size_prepended(body).map_err(|_| SealError::Corrupt)
 }
+
+impl Context {
+    /// The manifest of a session's projected copy: what the copy holds as a
+    /// whole, checked before any of it is believed.
+    pub fn manifest(s: &SessionKey) -> Self {
+        Self::of(&[b"manifest", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
+    }
+
+    /// One projected key named by its id tag ([`crate::Codec::id_tag`])
+    /// rather than its id, for a projection that keeps the id sealed beside
+    /// the value: bound to the slot the name gives, so a blob moved to
+    /// another slot fails to open.
+    pub fn tagged_key(s: &SessionKey, ty: &KeyType, tag: &str) -> Self {
+        let (t, s_) = (s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes());
+        Self::of(&[b"tagged-key", t, s_, ty.as_str().as_bytes(), tag.as_bytes()])
+    }
+}

@@ -6,32 +6,63 @@
 //!
 //! | field | value |
 //! |---|---|
-//! | `seq` | stream sequence of the last event the hash reflects |
-//! | `updated_at_ms`, `events` | the session's metadata as of `seq` |
+//! | `seq` | stream sequence of the last event the hash reflects, in clear for the scripts' guard |
+//! | `manifest` | sealed: the sequence, the session's metadata, and a digest of every entry below |
 //! | `creds` | the creds, sealed for the session's creds slot |
-//! | `<type>\x1f<id>` | one key's value, sealed for its session, type and id |
+//! | `<type>\x1f<tag>` | one key: its id and value sealed together for the session, type and tag |
 //!
-//! The unit separator cannot occur in a key type (`[A-Za-z0-9_.:-]`) or a
-//! key id (no control characters), so a field splits back unambiguously and
-//! never collides with the metadata fields.
+//! A key's field is named by its id tag ([`Codec::id_tag`]), a keyed hash of
+//! its id under the ring's index key, so nothing in Redis names a contact
+//! (key ids are JIDs, phone numbers, LIDs, group ids); the id itself is
+//! sealed beside the value, for the slot the type and tag name.
+//! The unit separator cannot occur in a key type (`[A-Za-z0-9_.:-]`) and a
+//! tag is base64url, so a field splits back unambiguously and never
+//! collides with the other fields.
+//!
+//! **The copy is believed as a whole or not at all.** Each value opening
+//! for its own slot is not enough: a field deleted, added, or swapped for an
+//! older sealed value of the same slot opens fine. So the manifest carries a
+//! digest of the whole copy — the count of entries and the XOR of one keyed
+//! hash per entry ([`Codec::entry_hasher`]: the creds, or a key's type, id
+//! and value) — and [`RedisProjection::load`] recomputes it from what it
+//! opened and refuses a copy that does not match it, or whose `seq` is not
+//! the manifest's, as [`RedisError::Unreadable`] (the loader then uses the
+//! log and repairs the copy); such copies are counted ([`untrusted_copies`]).
+//! Whoever lacks the ring can neither seal a manifest nor compute an entry's
+//! hash, so a copy that passes holds exactly the session as of its
+//! manifest's sequence: at most an older copy put back whole, which is
+//! merely stale — the loader replays the log's tail after its sequence. An XOR (rather than a hash of the sorted entries) lets a
+//! delta update the digest from the touched entries alone: the new digest
+//! is the old one XOR the hashes of the touched entries before the event
+//! XOR their hashes after it, computed here from images of both
+//! ([`RedisProjection::apply`]), so a delta still writes only what changed.
 //!
 //! Every write is one Lua script that checks `seq` first, so projections are
 //! idempotent and ordered by stream sequence: a delta applies only on top of
 //! exactly the event before it, an older or repeated one changes nothing, and
 //! a gap is reported so the caller can write a whole snapshot instead.
 //!
+//! Hashes written by releases before the manifest (key ids in clear in the
+//! field names, `updated_at_ms` and `events` in clear, no `manifest`) are not
+//! read: they load as untrusted, and the loader replaces them with a
+//! snapshot from the log, as it would any copy it cannot believe — they are
+//! a cache. (A release without the manifest finds the `manifest` field
+//! unexpected and the tagged fields unopenable, so it too treats a newer
+//! copy as unreadable and rewrites it: mixed releases cost reloads from the
+//! log, never a wrong answer.)
+//!
 //! **Architecture invariant:** Redis never holds a fact the stream lacks.
 //! Only events the log acknowledged, or states built from them, are written
-//! here, and every value is sealed ([`Codec::seal_value`]): a blob copied to
-//! another field or session fails to open and is treated as no copy at all.
+//! here, and every value is sealed: a blob copied to another field or
+//! session fails to open and is treated as no copy at all.
 
 mod config;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bstore_codec::Codec;
+use bstore_codec::{Codec, Context};
 use bstore_domain::{Change, Event, KeyId, KeyType, SessionKey, SessionState};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
@@ -41,15 +72,25 @@ pub use config::{RedisConfig, RedisTls};
 /// The Redis client crate, for tools and tests that inspect the hashes.
 pub use redis;
 
-/// Separates a key's type from its id in a field name.
+/// Separates a key's type from its id tag in a field name.
 pub const FIELD_SEP: char = '\x1f';
 const SEQ: &str = "seq";
+const MANIFEST: &str = "manifest";
 const CREDS: &str = "creds";
-const UPDATED: &str = "updated_at_ms";
-const EVENTS: &str = "events";
 /// Arguments passed to one `HSET`/`HDEL` inside the scripts, well under
 /// Lua's limit on values one `unpack` may return.
 const CHUNK: usize = 1000;
+
+/// Copies found untrustworthy by [`RedisProjection::load`] in this process.
+static UNTRUSTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many copies [`RedisProjection::load`] has refused in this process:
+/// a value that does not open, a field deleted, added or swapped, a
+/// sequence changed, or a hash of an older release. Each one was also
+/// logged by the loader and repaired from the log.
+pub fn untrusted_copies() -> u64 {
+    UNTRUSTED.load(Ordering::Relaxed)
+}
 
 /// Why Redis could not do what was asked. Neither is fatal to a write.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,7 +99,8 @@ pub enum RedisError {
     #[error("redis is unavailable: {0}")]
     Unavailable(String),
     /// The hash is there but cannot be believed: a value fails to open, a
-    /// field or the sequence does not parse.
+    /// field or the sequence does not parse, or the copy is not the whole
+    /// its manifest vouches for.
     #[error("the redis copy of {session} is unreadable: {reason}")]
     Unreadable {
         /// The session.
@@ -93,6 +135,97 @@ pub enum SnapshotMode {
     Replace,
 }
 
+/// The digest of a session as of a sequence: how many entries (creds and
+/// keys) it holds and the XOR of their keyed hashes. It depends on the
+/// session's content alone, not on what Redis holds, so a writer that knows
+/// the digest of the state an event was applied to can write the next
+/// manifest without reading the hash ([`RedisProjection::apply`]); one
+/// that does not asks [`RedisProjection::digest_at`] or writes a snapshot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    seq: u64,
+    entries: u64,
+    sum: [u8; 32],
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Digest").field("seq", &self.seq).field("entries", &self.entries).finish_non_exhaustive()
+    }
+}
+
+impl Digest {
+    /// The digest of a session holding nothing, as of `seq`.
+    fn empty(seq: u64) -> Self {
+        Self { seq, entries: 0, sum: [0; 32] }
+    }
+
+    /// The sequence it is the digest as of.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn add(&mut self, hash: [u8; 32]) {
+        self.xor(hash);
+        self.entries += 1;
+    }
+
+    fn remove(&mut self, hash: [u8; 32]) {
+        self.xor(hash);
+        // Only a digest that does not describe the state could underflow;
+        // the copy it is written with then fails its next load.
+        self.entries = self.entries.wrapping_sub(1);
+    }
+
+    fn xor(&mut self, hash: [u8; 32]) {
+        for (s, h) in self.sum.iter_mut().zip(hash) {
+            *s ^= h;
+        }
+    }
+
+    /// Equal, in time independent of where they differ.
+    fn matches(&self, other: &Digest) -> bool {
+        let diff = self.sum.iter().zip(&other.sum).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        self.seq == other.seq && self.entries == other.entries && diff == 0
+    }
+}
+
+/// The manifest's plain contents: a format byte, then `seq`, `entries`,
+/// `updated_at_ms` (0: none) and `events` as u64 BE, then the digest's sum.
+struct Manifest {
+    digest: Digest,
+    updated_at_ms: u64,
+    events: u64,
+}
+
+const MANIFEST_FORMAT: u8 = 1;
+const MANIFEST_LEN: usize = 1 + 4 * 8 + 32;
+
+impl Manifest {
+    fn of(digest: Digest, state: &SessionState) -> Self {
+        Self { digest, updated_at_ms: state.updated_at_ms().unwrap_or(0), events: state.events() }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MANIFEST_LEN);
+        out.push(MANIFEST_FORMAT);
+        for n in [self.digest.seq, self.digest.entries, self.updated_at_ms, self.events] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        out.extend_from_slice(&self.digest.sum);
+        out
+    }
+
+    fn decode(plain: &[u8]) -> Option<Self> {
+        if plain.len() != MANIFEST_LEN || plain[0] != MANIFEST_FORMAT {
+            return None;
+        }
+        let n = |i: usize| u64::from_be_bytes(plain[1 + 8 * i..9 + 8 * i].try_into().expect("eight bytes"));
+        let digest = Digest { seq: n(0), entries: n(1), sum: plain[33..].try_into().expect("32 bytes") };
+        Some(Self { digest, updated_at_ms: n(2), events: n(3) })
+    }
+}
+
 // The stored sequence: 0 when the hash is missing, -1 when it does not parse
 // (which matches no predecessor, so a delta turns into a snapshot).
 const STORED_SEQ: &str = r"
@@ -115,22 +248,22 @@ local function expire(ttl)
 end
 ";
 
-// ARGV: prev, seq, ttl, reset, updated_at_ms, events, n_deleted,
-// deleted fields..., then field/value pairs to set.
+// ARGV: prev, seq, ttl, reset, manifest, n_deleted, deleted fields..., then
+// field/value pairs to set.
 const DELTA: &str = r"
 local prev, seq = tonumber(ARGV[1]), tonumber(ARGV[2])
 if stored >= seq then return {0, stored} end
 if stored ~= prev then return {2, stored} end
 if ARGV[4] == '1' then redis.call('DEL', KEYS[1]) end
-local ndel = tonumber(ARGV[7])
-chunked('HDEL', 8, 7 + ndel)
-chunked('HSET', 8 + ndel, #ARGV)
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'updated_at_ms', ARGV[5], 'events', ARGV[6])
+local ndel = tonumber(ARGV[6])
+chunked('HDEL', 7, 6 + ndel)
+chunked('HSET', 7 + ndel, #ARGV)
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'manifest', ARGV[5])
 expire(tonumber(ARGV[3]))
 return {1, stored}
 ";
 
-// ARGV: seq, ttl, replace, then field/value pairs (the metadata included).
+// ARGV: seq, ttl, replace, then field/value pairs (seq and manifest included).
 const SNAPSHOT: &str = r"
 local seq = tonumber(ARGV[1])
 if ARGV[3] ~= '1' and stored >= seq then return 0 end
@@ -185,18 +318,34 @@ impl RedisProjection {
         format!("{}:{{{}.{}}}", self.cfg.key_prefix, session.tenant, session.session)
     }
 
-    /// The field holding one key's value.
-    pub fn field(ty: &KeyType, id: &KeyId) -> String {
-        format!("{ty}{FIELD_SEP}{id}")
+    /// The field of `session`'s hash holding key `id` of type `ty`.
+    pub fn field(&self, session: &SessionKey, ty: &KeyType, id: &KeyId) -> String {
+        field_name(ty, &self.codec.id_tag(session, ty, id))
     }
 
     /// Projects `event`, which the log stored at `after.seq()` right after
-    /// `prev`, leaving the session as `after`: the keys the event touched
-    /// are written with their values in `after` (or deleted when absent).
-    /// Applies only when the hash is exactly at `prev`. Only the touched keys,
-    /// the creds (for `CredsPut`) and the metadata of `after` are read, so it
-    /// may be a partial image of the session holding just those.
-    pub async fn apply(&self, session: &SessionKey, prev: u64, after: &SessionState, event: &Event) -> Result<DeltaOutcome, RedisError> {
+    /// `base.seq()`, leaving the session as `after`: the keys the event
+    /// touched are written with their values in `after` (or deleted when
+    /// absent), and the manifest with the digest of `after`, computed from
+    /// `base` (the digest before the event) and the touched entries in
+    /// `before` and `after`. Applies only when the hash is exactly at
+    /// `base.seq()`. Only the touched keys, the creds (for `CredsPut`) and
+    /// the metadata of `after` are read, and only the touched keys and the
+    /// creds of `before`, so both may be partial images holding just those.
+    ///
+    /// Returns what the script did and the digest of `after` — whatever the
+    /// outcome: the digest is the session's, not the hash's.
+    pub async fn apply(
+        &self,
+        session: &SessionKey,
+        base: &Digest,
+        before: &SessionState,
+        after: &SessionState,
+        event: &Event,
+    ) -> Result<(DeltaOutcome, Digest), RedisError> {
+        debug_assert_eq!(base.seq, before.seq(), "the digest is of the state the event was applied to");
+        let hasher = self.codec.entry_hasher(session);
+        let mut digest = Digest { seq: after.seq(), ..*base };
         let mut deleted: Vec<String> = Vec::new();
         let mut set: Vec<(String, Vec<u8>)> = Vec::new();
         let reset = match &event.change {
@@ -204,7 +353,11 @@ impl RedisProjection {
             // event, so the projection holds exactly what a load would see
             // whatever form the event records a change in.
             Change::CredsPut { .. } => {
+                if let Some(old) = before.creds() {
+                    digest.remove(hasher.creds(old));
+                }
                 if let Some(creds) = after.creds() {
+                    digest.add(hasher.creds(creds));
                     set.push((CREDS.into(), self.codec.seal_value(session, None, creds)));
                 }
                 false
@@ -213,25 +366,30 @@ impl RedisProjection {
                 // Whole values and patches alike: the value is the one in
                 // `after`, so a patch reaches Redis as the value it produced.
                 for (ty, id) in event.touched_keys() {
+                    if let Some((_, old)) = before.get_keys(ty, [id]).pop() {
+                        digest.remove(hasher.key(ty, id, &old));
+                    }
+                    let tag = self.codec.id_tag(session, ty, id);
                     match after.get_keys(ty, [id]).pop() {
-                        Some((_, v)) => set.push((Self::field(ty, id), self.codec.seal_value(session, Some((ty, id)), &v))),
-                        None => deleted.push(Self::field(ty, id)),
+                        Some((_, v)) => {
+                            digest.add(hasher.key(ty, id, &v));
+                            set.push((field_name(ty, &tag), self.seal_key(session, ty, &tag, id, &v)));
+                        }
+                        None => deleted.push(field_name(ty, &tag)),
                     }
                 }
                 false
             }
             // The hash is replaced by one holding only the sequence and the
-            // metadata, so a late delta cannot bring a key back.
-            Change::SessionDeleted => true,
+            // manifest, so a late delta cannot bring a key back.
+            Change::SessionDeleted => {
+                digest = Digest::empty(after.seq());
+                true
+            }
         };
+        let manifest = self.seal_manifest(session, &Manifest::of(digest, after));
         let mut inv = self.delta.key(self.key(session));
-        inv.arg(prev)
-            .arg(after.seq())
-            .arg(self.cfg.ttl_secs)
-            .arg(if reset { "1" } else { "0" })
-            .arg(after.updated_at_ms().unwrap_or(0))
-            .arg(after.events())
-            .arg(deleted.len());
+        inv.arg(base.seq).arg(after.seq()).arg(self.cfg.ttl_secs).arg(if reset { "1" } else { "0" }).arg(manifest).arg(deleted.len());
         for f in &deleted {
             inv.arg(f);
         }
@@ -240,37 +398,50 @@ impl RedisProjection {
         }
         let mut conn = self.conn.clone();
         let (code, stored): (i64, i64) = self.bounded(inv.invoke_async(&mut conn)).await?;
-        Ok(match code {
+        let outcome = match code {
             1 => DeltaOutcome::Applied,
             0 => DeltaOutcome::AlreadyNewer,
             _ => DeltaOutcome::Gap { stored },
-        })
+        };
+        Ok((outcome, digest))
     }
 
-    /// Writes `state` whole. Returns whether it was written ([`SnapshotMode::Guarded`]
-    /// skips a hash that is already as new or newer).
-    pub async fn write_snapshot(&self, session: &SessionKey, state: &SessionState, mode: SnapshotMode) -> Result<bool, RedisError> {
+    /// Writes `state` whole, with its manifest. Returns whether it was
+    /// written ([`SnapshotMode::Guarded`] skips a hash that is already as
+    /// new or newer) and the digest of `state`.
+    pub async fn write_snapshot(
+        &self,
+        session: &SessionKey,
+        state: &SessionState,
+        mode: SnapshotMode,
+    ) -> Result<(bool, Digest), RedisError> {
         if !self.reachable.load(Ordering::Acquire) {
             let mut conn = self.conn.clone();
             let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
         }
+        let hasher = self.codec.entry_hasher(session);
+        let mut digest = Digest::empty(state.seq());
         let mut inv = self.snapshot.key(self.key(session));
         inv.arg(state.seq()).arg(self.cfg.ttl_secs).arg(if mode == SnapshotMode::Replace { "1" } else { "0" });
         inv.arg(SEQ).arg(state.seq());
-        inv.arg(UPDATED).arg(state.updated_at_ms().unwrap_or(0));
-        inv.arg(EVENTS).arg(state.events());
         if let Some(creds) = state.creds() {
+            digest.add(hasher.creds(creds));
             inv.arg(CREDS).arg(self.codec.seal_value(session, None, creds));
         }
         for (ty, id, v) in state.iter_keys() {
-            inv.arg(Self::field(ty, id)).arg(self.codec.seal_value(session, Some((ty, id)), v));
+            digest.add(hasher.key(ty, id, v));
+            let tag = self.codec.id_tag(session, ty, id);
+            inv.arg(field_name(ty, &tag)).arg(self.seal_key(session, ty, &tag, id, v));
         }
+        inv.arg(MANIFEST).arg(self.seal_manifest(session, &Manifest::of(digest, state)));
         let mut conn = self.conn.clone();
         let written: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-        Ok(written == 1)
+        Ok((written == 1, digest))
     }
 
-    /// Reads `session`'s hash back into a state. `Ok(None)`: no hash.
+    /// Reads `session`'s hash back into a state. `Ok(None)`: no hash. A
+    /// hash that is not the whole its manifest vouches for (or has none) is
+    /// [`RedisError::Unreadable`], and counted ([`untrusted_copies`]).
     pub async fn load(&self, session: &SessionKey) -> Result<Option<SessionState>, RedisError> {
         let mut conn = self.conn.clone();
         let key = self.key(session);
@@ -278,14 +449,33 @@ impl RedisProjection {
         if fields.is_empty() {
             return Ok(None);
         }
-        self.decode(session, fields).map(Some)
+        let decoded = self.decode(session, fields);
+        if decoded.is_err() {
+            UNTRUSTED.fetch_add(1, Ordering::Relaxed);
+        }
+        decoded.map(Some)
     }
 
-    /// The sequence `session`'s hash is at (`None`: no hash).
+    /// The sequence `session`'s hash is at (`None`: no hash), as its
+    /// manifest vouches for it. A cheap probe: the entries are not checked
+    /// (only [`RedisProjection::load`] does that).
     pub async fn stored_seq(&self, session: &SessionKey) -> Result<Option<u64>, RedisError> {
-        let mut conn = self.conn.clone();
-        let raw: Option<String> = self.bounded(conn.hget(self.key(session), SEQ)).await?;
-        raw.map(|s| s.parse().map_err(|_| unreadable(session, "the sequence does not parse"))).transpose()
+        Ok(self.manifest(session).await?.map(|m| m.digest.seq))
+    }
+
+    /// The digest of `session` as of `seq`, if the hash's manifest is at
+    /// `seq` (`None`: no hash, or another sequence). For a writer that does
+    /// not know the digest an event was applied to, say after the session
+    /// was loaded: the manifest is sealed, so its digest is one this service
+    /// computed for the state at `seq` — the digest of the session, even if
+    /// the hash's entries were tampered with since (which the next load
+    /// then detects).
+    pub async fn digest_at(&self, session: &SessionKey, seq: u64) -> Result<Option<Digest>, RedisError> {
+        if seq == 0 {
+            // Before its first event a session holds nothing.
+            return Ok(Some(Digest::empty(0)));
+        }
+        Ok(self.manifest(session).await?.map(|m| m.digest).filter(|d| d.seq == seq))
     }
 
     /// Removes `session`'s hash.
@@ -328,36 +518,101 @@ impl RedisProjection {
         SessionKey::parse(tenant, session).ok()
     }
 
-    fn decode(&self, session: &SessionKey, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SessionState, RedisError> {
-        let number = |v: &[u8], what: &str| -> Result<u64, RedisError> {
-            std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).ok_or_else(|| unreadable(session, &format!("{what} does not parse")))
+    /// The manifest of `session`'s hash, opened and checked against `seq`
+    /// (`None`: neither is there).
+    async fn manifest(&self, session: &SessionKey) -> Result<Option<Manifest>, RedisError> {
+        let mut conn = self.conn.clone();
+        let (seq, manifest): (Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.bounded(redis::cmd("HMGET").arg(self.key(session)).arg(SEQ).arg(MANIFEST).query_async(&mut conn)).await?;
+        match (seq, manifest) {
+            (None, None) => Ok(None),
+            (Some(seq), Some(manifest)) => self.checked_manifest(session, &seq, &manifest).map(Some),
+            (_, None) => Err(unreadable(session, NO_MANIFEST)),
+            (None, Some(_)) => Err(unreadable(session, "no sequence")),
+        }
+    }
+
+    fn checked_manifest(&self, session: &SessionKey, seq: &[u8], blob: &[u8]) -> Result<Manifest, RedisError> {
+        let seq: u64 =
+            std::str::from_utf8(seq).ok().and_then(|s| s.parse().ok()).ok_or_else(|| unreadable(session, "the sequence does not parse"))?;
+        let plain = self.codec.open_for(&Context::manifest(session), blob).map_err(|e| unreadable(session, &format!("manifest: {e}")))?;
+        let manifest = Manifest::decode(&plain).ok_or_else(|| unreadable(session, "the manifest does not decode"))?;
+        if manifest.digest.seq != seq {
+            return Err(unreadable(session, &format!("at sequence {seq}, its manifest at {}", manifest.digest.seq)));
+        }
+        Ok(manifest)
+    }
+
+    fn seal_manifest(&self, session: &SessionKey, manifest: &Manifest) -> Vec<u8> {
+        self.codec.seal_for(&Context::manifest(session), &manifest.encode())
+    }
+
+    /// A key's field value: its id (length-prefixed, u16 BE) and value,
+    /// sealed together for the slot its field names.
+    fn seal_key(&self, session: &SessionKey, ty: &KeyType, tag: &str, id: &KeyId, value: &[u8]) -> Vec<u8> {
+        let id = id.as_str().as_bytes();
+        let mut plain = Vec::with_capacity(2 + id.len() + value.len());
+        plain.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        plain.extend_from_slice(id);
+        plain.extend_from_slice(value);
+        self.codec.seal_for(&Context::tagged_key(session, ty, tag), &plain)
+    }
+
+    /// Opens one key's field: its type, id and value. The id is not hashed
+    /// again to check it against the tag: the blob opens only under the
+    /// context of its field's type and tag, and only this service seals, so
+    /// it sealed this id for this tag ([`RedisProjection::seal_key`]).
+    fn open_key(&self, session: &SessionKey, name: &[u8], blob: &[u8]) -> Result<(KeyType, KeyId, Bytes), RedisError> {
+        // Field names that are not a type and a tag are not shown: in a
+        // hash of an older release, or one tampered with, they may hold ids.
+        let (ty, tag) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| n.split_once(FIELD_SEP))
+            .filter(|(_, tag)| is_tag(tag))
+            .ok_or_else(|| unreadable(session, "a field is neither a key's nor a known one"))?;
+        let ty = KeyType::parse(ty).map_err(|e| unreadable(session, &e.to_string()))?;
+        let bad = |what: &str| unreadable(session, &format!("key {ty}/{tag}: {what}"));
+        let plain = Bytes::from(self.codec.open_for(&Context::tagged_key(session, &ty, tag), blob).map_err(|e| bad(&e.to_string()))?);
+        let len = plain.get(..2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize).ok_or_else(|| bad("too short"))?;
+        let id = plain.get(2..2 + len).and_then(|id| std::str::from_utf8(id).ok()).ok_or_else(|| bad("the id does not decode"))?;
+        let id = KeyId::parse(id).map_err(|_| bad("the id is not a key id"))?;
+        debug_assert_eq!(self.codec.id_tag(session, &ty, &id), tag, "sealed for the tag of its id");
+        Ok((ty, id, plain.slice(2 + len..)))
+    }
+
+    fn decode(&self, session: &SessionKey, mut fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SessionState, RedisError> {
+        // The sequence and the manifest first: a copy without them (of an
+        // older release, say) is refused before any of its fields is read.
+        let mut take = |name: &str| fields.iter().position(|(n, _)| n == name.as_bytes()).map(|i| fields.swap_remove(i).1);
+        let (seq, manifest) = match (take(SEQ), take(MANIFEST)) {
+            (Some(seq), Some(manifest)) => (seq, manifest),
+            (None, _) => return Err(unreadable(session, "no sequence")),
+            (_, None) => return Err(unreadable(session, NO_MANIFEST)),
         };
-        let (mut seq, mut creds, mut updated, mut events, mut keys) = (None, None, None, 0, Vec::with_capacity(fields.len()));
+        let manifest = self.checked_manifest(session, &seq, &manifest)?;
+        let vouched = manifest.digest;
+        if fields.len() as u64 != vouched.entries {
+            return Err(unreadable(session, &format!("entries: {} in the hash, {} in its manifest", fields.len(), vouched.entries)));
+        }
+        let hasher = self.codec.entry_hasher(session);
+        let mut digest = Digest::empty(vouched.seq);
+        let (mut creds, mut keys) = (None, Vec::with_capacity(fields.len()));
         for (name, value) in fields {
-            let name = String::from_utf8(name).map_err(|_| unreadable(session, "a field name is not UTF-8"))?;
-            match name.as_str() {
-                SEQ => seq = Some(number(&value, "the sequence")?),
-                UPDATED => updated = Some(number(&value, "updated_at_ms")?).filter(|&t| t > 0),
-                EVENTS => events = number(&value, "events")?,
-                CREDS => {
-                    let plain = self.codec.open_value(session, None, &value).map_err(|e| unreadable(session, &format!("creds: {e}")))?;
-                    creds = Some(Bytes::from(plain));
-                }
-                other => {
-                    let (ty, id) =
-                        other.split_once(FIELD_SEP).ok_or_else(|| unreadable(session, &format!("unexpected field {other:?}")))?;
-                    let ty = KeyType::parse(ty).map_err(|e| unreadable(session, &e.to_string()))?;
-                    let id = KeyId::parse(id).map_err(|e| unreadable(session, &e.to_string()))?;
-                    let plain = self
-                        .codec
-                        .open_value(session, Some((&ty, &id)), &value)
-                        .map_err(|e| unreadable(session, &format!("key {ty}/{id}: {e}")))?;
-                    keys.push((ty, id, Bytes::from(plain)));
-                }
+            if name == CREDS.as_bytes() {
+                let plain = self.codec.open_value(session, None, &value).map_err(|e| unreadable(session, &format!("creds: {e}")))?;
+                digest.add(hasher.creds(&plain));
+                creds = Some(Bytes::from(plain));
+            } else {
+                let (ty, id, v) = self.open_key(session, &name, &value)?;
+                digest.add(hasher.key(&ty, &id, &v));
+                keys.push((ty, id, v));
             }
         }
-        let seq = seq.ok_or_else(|| unreadable(session, "no sequence"))?;
-        Ok(SessionState::from_parts(seq, creds, keys, updated, events))
+        if !digest.matches(&vouched) {
+            return Err(unreadable(session, "its entries are not the ones its manifest vouches for (an older, moved or altered value)"));
+        }
+        let updated = Some(manifest.updated_at_ms).filter(|&t| t > 0);
+        Ok(SessionState::from_parts(vouched.seq, creds, keys, updated, manifest.events))
     }
 
     async fn bounded<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
@@ -368,6 +623,17 @@ impl RedisProjection {
         self.reachable.store(!matches!(result, Err(RedisError::Unavailable(_))), Ordering::Release);
         result
     }
+}
+
+const NO_MANIFEST: &str = "no manifest (a copy written before manifests, or one tampered with)";
+
+fn field_name(ty: &KeyType, tag: &str) -> String {
+    format!("{ty}{FIELD_SEP}{tag}")
+}
+
+/// Whether `s` has the form of an id tag: 22 characters of base64url.
+fn is_tag(s: &str) -> bool {
+    s.len() == 22 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The client for `cfg`: the URL, with `username`/`password` over the URL's

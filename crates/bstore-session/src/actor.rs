@@ -296,14 +296,16 @@ async fn write(
                 return Ok(Reply::Written { seq: appended.seq });
             }
             Ok(appended) => {
-                let prev = live.st.seq();
+                // What the event touches as it was before, for the digest in
+                // the Redis copy's manifest.
+                let before = projector.map(|_| crate::projector::image(&live.st, &event));
                 // The event was decided against this very state, so it fits.
                 live.st.apply(appended.seq, &event).map_err(|e| SessionError::Unreadable(format!("{key}: {e}")))?;
                 if let Some(rid) = &event.rid {
                     live.rids.record(rid, appended.seq, event.at_ms);
                 }
-                if let Some(p) = projector {
-                    p.after_write(prev, &live.st, &event);
+                if let (Some(p), Some(before)) = (projector, before) {
+                    p.after_write(before, &live.st, &event);
                 }
                 return Ok(Reply::Written { seq: appended.seq });
             }

@@ -9,6 +9,16 @@
 //! catch-up timer when no write comes), and deltas queued before that
 //! snapshot are skipped because they could only find the same gap.
 //!
+//! Each Redis copy carries a manifest with a digest of the whole session
+//! (see `bstore_redis`), which a delta updates from the entries it touches:
+//! their values before the event (an image the actor takes before applying
+//! it) and after. The task keeps the digest of the last state it projected;
+//! when a delta does not follow on from it (the first after a load, or after
+//! a failure) it takes the one the copy's sealed manifest vouches for, if the
+//! copy is at the delta's predecessor, and otherwise marks the session
+//! behind, so that a snapshot — never a delta with a digest it cannot know —
+//! writes the copy.
+//!
 //! Everything here is best effort by design: Redis is a cache of the log, so
 //! a projection that fails leaves a stale or missing copy — which a load
 //! detects by sequence and repairs — never a lost or refused write.
@@ -18,11 +28,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bstore_domain::{Change, Event, SessionKey, SessionState};
-use bstore_redis::{DeltaOutcome, RedisProjection, SnapshotMode};
+use bstore_redis::{DeltaOutcome, Digest, RedisProjection, SnapshotMode};
 use tokio::sync::mpsc;
 
+/// A delta's `before` and `after` are images ([`image`]) of the session
+/// before and after its event.
 enum Job {
-    Delta { prev: u64, after: SessionState, event: Event },
+    Delta { before: Box<SessionState>, after: SessionState, event: Event },
     Snapshot { state: SessionState, mode: SnapshotMode },
 }
 
@@ -68,14 +80,15 @@ impl Projector {
         self.status.behind.load(Ordering::Acquire)
     }
 
-    /// Called after the log stored `event` right after `prev`, leaving the
-    /// session as `after`. Never waits.
-    pub(crate) fn after_write(&self, prev: u64, after: &SessionState, event: &Event) {
+    /// Called after the log stored `event`, which was applied to the state
+    /// `before` is an [`image`] of, leaving the session as `after`. Never
+    /// waits.
+    pub(crate) fn after_write(&self, before: SessionState, after: &SessionState, event: &Event) {
         if self.is_behind() && !self.status.snapshot_queued.load(Ordering::Acquire) {
             self.snapshot(after, SnapshotMode::Guarded);
             return;
         }
-        let job = Job::Delta { prev, after: post_image(after, event), event: event.clone() };
+        let job = Job::Delta { before: Box::new(before), after: image(after, event), event: event.clone() };
         if self.tx.try_send(job).is_err() {
             self.status.missed(after.seq());
         }
@@ -134,20 +147,44 @@ impl Status {
 }
 
 async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job>, status: Arc<Status>) {
+    // The digest of the session as of the last job done: the state of a
+    // snapshot, or the state after a delta. It is the session's whatever
+    // Redis then held, so it stands even after a gap.
+    let mut known: Option<Digest> = None;
     while let Some(job) = rx.recv().await {
         match job {
-            Job::Delta { prev, after, event } => {
+            Job::Delta { before, after, event } => {
                 if status.behind.load(Ordering::Acquire) {
                     continue;
                 }
-                match redis.apply(&key, prev, &after, &event).await {
-                    Ok(DeltaOutcome::Applied | DeltaOutcome::AlreadyNewer) => {}
-                    Ok(DeltaOutcome::Gap { stored }) => {
-                        tracing::debug!(session = %key, stored, prev, "redis copy has a gap; a snapshot will follow");
+                let base = match known.filter(|d| d.seq() == before.seq()) {
+                    Some(digest) => Ok(Some(digest)),
+                    None => redis.digest_at(&key, before.seq()).await,
+                };
+                let base = match base {
+                    Ok(Some(base)) => base,
+                    Ok(None) => {
+                        tracing::debug!(session = %key, prev = before.seq(), "the redis copy is not at the delta's predecessor; a snapshot will follow");
                         status.missed(after.seq());
+                        continue;
                     }
                     Err(e) => {
                         tracing::warn!(session = %key, error = %e, "redis projection failed; the session will catch up with a snapshot");
+                        status.missed(after.seq());
+                        continue;
+                    }
+                };
+                match redis.apply(&key, &base, &before, &after, &event).await {
+                    Ok((outcome, digest)) => {
+                        known = Some(digest);
+                        if let DeltaOutcome::Gap { stored } = outcome {
+                            tracing::debug!(session = %key, stored, prev = before.seq(), "redis copy has a gap; a snapshot will follow");
+                            status.missed(after.seq());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %key, error = %e, "redis projection failed; the session will catch up with a snapshot");
+                        known = None;
                         status.missed(after.seq());
                     }
                 }
@@ -158,13 +195,15 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
                 // deltas behind it rather than another snapshot.
                 status.snapshot_queued.store(false, Ordering::Release);
                 match result {
-                    Ok(written) => {
+                    Ok((written, digest)) => {
                         tracing::debug!(session = %key, seq = state.seq(), written, ?mode, "redis copy caught up");
+                        known = Some(digest);
                         status.failures.store(0, Ordering::Release);
                         status.caught_up(state.seq());
                     }
                     Err(e) => {
                         tracing::warn!(session = %key, error = %e, "redis snapshot failed; will retry");
+                        known = None;
                         status.failures.fetch_add(1, Ordering::AcqRel);
                         status.missed(state.seq());
                     }
@@ -174,16 +213,18 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
     }
 }
 
-/// The part of `after` a delta projection reads: what the event touched (its
-/// keys, or the creds) and the session's metadata. Cloning the whole state
-/// instead would copy every key of the session on every write.
-fn post_image(after: &SessionState, event: &Event) -> SessionState {
+/// The part of a state a delta projection reads, taken before the event is
+/// applied and after: what the event touches (its keys, or the creds) and
+/// the session's metadata. Cloning the whole state instead would copy every
+/// key of the session on every write; this clones only handles on the
+/// touched values.
+pub(crate) fn image(state: &SessionState, event: &Event) -> SessionState {
     let creds = match event.change {
-        Change::CredsPut { .. } => after.creds().cloned(),
+        Change::CredsPut { .. } => state.creds().cloned(),
         _ => None,
     };
-    let keys = event.touched_keys().into_iter().filter_map(|(ty, id)| after.get_keys(ty, [id]).pop().map(|(id, v)| (ty.clone(), id, v)));
-    SessionState::from_parts(after.seq(), creds, keys, after.updated_at_ms(), after.events())
+    let keys = event.touched_keys().into_iter().filter_map(|(ty, id)| state.get_keys(ty, [id]).pop().map(|(id, v)| (ty.clone(), id, v)));
+    SessionState::from_parts(state.seq(), creds, keys, state.updated_at_ms(), state.events())
 }
 
 #[cfg(test)]
@@ -199,16 +240,19 @@ mod tests {
     use bstore_testkit::RedisServer;
     use bytes::Bytes;
 
-    use super::Projector;
+    use super::{Projector, image};
 
-    fn write(st: &mut SessionState, i: u8) -> bstore_domain::Event {
+    /// Writes key `k<i>` as the actor does; returns the image before the
+    /// event, and the event.
+    fn write(st: &mut SessionState, i: u8) -> (SessionState, bstore_domain::Event) {
         let mut keys = KeyChanges::new();
         keys.entry(KeyType::parse("session").unwrap())
             .or_default()
             .insert(KeyId::parse(&format!("k{i}")).unwrap(), Some(Bytes::from(vec![i])));
         let event = st.handle(Command::SetKeys { keys }, &Limits::default(), 1, None).unwrap().expect("a change");
+        let before = image(st, &event);
         st.apply(st.seq() + 1, &event).unwrap();
-        event
+        (before, event)
     }
 
     #[test]
@@ -230,9 +274,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             // Four writes meanwhile: two deltas fit the queue, two are lost.
             for i in 2..=5u8 {
-                let prev = st.seq();
-                let event = write(&mut st, i);
-                p.after_write(prev, &st, &event);
+                let (before, event) = write(&mut st, i);
+                p.after_write(before, &st, &event);
             }
             // The snapshot of seq 1 lands; it does not cover seq 4 and 5.
             tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -245,6 +288,51 @@ mod tests {
                 assert!(start.elapsed() < Duration::from_secs(10), "the copy did not catch up: {:?}", redis.stored_seq(&key).await);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            assert_eq!(redis.load(&key).await.unwrap(), Some(st), "the copy is believed");
+        });
+    }
+
+    async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let start = Instant::now();
+        while !done().await {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn a_projector_without_the_digest_takes_the_manifests_or_else_writes_a_snapshot() {
+        let server = RedisServer::start();
+        actix::System::new().block_on(async move {
+            let cfg = RedisConfig { url: Some(server.url()), ..Default::default() };
+            let redis = RedisProjection::new(cfg, Codec::new(Keyring::new(vec![(1, [7u8; 32])], None).unwrap())).unwrap();
+            let key = SessionKey::parse("t", "p2").unwrap();
+            let mut st = SessionState::default();
+            write(&mut st, 1);
+            redis.write_snapshot(&key, &st, SnapshotMode::Guarded).await.unwrap();
+
+            // A new actor loaded that copy: its projector has never seen a
+            // digest, and goes on with deltas from the copy's manifest.
+            let p = Projector::start(key.clone(), redis.clone());
+            for i in 2..=4u8 {
+                let (before, event) = write(&mut st, i);
+                p.after_write(before, &st, &event);
+            }
+            until("the deltas were not projected", async || redis.stored_seq(&key).await.unwrap() == Some(4)).await;
+            assert_eq!(p.status.missed.load(std::sync::atomic::Ordering::SeqCst), 0, "no delta fell back to a snapshot");
+            assert_eq!(redis.load(&key).await.unwrap(), Some(st.clone()), "the copy is believed");
+
+            // The copy is gone (a flushed cache) under a projector that has
+            // no digest: it cannot write a delta, so it writes a snapshot.
+            redis.remove(&key).await.unwrap();
+            let p = Projector::start(key.clone(), redis.clone());
+            let (before, event) = write(&mut st, 5);
+            p.after_write(before, &st, &event);
+            until("the session was not marked behind", async || p.is_behind()).await;
+            assert_eq!(redis.stored_seq(&key).await.unwrap(), None, "no delta was written blind");
+            p.catch_up(&st);
+            until("the copy did not catch up", async || redis.stored_seq(&key).await.unwrap() == Some(5) && !p.is_behind()).await;
+            assert_eq!(redis.load(&key).await.unwrap(), Some(st), "the copy is believed");
         });
     }
 }
