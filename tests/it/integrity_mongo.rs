@@ -153,6 +153,30 @@ async fn a_copy_of_an_old_event_published_at_the_end_is_refused_not_materialized
     task.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_of_an_earlier_release_gets_a_bound_on_redeliveries() {
+    use async_nats::jetstream::consumer;
+    let p = Projected::start(false, true, false).await;
+    let js = async_nats::jetstream::new(p.stack.nc.clone());
+    let stream = js.get_stream("BSTORE_EVENTS").await.unwrap();
+    // As the earlier release made it: every event redelivered for ever.
+    let old = consumer::pull::Config {
+        durable_name: Some("bstore-mongo".into()),
+        filter_subject: "bstore-events.>".into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    stream.create_consumer(old).await.unwrap();
+    p.session("x").keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"v"[..]))])).await.unwrap();
+
+    let (_m, stop, task) = materializer(&p).await;
+    wait_materialized(&p.mongo_store().await, "x", "pre-key", "1", b"v", 20).await;
+    let mut c: consumer::PullConsumer = stream.get_consumer("bstore-mongo").await.unwrap();
+    assert_eq!(c.info().await.unwrap().config.max_deliver, MongoConfig::default().max_deliver);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
 /// `needle` in clear, in hex (both cases) and in base64 (standard and
 /// URL-safe, padded or not).
 fn forms(needle: &str) -> Vec<Vec<u8>> {
