@@ -18,7 +18,7 @@ mod seal;
 use bstore_domain::{Event, KeyId, KeyType, SessionKey, SessionState};
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use keyring::{KEY_LEN, KeyError, Keyring};
+pub use keyring::{KEY_LEN, KeyError, KeySpec, Keyring};
 pub use seal::{Context, SealError, sealed_key_id};
 
 /// Bytes of an id tag before encoding: 128 bits, so that tags of distinct

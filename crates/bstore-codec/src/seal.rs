@@ -103,8 +103,8 @@ pub fn seal(ring: &Keyring, ctx: &Context, plain: &[u8]) -> Vec<u8> {
             inner.extend_from_slice(plain);
         }
     }
-    let id = ring.current();
-    let cipher = XSalsa20Poly1305::new(&ctx.subkey(ring.current_key()));
+    let (id, key) = ring.sealing();
+    let cipher = XSalsa20Poly1305::new(&ctx.subkey(key));
     let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
     let sealed = cipher.encrypt(&nonce, inner.as_slice()).expect("sealing in memory cannot fail");
     let mut out = Vec::with_capacity(HEADER + sealed.len());
