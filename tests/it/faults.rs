@@ -151,7 +151,9 @@ async fn data_under_a_key_no_longer_in_the_keyring_is_an_error_not_absent() {
     let s = stack.session("t", "rotated-away");
     s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"sealed under key 1"[..]))])).await.unwrap();
     stack.service.terminate();
-    let _only_key2 = start_service(&stack.nats, &stack.dir, &[("BSTORE_KEYS", KEY2)]);
+    // Key 1 removed: pinned to key 2 (the cluster's record still names key
+    // 1, and an instance that lacks the recorded key does not start otherwise).
+    let _only_key2 = start_service(&stack.nats, &stack.dir, &[("BSTORE_KEYS", KEY2), ("BSTORE__KEYS__CURRENT", "2")]);
     let err = s.keys_get("pre-key", &["1"]).await.unwrap_err();
     assert_eq!(err.code(), Some(520), "{err:?}");
     assert!(err.to_string().contains("key 1"), "the error names the missing key: {err}");
@@ -166,7 +168,8 @@ async fn rotation_keeps_old_data_readable_and_seals_new_data_with_the_new_key() 
     s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"old"[..]))])).await.unwrap();
     stack.service.terminate();
     let both = format!("{},{}", crate::harness::KEY1, KEY2);
-    let _rotated = start_service(&stack.nats, &stack.dir, &[("BSTORE_KEYS", both.as_str())]);
+    // Key 2 made current by configuration (`rotate-key` does it for a running cluster).
+    let _rotated = start_service(&stack.nats, &stack.dir, &[("BSTORE_KEYS", both.as_str()), ("BSTORE__KEYS__CURRENT", "2")]);
     s.keys_set(&rid(), &key_data([("pre-key", "2", Some(&b"new"[..]))])).await.unwrap();
     let got = s.keys_get("pre-key", &["1", "2"]).await.unwrap();
     assert_eq!((got["1"].as_slice(), got["2"].as_slice()), (&b"old"[..], &b"new"[..]));

@@ -126,7 +126,7 @@ async fn with_no_configuration_it_runs_its_own_nats_server_and_keeps_data_across
         [("BSTORE_DATA_DIR", data.to_str().unwrap()), ("BSTORE__EMBEDDED__PORT", "-1"), ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap())];
     let mut service = ServiceProcess::start(service_bin(), &env, &dir.path().join("logs"));
     assert!(service.log_text().contains("GENERATED A NEW SEALING KEY"), "the generated key is announced");
-    let key_file = data.join("sealing.keys");
+    let key_file = dir.path().join("data.keys").join("sealing.keys");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "the key file is private to its owner");
 

@@ -32,8 +32,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the embedded nats-server keeps its store and where a generated
-    /// sealing key is kept. Default `data`.
+    /// Where the embedded nats-server keeps its store. Default `data`. A
+    /// sealing key generated for the embedded default is kept apart from
+    /// it (see `keys.generated_file`).
     pub data_dir: PathBuf,
     /// The NATS connection.
     pub nats: NatsConfig,
@@ -257,6 +258,11 @@ impl Default for EmbeddedConfig {
 }
 
 /// Where sealing keys come from. Never from the repository.
+///
+/// Key texts hold `id:base64` entries (sealing keys) and at most one
+/// `index:base64` entry, which pins the index key (the key that names
+/// things in the projections; derived from the lowest-id key when not
+/// pinned, so pin it before that key is retired).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeysConfig {
@@ -265,8 +271,17 @@ pub struct KeysConfig {
     pub keys: Option<String>,
     /// A file of `id:base64` lines.
     pub file: Option<PathBuf>,
-    /// The id that seals new data. Default: the highest id.
+    /// Pins the id that seals new data on this instance. Default: unset,
+    /// and the cluster's choice is followed: the `seal.current` record in
+    /// the JetStream KV bucket `BSTORE_META`, which `baileys-store
+    /// rotate-key` changes once every instance holds the new key (on a
+    /// first start with no record, the highest id is recorded).
     pub current: Option<u32>,
+    /// Where the embedded default keeps the sealing key it generates when
+    /// no key is configured. Default: `sealing.keys` in a directory beside
+    /// the data dir, `<data_dir>.keys/` (so `data.keys/sealing.keys`): a
+    /// copy of the data dir does not carry the key that opens it.
+    pub generated_file: Option<PathBuf>,
 }
 
 /// Log output.

@@ -8,8 +8,10 @@
 pub mod config;
 pub mod embedded;
 pub mod keys;
+pub mod keys_cmd;
 pub mod nats;
 pub mod projections;
+pub mod rotation;
 pub mod telemetry;
 
 use std::future::Future;
@@ -76,7 +78,6 @@ fn embedded_identity(nats: &mut config::NatsConfig, service: &embedded::Credenti
 
 async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
-    tracing::info!(keys = ?keyring.ids(), current = keyring.current(), "sealing keyring loaded");
     let client = nats::connect(&cfg.nats, &urls, nats::Role::Store).await?;
     let max_payload = client.server_info().max_payload;
     if max_payload < cfg.api.max_request_bytes + HEADER_ROOM {
@@ -91,11 +92,15 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     }
     let codec = Codec::new(keyring);
     let log = open_log(&client, &cfg, &codec).await?;
+    // This process's identity in the lease and keyring buckets: new at every
+    // start, so a restarted instance never mistakes a dead one's leases for
+    // its own.
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    // Which key seals is the cluster's record, followed from here on; nothing
+    // is sealed before this (opening the log seals nothing).
+    let member = rotation::join(&client, &cfg, codec.keyring(), &instance, "serve").await?;
     let redis = projections::redis_projection(&cfg, &codec)?;
     let materializer = projections::start_materializer(&cfg, &client, &codec).await?;
-    // This process's identity in the lease bucket: new at every start, so a
-    // restarted instance never mistakes a dead one's leases for its own.
-    let instance = uuid::Uuid::new_v4().simple().to_string();
     let ownership = bstore_cluster::Ownership::new(&cfg.cluster, instance);
     let sessions = Sessions::start_with(log, redis, ownership, cfg.limits, cfg.sessions.clone());
     // Bots' requests arrive on a connection of their own, which an operator
@@ -127,6 +132,7 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     if let Some(m) = materializer {
         m.stop().await;
     }
+    member.leave().await;
     served?;
     // Replies already handed to the client are written out before exit.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async { tokio::join!(serving.flush(), client.flush()) }).await;
@@ -153,7 +159,8 @@ async fn open_log(client: &async_nats::Client, cfg: &Config, codec: &Codec) -> a
 }
 
 /// For the command-line tools: a NATS connection (to the configured servers,
-/// or to the running embedded one, as its service user) and the codec.
+/// or to the running embedded one, as its service user) and the codec,
+/// sealing under the cluster's current key.
 pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Client, Codec)> {
     let embedded = cfg.nats.urls.is_empty();
     let mut nats_cfg = cfg.nats.clone();
@@ -167,8 +174,9 @@ pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Cl
     } else {
         cfg.nats.urls.clone()
     };
-    let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
+    let keyring = keys::load_for_tool(&cfg.keys, &cfg.data_dir, embedded)?;
     let client = nats::connect(&nats_cfg, &urls, nats::Role::Tool).await?;
+    rotation::adopt_for_tool(&client, cfg, &keyring).await?;
     Ok((client, Codec::new(keyring)))
 }
 

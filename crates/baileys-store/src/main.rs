@@ -31,6 +31,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         id: u32,
     },
+    /// Make key ID the sealing key of the whole cluster, then re-seal the projections.
+    ///
+    /// Refused unless every live instance holds that very key (add it to every instance's keys and
+    /// restart them one at a time first). Then Redis and Mongo, when configured, are written again
+    /// from the log under the new key (Mongo is dropped and materialized again). Events in the log
+    /// stay under the key that sealed them: `keys status` says what is left under each key.
+    RotateKey {
+        /// The id of the key to seal under.
+        id: u32,
+        /// Switch the key only; leave the projections as they are.
+        #[arg(long)]
+        no_reseal: bool,
+    },
+    /// Sealing keys: what is sealed under each, and the index key.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
     /// Print the audit history of one session as JSON lines: what changed, when, by which request (never the values).
     History {
         /// Tenant id.
@@ -64,6 +82,20 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Per key id: how many log events, Redis values and Mongo values are sealed under it, which
+    /// live instances hold it, and whether it can be retired.
+    Status {
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the index key as an `index:base64` entry: added to every instance's keys, it keeps
+    /// the names in Redis and Mongo when the key it is derived from (the lowest id) is retired.
+    Index,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match execute(cli) {
@@ -82,6 +114,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Tenant { cmd } => tenant::run(cmd),
+        Cmd::RotateKey { id, no_reseal } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            actix::System::new().block_on(baileys_store::keys_cmd::rotate(cfg, id, !no_reseal))
+        }
+        Cmd::Keys { cmd: KeysCmd::Status { json } } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            actix::System::new().block_on(baileys_store::keys_cmd::status(cfg, json))
+        }
+        Cmd::Keys { cmd: KeysCmd::Index } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            baileys_store::keys_cmd::index(&cfg)
+        }
         Cmd::Serve => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;

@@ -78,8 +78,12 @@ pub async fn materialize(cfg: Config, shutdown: impl Future<Output = ()>) -> any
     let (client, codec) = crate::connect_tool(&cfg).await?;
     EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
     let store = Store::connect(&cfg.mongo, codec.clone()).await?;
+    // It seals what it writes: under the cluster's key, switching with it.
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let member = crate::rotation::join(&client, &cfg, codec.keyring(), &instance, "materialize").await?;
     tracing::info!(database = %cfg.mongo.database, consumer = %cfg.mongo.consumer, "materializing");
     Materializer::new(client, cfg.stream.clone(), cfg.mongo.clone(), store, codec).run(shutdown).await;
+    member.leave().await;
     Ok(())
 }
 
