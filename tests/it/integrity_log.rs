@@ -89,6 +89,12 @@ async fn an_older_event_published_under_a_running_service_is_refused_when_the_se
     let keys = call(|| s.keys_get("pre-key", &["1", "2"])).await.unwrap();
     assert_eq!(keys["1"], b"second", "the copy's value was not applied");
     assert_eq!(keys["2"], b"third");
+    // The operator sees it in the figures.
+    let stats = stack.nc.request("$SRV.STATS.baileys-store", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let integrity = &stats["endpoints"][0]["data"]["integrity"];
+    assert!(integrity["refused_events"].as_u64().unwrap() >= 1, "the refusal is counted: {integrity}");
+    assert_eq!(integrity["broken_chains"], 0, "{integrity}");
 }
 
 /// Finding 3: a purge of the stream, or of one session's subject, through

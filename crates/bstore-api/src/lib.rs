@@ -119,6 +119,12 @@ pub async fn serve(
         .stats_handler(move |_endpoint, _stats| {
             let mut figures = for_stats.snapshot();
             figures["routing"] = routing_stats.snapshot();
+            let integrity = bstore_session::integrity_counts();
+            figures["integrity"] = serde_json::json!({
+                "refused_events": integrity.refused_events,
+                "broken_chains": integrity.broken_chains,
+                "untrusted_redis_copies": integrity.untrusted_redis_copies,
+            });
             figures
         })
         .queue_group(&cfg.queue_group)

@@ -38,6 +38,28 @@ use serde::{Deserialize, Serialize};
 pub use actor::SessionActor;
 pub use registry::{Registry, Sessions};
 
+/// Tampering with the stores that this process noticed since it started,
+/// for the operator's figures. Each was also logged where it was noticed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntegrityCounts {
+    /// Events refused by a replay as not where they were written
+    /// ([`bstore_log::refused_events`]).
+    pub refused_events: u64,
+    /// Replays stopped by a gap in a session's chain (answered 520).
+    pub broken_chains: u64,
+    /// Redis copies not believed and replaced from the log.
+    pub untrusted_redis_copies: u64,
+}
+
+/// The counts of [`IntegrityCounts`] now.
+pub fn integrity_counts() -> IntegrityCounts {
+    IntegrityCounts {
+        refused_events: bstore_log::refused_events(),
+        broken_chains: bstore_log::broken_chains(),
+        untrusted_redis_copies: bstore_redis::untrusted_copies(),
+    }
+}
+
 /// Settings of the session actors. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
