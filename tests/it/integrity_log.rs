@@ -58,6 +58,18 @@ async fn an_older_creds_put_published_again_is_refused_after_a_restart() {
     let refused: Vec<u64> = history.iter().filter(|l| l.get("refused").is_some()).map(|l| l["seq"].as_u64().unwrap()).collect();
     assert_eq!(refused, [copy], "history marks the copy: {history:?}");
     assert_eq!(history.last().unwrap()["prev"], 0, "the copy names the first event's predecessor");
+    // `verify`, with no projection configured, checks the log and reports
+    // the copy.
+    let out = std::process::Command::new(crate::harness::service_bin())
+        .arg("verify")
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", crate::harness::KEY1)
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "verify passes a log holding a refused copy: {text}");
+    assert!(text.contains("DIFF log replayed/s: 1 events refused"), "{text}");
 
     // The next write is fenced on the copy's sequence and lands.
     let r3 = rid();

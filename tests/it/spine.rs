@@ -139,6 +139,13 @@ async fn with_no_configuration_it_runs_its_own_nats_server_and_keeps_data_across
     wait_for(10, "the readiness file", || data.join(baileys_store::READY_FILE).exists().then_some(()));
     let s = SessionClient::new(connect_bot(&data).await, "bstore", "t", "s");
     assert_eq!(s.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"written");
+
+    // `verify` means something here too: with no projection it checks the
+    // log alone, through the running embedded server, and passes.
+    let out = std::process::Command::new(service_bin()).arg("verify").envs(env).env("BSTORE_LOG", "warn").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "verify on the embedded default: {text}");
+    assert!(text.contains("verified 1 sessions against the log alone: 0 differences"), "{text}");
 }
 
 /// Connects as the embedded server's bot user, from `data/bot.url`
