@@ -64,6 +64,10 @@ pub(crate) async fn load_observed(
     let (copy, last) = tokio::join!(redis.load(key), log.last_seq(key));
     let last = last?;
     let repair = match copy {
+        // The copy is at the log's last event: nothing to replay, so no
+        // consumer is made (the warm load costs one Redis read and one
+        // direct get).
+        Ok(Some(state)) if state.seq() == last => return Ok(Loaded { state, source: Source::Redis { tail: 0 }, repair: None }),
         Ok(Some(mut state)) if state.seq() <= last => {
             let from = state.seq();
             match replay_observed(log, key, &mut state, seen).await {
@@ -87,7 +91,9 @@ pub(crate) async fn load_observed(
             tracing::warn!(session = %key, redis_seq = state.seq(), log_seq = last, "the redis copy is ahead of the log; ignoring it and loading from the log");
             Some(SnapshotMode::Replace)
         }
-        Ok(None) => (last > 0).then_some(SnapshotMode::Guarded),
+        // A session the log has no event of is new: nothing to replay.
+        Ok(None) if last == 0 => return Ok(Loaded { state: SessionState::default(), source: Source::Log, repair: None }),
+        Ok(None) => Some(SnapshotMode::Guarded),
         Err(e @ RedisError::Unreadable { .. }) => {
             tracing::warn!(session = %key, error = %e, "ignoring the unreadable redis copy; loading from the log");
             Some(SnapshotMode::Replace)

@@ -170,3 +170,52 @@ fn an_idle_session_is_stopped_by_the_registry() {
         assert_eq!(value(&sessions.call(get(&sk("idle"), "k")).await.unwrap()), Some(b"v".to_vec()));
     });
 }
+
+/// A warm load — the Redis copy at the log's last event — and the load of a
+/// new session replay nothing, so they make no JetStream consumer; a copy
+/// behind the log makes one to read the tail.
+#[test]
+fn a_load_with_nothing_to_replay_makes_no_consumer() {
+    let nats = NatsServer::start();
+    let redis_server = bstore_testkit::RedisServer::start();
+    run(async {
+        let log = log(&nats).await;
+        let redis =
+            bstore_redis::RedisProjection::new(bstore_redis::RedisConfig { url: Some(redis_server.url()), ..Default::default() }, codec())
+                .unwrap();
+        let key = sk("warm");
+        let mut state = bstore_domain::SessionState::default();
+        let event = state.handle(set("k", b"v"), &Limits::default(), 1, None).unwrap().unwrap();
+        let appended = log.append(&key, 0, &event).await.unwrap();
+        state.apply(appended.seq, &event).unwrap();
+        redis.write_snapshot(&key, &state, bstore_redis::SnapshotMode::Guarded).await.unwrap();
+
+        let watcher = async_nats::connect(nats.url()).await.unwrap();
+        let mut creates = watcher.subscribe("$JS.API.CONSUMER.CREATE.>").await.unwrap();
+        watcher.flush().await.unwrap();
+        let consumers_made = |creates: &mut async_nats::Subscriber| {
+            let mut n = 0;
+            while let Some(Some(_)) = futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(creates)) {
+                n += 1;
+            }
+            n
+        };
+
+        let warm = crate::load::load(&log, Some(&redis), &key).await.unwrap();
+        assert_eq!(warm.state, state);
+        assert_eq!(warm.source, crate::load::Source::Redis { tail: 0 });
+        let new = crate::load::load(&log, Some(&redis), &sk("new")).await.unwrap();
+        assert!(!new.state.exists());
+        watcher.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(consumers_made(&mut creates), 0, "a load with nothing to replay made a consumer");
+
+        // Control: one more event, the copy is behind, the tail is read.
+        let event = state.handle(set("k", b"w"), &Limits::default(), 2, None).unwrap().unwrap();
+        log.append(&key, appended.seq, &event).await.unwrap();
+        let behind = crate::load::load(&log, Some(&redis), &key).await.unwrap();
+        assert_eq!(behind.source, crate::load::Source::Redis { tail: 1 });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(consumers_made(&mut creates) >= 1, "the watcher sees the consumer the tail needs");
+    });
+}
