@@ -20,8 +20,8 @@ use anyhow::{Context as _, bail, ensure};
 use async_nats::jetstream::{self, consumer};
 use bstore_codec::{Codec, Keyring, sealed_key_id};
 use bstore_log::LogConfig;
+use bstore_mongo::Store;
 use bstore_mongo::mongodb::bson::{Bson, Document, doc};
-use bstore_mongo::{Materializer, Store};
 use bstore_redis::RedisProjection;
 use bstore_redis::redis::AsyncCommands as _;
 use futures_util::{StreamExt, TryStreamExt};
@@ -88,42 +88,14 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
         }
         if cfg.mongo.url.is_some() {
             println!("re-sealing mongo: the collections are dropped and materialized again from the log under key {id}");
-            reseal_mongo(&cfg, &client, &codec).await.context("re-sealing mongo")?;
+            let target = crate::projections::rebuild_mongo(&cfg, &client, &codec).await.context("re-sealing mongo")?;
+            println!("re-sealed mongo: materialized again up to sequence {target}");
         }
     } else {
         println!("projections not re-sealed (--no-reseal): `baileys-store rebuild redis|mongo` re-seals them later");
     }
     println!();
     print!("{}", gather(&cfg, &client, &codec).await?.text());
-    Ok(())
-}
-
-/// Drops the Mongo collections and materializes the log again, until every
-/// event the log held when it began is applied. Not `Materializer::drain`,
-/// which waits for a moment with nothing left to apply — under a steady
-/// write load that moment need not come; what is appended after the start
-/// is sealed under the new key by the instances' own materializers anyway.
-async fn reseal_mongo(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> anyhow::Result<()> {
-    let js = jetstream::new(client.clone());
-    let mut stream = js.get_stream(&cfg.stream.stream).await.context("opening the event stream")?;
-    let target = stream.info().await.context("reading the event stream")?.state.last_sequence;
-    let store = Store::connect(&cfg.mongo, codec.clone()).await?;
-    store.drop_all().await?;
-    // Materializers running in the instances find their consumer gone and
-    // make it again from the (now empty) checkpoint, as this one does: they
-    // replay too, which is harmless because every write is guarded.
-    let _ = stream.delete_consumer(&cfg.mongo.consumer).await;
-    let m = Materializer::new(client.clone(), cfg.stream.clone(), cfg.mongo.clone(), store, codec.clone());
-    m.run(async {
-        loop {
-            match bstore_mongo::lag(&js, &cfg.stream.stream, &cfg.mongo.consumer).await {
-                Ok(lag) if lag.applied_seq >= target => return,
-                _ => tokio::time::sleep(Duration::from_millis(300)).await,
-            }
-        }
-    })
-    .await;
-    println!("re-sealed mongo: materialized again up to sequence {target}");
     Ok(())
 }
 

@@ -138,20 +138,40 @@ pub async fn rebuild(cfg: Config, target: Target) -> anyhow::Result<()> {
         }
         Target::Mongo => {
             anyhow::ensure!(cfg.mongo.url.is_some(), "no mongo url configured (set BSTORE_MONGO_URL or mongo.url)");
-            let store = Store::connect(&cfg.mongo, codec.clone()).await?;
-            store.drop_all().await?;
-            let js = jetstream::new(client.clone());
-            let stream = js.get_stream(&cfg.stream.stream).await?;
-            // A materializer running elsewhere finds its consumer gone and
-            // makes it again from the (now empty) checkpoint: it replays too,
-            // which is harmless because every write is guarded.
-            let _ = stream.delete_consumer(&cfg.mongo.consumer).await;
-            let m = Materializer::new(client, cfg.stream.clone(), cfg.mongo.clone(), store, codec);
-            m.drain().await?;
-            println!("rebuilt mongo up to sequence {}", m.lag().await?.last_seq);
+            let upto = rebuild_mongo(&cfg, &client, &codec).await?;
+            println!("rebuilt mongo up to sequence {upto}");
         }
     }
     Ok(())
+}
+
+/// Drops the Mongo collections and materializes the log again, until every
+/// event the log held when it began is applied; returns that sequence. Not
+/// `Materializer::drain`, which waits for a moment with nothing left to
+/// apply — under a steady write load that moment need not come; what is
+/// appended after the start is materialized by the instances' own
+/// materializers as usual.
+pub(crate) async fn rebuild_mongo(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> anyhow::Result<u64> {
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream(&cfg.stream.stream).await.context("opening the event stream")?;
+    let target = stream.info().await.context("reading the event stream")?.state.last_sequence;
+    let store = Store::connect(&cfg.mongo, codec.clone()).await?;
+    store.drop_all().await?;
+    // Materializers running in the instances find their consumer gone and
+    // make it again from the (now empty) checkpoint, as this one does: they
+    // replay too, which is harmless because every write is guarded.
+    let _ = stream.delete_consumer(&cfg.mongo.consumer).await;
+    let m = Materializer::new(client.clone(), cfg.stream.clone(), cfg.mongo.clone(), store, codec.clone());
+    m.run(async {
+        loop {
+            match bstore_mongo::lag(&js, &cfg.stream.stream, &cfg.mongo.consumer).await {
+                Ok(lag) if lag.applied_seq >= target => return,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+            }
+        }
+    })
+    .await;
+    Ok(target)
 }
 
 /// `baileys-store verify`: replays the log — every event must open and sit
