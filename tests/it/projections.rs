@@ -455,6 +455,12 @@ async fn verify_reports_tampering_and_rebuild_repairs_both_projections() {
     let last = s.keys_set(&rid(), &key_data([("pre-key", "1", None)])).await.unwrap();
     wait_stored(&p.redis_projection(), "v", last).await;
     p.verify_eventually(30).await;
+    // The materializer inside the service reports in $SRV.STATS.
+    let stats = p.stack.nc.request("$SRV.STATS.baileys-store", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let m = &stats["endpoints"][0]["data"]["materializer"];
+    assert!(m["applied_seq"].as_u64().unwrap() >= last, "{m}");
+    assert_eq!(m["quarantined_events"], 0, "{m}");
 
     // Tamper with both: a key gone from Redis, a session moved back in Mongo.
     let proj = p.redis_projection();

@@ -128,7 +128,23 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
         shutdown.await;
         let _ = std::fs::remove_file(&ready_file);
     };
-    let served = bstore_api::serve(serving.clone(), api, sessions, cluster, ready, shutdown).await;
+    let mut more_figures: Vec<bstore_api::MoreFigures> = Vec::new();
+    if let Some(m) = &materializer {
+        let handle = m.handle();
+        more_figures.push((
+            "materializer",
+            std::sync::Arc::new(move || {
+                let s = handle.stats();
+                serde_json::json!({
+                    "applied_seq": s.applied_seq,
+                    "quarantined_events": s.quarantined_events,
+                    "unreadable_documents": s.unreadable_documents,
+                    "deferred_events": s.deferred_events,
+                })
+            }),
+        ));
+    }
+    let served = bstore_api::serve(serving.clone(), api, sessions, cluster, more_figures, ready, shutdown).await;
     if let Some(m) = materializer {
         m.stop().await;
     }

@@ -33,12 +33,18 @@ pub fn redis_projection(cfg: &Config, codec: &Codec) -> anyhow::Result<Option<Re
 
 /// A materializer running on a thread of its own inside `serve`.
 pub struct RunningMaterializer {
+    handle: Materializer,
     stop: tokio::sync::oneshot::Sender<()>,
     done: tokio::sync::oneshot::Receiver<()>,
     arbiter: actix::Arbiter,
 }
 
 impl RunningMaterializer {
+    /// A handle on it, for its figures (`Materializer::stats`).
+    pub fn handle(&self) -> Materializer {
+        self.handle.clone()
+    }
+
     /// Stops it (the batch in flight is left unacknowledged and comes back).
     pub async fn stop(self) {
         let _ = self.stop.send(());
@@ -62,6 +68,7 @@ pub async fn start_materializer(cfg: &Config, client: &async_nats::Client, codec
     // Its own thread: decoding and sealing a large backlog must not slow
     // the request path.
     let arbiter = actix::Arbiter::new();
+    let handle = m.clone();
     arbiter.spawn(async move {
         m.run(async {
             let _ = stopped.await;
@@ -69,7 +76,7 @@ pub async fn start_materializer(cfg: &Config, client: &async_nats::Client, codec
         .await;
         let _ = finished.send(());
     });
-    Ok(Some(RunningMaterializer { stop, done, arbiter }))
+    Ok(Some(RunningMaterializer { handle, stop, done, arbiter }))
 }
 
 /// `baileys-store materialize`: the materializer alone, until `shutdown`.

@@ -96,6 +96,11 @@ pub struct ClusterSetup {
     pub reset: bool,
 }
 
+/// More figures for `$SRV.STATS`, computed when it is asked: a name in the
+/// endpoint's `data` and what goes under it (e.g. the Mongo materializer's,
+/// when it runs in this process).
+pub type MoreFigures = (&'static str, Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
 /// Serves requests until `shutdown` resolves, then stops taking new ones,
 /// waits for those in flight to be answered, and hands its partitions over.
 ///
@@ -107,6 +112,7 @@ pub async fn serve(
     cfg: ApiConfig,
     sessions: Sessions,
     cluster: ClusterSetup,
+    more_figures: Vec<MoreFigures>,
     ready: impl FnOnce(),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
@@ -125,6 +131,9 @@ pub async fn serve(
                 "broken_chains": integrity.broken_chains,
                 "untrusted_redis_copies": integrity.untrusted_redis_copies,
             });
+            for (name, f) in &more_figures {
+                figures[*name] = f();
+            }
             figures
         })
         .queue_group(&cfg.queue_group)
