@@ -17,4 +17,5 @@ mod materializer_concurrency;
 mod ownership;
 mod projections;
 mod spine;
+mod tools;
 mod trust;

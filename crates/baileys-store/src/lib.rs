@@ -12,6 +12,7 @@ pub mod keys_cmd;
 pub mod nats;
 pub mod projections;
 pub mod rotation;
+pub mod state_at;
 pub mod telemetry;
 
 use std::future::Future;
@@ -196,11 +197,36 @@ pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Cl
     Ok((client, Codec::new(keyring)))
 }
 
+/// Which events `history` lists: those that changed keys of a type (and
+/// one id), or the creds (`ty` = `creds`). A session's deletion changes
+/// every key, so it always matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryFilter {
+    /// A key type, or `creds`.
+    pub ty: String,
+    /// One key id of that type.
+    pub id: Option<String>,
+}
+
+impl HistoryFilter {
+    fn matches(&self, event: &bstore_domain::Event) -> bool {
+        use bstore_domain::Change;
+        match &event.change {
+            Change::SessionDeleted => true,
+            Change::CredsPut { .. } => self.ty == "creds",
+            Change::KeysChanged { .. } => event
+                .touched_keys()
+                .into_iter()
+                .any(|(ty, id)| ty.as_str() == self.ty && self.id.as_deref().is_none_or(|want| id.as_str() == want)),
+        }
+    }
+}
+
 /// Prints a session's audit history as JSON lines: sequence, time, request
 /// id, the predecessor the event was appended after (`prev`), and which keys
 /// were written or deleted — never a value. An event refused as not where it
 /// was written carries `refused`.
-pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Result<()> {
+pub async fn history(cfg: Config, key: bstore_domain::SessionKey, only: Option<HistoryFilter>) -> anyhow::Result<()> {
     use bstore_domain::Change;
     let (client, codec) = connect_tool(&cfg).await?;
     let log = EventLog::open(client, cfg.stream.clone(), codec).await?;
@@ -211,6 +237,11 @@ pub async fn history(cfg: Config, key: bstore_domain::SessionKey) -> anyhow::Res
             bstore_log::Replayed::Fits(event) => (event, None),
             bstore_log::Replayed::Refused(event, why) => (event, Some(why.to_string())),
         };
+        if let Some(only) = &only
+            && !only.matches(&event)
+        {
+            return;
+        }
         let mut line = serde_json::json!({ "seq": seq, "at_ms": event.at_ms, "kind": event.kind(), "rid": event.rid, "prev": event.prev });
         if let Some(why) = refused {
             line["refused"] = why.into();

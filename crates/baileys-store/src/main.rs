@@ -50,6 +50,10 @@ enum Cmd {
         cmd: KeysCmd,
     },
     /// Print the audit history of one session as JSON lines: what changed, when, by which request (never the values).
+    ///
+    /// Example: `baileys-store history --tenant acme --session bot-1 --type creds` lists every
+    /// change of the creds (the identity key lives there); `--type session --id 491511234.0`
+    /// every change of one Signal session. A session's deletion is always listed.
     History {
         /// Tenant id.
         #[arg(long)]
@@ -57,6 +61,37 @@ enum Cmd {
         /// Session id.
         #[arg(long)]
         session: String,
+        /// Only events that changed keys of this type (`creds`: the creds).
+        #[arg(long = "type")]
+        ty: Option<String>,
+        /// With --type: only events that changed this key id.
+        #[arg(long, requires = "ty")]
+        id: Option<String>,
+    },
+    /// Print a session as it stood at a past sequence or moment: every key's type, id, size, SHA-256
+    /// and the event that last wrote it (values only with --values).
+    ///
+    /// Example: `baileys-store state-at --tenant acme --session bot-1 --seq 1200`, or
+    /// `--at-ms 1764680700000` for the state as of a moment.
+    StateAt {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Session id.
+        #[arg(long)]
+        session: String,
+        /// The last event to include, by stream sequence (as `history` lists them).
+        #[arg(long, conflicts_with = "at_ms", required_unless_present = "at_ms")]
+        seq: Option<u64>,
+        /// Include every event decided at or before this time, in ms since the Unix epoch.
+        #[arg(long)]
+        at_ms: Option<u64>,
+        /// Also print each value (base64). They are secrets: handle the output accordingly.
+        #[arg(long)]
+        values: bool,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the Mongo materializer alone (no request serving) until SIGINT or SIGTERM.
     Materialize,
@@ -134,11 +169,23 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&cfg.telemetry)?;
             actix::System::new().block_on(baileys_store::run(cfg, shutdown_signal()))
         }
-        Cmd::History { tenant, session } => {
+        Cmd::History { tenant, session, ty, id } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
-            actix::System::new().block_on(baileys_store::history(cfg, key))
+            let only = ty.map(|ty| baileys_store::HistoryFilter { ty, id });
+            actix::System::new().block_on(baileys_store::history(cfg, key, only))
+        }
+        Cmd::StateAt { tenant, session, seq, at_ms, values, json } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
+            let point = match (seq, at_ms) {
+                (Some(n), _) => baileys_store::state_at::Point::Seq(n),
+                (None, Some(t)) => baileys_store::state_at::Point::TimeMs(t),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            actix::System::new().block_on(baileys_store::state_at::run(cfg, key, point, values, json))
         }
         Cmd::Materialize => {
             let cfg = Config::load(cli.config.as_deref())?;
