@@ -63,6 +63,31 @@ async fn state_at_shows_a_session_as_it_stood_at_each_point_of_its_history() {
     assert!(empty["keys"].as_array().unwrap().is_empty());
 }
 
+/// `diff` between two points lists keys added, removed and changed.
+#[tokio::test]
+async fn diff_lists_what_changed_between_two_points() {
+    let stack = Stack::start().await;
+    let s = stack.session("ops", "s");
+    let a = s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"one"[..])), ("pre-key", "2", Some(&b"two"[..]))])).await.unwrap();
+    s.creds_put(&rid(), b"creds").await.unwrap();
+    let c = s
+        .keys_set(&rid(), &key_data([("pre-key", "1", None), ("pre-key", "2", Some(&b"TWO"[..])), ("pre-key", "3", Some(&b"3"[..]))]))
+        .await
+        .unwrap();
+    let out = std::process::Command::new(service_bin())
+        .args(["diff", "--tenant", "ops", "--session", "s", "--json", "--from", &a.to_string(), "--to", &c.to_string()])
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", KEY1)
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["added"], serde_json::json!(["creds", "pre-key/3"]), "{d}");
+    assert_eq!(d["removed"], serde_json::json!(["pre-key/1"]), "{d}");
+    assert_eq!(d["changed"], serde_json::json!(["pre-key/2"]), "{d}");
+}
+
 fn history(stack: &Stack, args: &[&str]) -> Vec<u64> {
     let out = std::process::Command::new(service_bin())
         .args(["history", "--tenant", "ops", "--session", "s"])

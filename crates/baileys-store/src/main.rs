@@ -93,6 +93,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print what changed in a session between two sequences: keys added, removed and changed (by
+    /// digest; never a value).
+    ///
+    /// Example: `baileys-store diff --tenant acme --session bot-1 --from 1100 --to 1200`.
+    Diff {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Session id.
+        #[arg(long)]
+        session: String,
+        /// The earlier point: the last event included, by stream sequence.
+        #[arg(long)]
+        from: u64,
+        /// The later point (default: the session's latest state).
+        #[arg(long)]
+        to: Option<u64>,
+        /// One JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the Mongo materializer alone (no request serving) until SIGINT or SIGTERM.
     Materialize,
     /// Write a projection again from the log alone (Redis: every session's hash; Mongo: drop and replay).
@@ -186,6 +207,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => unreachable!("clap requires one"),
             };
             actix::System::new().block_on(baileys_store::state_at::run(cfg, key, point, values, json))
+        }
+        Cmd::Diff { tenant, session, from, to, json } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
+            use baileys_store::state_at::Point;
+            let to = to.map_or(Point::Seq(u64::MAX), Point::Seq);
+            actix::System::new().block_on(baileys_store::state_at::run_diff(cfg, key, Point::Seq(from), to, json))
         }
         Cmd::Materialize => {
             let cfg = Config::load(cli.config.as_deref())?;

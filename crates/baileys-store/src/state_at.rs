@@ -153,3 +153,67 @@ pub async fn run(cfg: Config, key: SessionKey, point: Point, values: bool, json:
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// How a session changed between two points of its history, key by key
+/// (by their digests: no value is shown).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Diff {
+    /// The earlier point's sequence.
+    pub from_seq: u64,
+    /// The later point's sequence.
+    pub to_seq: u64,
+    /// `type/id` (or `creds`) present later only.
+    pub added: Vec<String>,
+    /// Present earlier only.
+    pub removed: Vec<String>,
+    /// Present at both with another value.
+    pub changed: Vec<String>,
+}
+
+/// Compares two states read by [`read`].
+pub fn diff(from: &StateAt, to: &StateAt) -> Diff {
+    let index = |at: &StateAt| -> BTreeMap<String, String> {
+        let keys = at
+            .keys
+            .iter()
+            .map(|e| (format!("{}/{}", e.ty.as_deref().unwrap_or_default(), e.id.as_deref().unwrap_or_default()), e.sha256.clone()));
+        at.creds.iter().map(|c| ("creds".to_owned(), c.sha256.clone())).chain(keys).collect()
+    };
+    let (a, b) = (index(from), index(to));
+    let mut out = Diff { from_seq: from.seq, to_seq: to.seq, ..Default::default() };
+    for (name, digest) in &b {
+        match a.get(name) {
+            None => out.added.push(name.clone()),
+            Some(old) if old != digest => out.changed.push(name.clone()),
+            Some(_) => {}
+        }
+    }
+    out.removed = a.keys().filter(|name| !b.contains_key(*name)).cloned().collect();
+    out
+}
+
+/// The `diff` command: prints what changed between two points, as lines or
+/// as one JSON object.
+pub async fn run_diff(cfg: Config, key: SessionKey, from: Point, to: Point, json: bool) -> anyhow::Result<()> {
+    let (client, codec) = crate::connect_tool(&cfg).await?;
+    let log = EventLog::open(client, cfg.stream.clone(), codec).await?;
+    let d = diff(&read(&log, &key, from, false).await?, &read(&log, &key, to, false).await?);
+    if json {
+        println!("{}", serde_json::to_string(&d)?);
+        return Ok(());
+    }
+    println!(
+        "{key} from sequence {} to {}: {} added, {} removed, {} changed",
+        d.from_seq,
+        d.to_seq,
+        d.added.len(),
+        d.removed.len(),
+        d.changed.len()
+    );
+    for (sign, names) in [("+", &d.added), ("-", &d.removed), ("~", &d.changed)] {
+        for name in names {
+            println!("{sign} {name}");
+        }
+    }
+    Ok(())
+}
