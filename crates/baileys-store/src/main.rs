@@ -24,8 +24,13 @@ struct Cli {
 enum Cmd {
     /// Serve requests until SIGINT or SIGTERM. With no NATS URL configured it
     /// starts its own nats-server under the data dir.
+    ///
+    /// Example: `BSTORE_NATS_URL=nats://n1:4222 BSTORE_KEY_FILE=/etc/bstore/keys baileys-store serve`;
+    /// with no settings at all it runs the embedded default under `./data`.
     Serve,
     /// Print a new random sealing key entry (`id:base64`) for BSTORE_KEYS or a key file.
+    ///
+    /// Example: `baileys-store gen-key --id 2 >> /etc/bstore/keys` (then `rotate-key 2`).
     GenKey {
         /// The key id; use one higher than every key in use to rotate.
         #[arg(long, default_value_t = 1)]
@@ -115,8 +120,14 @@ enum Cmd {
         json: bool,
     },
     /// Run the Mongo materializer alone (no request serving) until SIGINT or SIGTERM.
+    ///
+    /// Example: `BSTORE_NATS_URL=nats://n1:4222 BSTORE_MONGO_URL=mongodb://m1/ baileys-store materialize`;
+    /// several may run at once on the same durable consumer.
     Materialize,
     /// Write a projection again from the log alone (Redis: every session's hash; Mongo: drop and replay).
+    ///
+    /// Example: `baileys-store rebuild redis` after losing the cache, `baileys-store rebuild mongo`
+    /// to clear the quarantine and materialize everything again.
     Rebuild {
         /// Which projection.
         #[arg(value_enum)]
@@ -128,6 +139,9 @@ enum Cmd {
         cmd: tenant::TenantCmd,
     },
     /// Replay the log and compare it with Redis and Mongo (those configured); print every difference and exit non-zero on any.
+    ///
+    /// Every event must open and sit where it was written; with no projection configured only the
+    /// log is checked. Example: `baileys-store verify --tenant acme --session bot-1`.
     Verify {
         /// Only this tenant's session (with --session).
         #[arg(long, requires = "session")]
