@@ -240,9 +240,7 @@ impl EventLog {
                     tracing::error!(session = %session, seq, prev = ?event.prev, kind = event.kind(), reason = %why, "refused an event that is not where it was written; it is not applied");
                     f(seq, Replayed::Refused(event, why));
                 }
-                Link::Gap { prev, last } => {
-                    return Err(broken(session, seq, last, format!("it was appended after sequence {prev}: an event is missing")));
-                }
+                Link::Gap { prev, last } => return Err(gap(session, seq, prev, last)),
                 Link::NeedPredecessor => unreachable!("a learned chain judges every event"),
             }
         }
@@ -281,7 +279,7 @@ impl EventLog {
             }
             let event = self.decode(session, seq, &msg.payload)?;
             if let Link::Gap { prev, last } = chain.check(seq, &event) {
-                return Err(broken(session, seq, last, format!("it was appended after sequence {prev}: an event is missing")));
+                return Err(gap(session, seq, prev, last));
             }
         }
         if chain.last() != upto {
@@ -364,6 +362,12 @@ impl Tail {
 
 fn not_a_message(session: &SessionKey, seq: u64, after: u64) -> LogError {
     broken(session, seq, after, format!("the replay started after sequence {after}, which is not a message of the session"))
+}
+
+/// The event at `seq` names `prev` as its predecessor, later than the
+/// message `last` before it: an event is missing.
+fn gap(session: &SessionKey, seq: u64, prev: u64, last: u64) -> LogError {
+    broken(session, seq, last, format!("it was appended after sequence {prev}: an event is missing"))
 }
 
 fn broken(session: &SessionKey, seq: u64, last: u64, what: String) -> LogError {

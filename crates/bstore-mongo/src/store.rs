@@ -215,6 +215,15 @@ impl Store {
             .options(IndexOptions::builder().name("by_session".to_string()).build())
             .build();
         self.keys.create_index(by_session).await.map_err(unavailable)?;
+        // Only documents of earlier releases have an `id` field: a sparse
+        // index holds just those (whose ids are in clear in the documents
+        // anyway, until they are rewritten), so looking for them at every
+        // start reads the index, not the whole collection.
+        let earlier = IndexModel::builder()
+            .keys(doc! { "id": 1 })
+            .options(IndexOptions::builder().name("earlier_release_ids".to_string()).sparse(true).build())
+            .build();
+        self.keys.create_index(earlier).await.map_err(unavailable)?;
         for coll in [&self.keys, &self.sessions] {
             let ttl = IndexModel::builder()
                 .keys(doc! { "deleted_at": 1 })
