@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use async_nats::jetstream::{self, consumer};
-use bstore_codec::{Codec, Keyring, sealed_key_id};
+use bstore_codec::{Codec, Keyring, SealedUnder, sealed_under};
 use bstore_log::LogConfig;
 use bstore_mongo::Store;
 use bstore_mongo::mongodb::bson::{Bson, Document, doc};
@@ -54,7 +54,8 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
     match &before {
         Some((record, _)) if record.id == id => println!("key {id} is the cluster's sealing key already"),
         _ => {
-            let record = CurrentRecord { id, at_ms: now_ms(), by: "rotate-key".into() };
+            let data_keys = before.as_ref().is_some_and(|(r, _)| r.data_keys);
+            let record = CurrentRecord { id, at_ms: now_ms(), by: "rotate-key".into(), data_keys };
             let rev = meta.set_current(&record, before.as_ref().map(|(_, rev)| *rev)).await?;
             // A process that started between the check and the switch has
             // announced its ring by now (it announces before it reads the
@@ -63,8 +64,12 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
             if !late.is_empty() {
                 let undone = match &before {
                     Some((old, _)) => {
-                        let undo =
-                            CurrentRecord { id: old.id, at_ms: now_ms(), by: format!("rotate-key (undoing the switch to key {id})") };
+                        let undo = CurrentRecord {
+                            id: old.id,
+                            at_ms: now_ms(),
+                            by: format!("rotate-key (undoing the switch to key {id})"),
+                            data_keys: old.data_keys,
+                        };
                         meta.set_current(&undo, Some(rev)).await.context("undoing the switch")?;
                         format!("switched back to key {}", old.id)
                     }
@@ -80,6 +85,9 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
     }
     wait_switched(&meta, id).await?;
     ring.set_current(id)?;
+    let log = bstore_log::EventLog::attach(js.clone(), cfg.stream.clone(), codec.clone());
+    let rewrapped = log.rewrap_data_keys().await.context("re-wrapping the sessions' data keys")?;
+    println!("re-wrapped {rewrapped} sessions' data keys under key {id}");
     if reseal {
         tokio::time::sleep(SETTLE).await;
         if cfg.redis.url.is_some() {
@@ -96,6 +104,50 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
     }
     println!();
     print!("{}", gather(&cfg, &client, &codec).await?.text());
+    Ok(())
+}
+
+/// `baileys-store keys enable-data-keys`: turns sessions' data keys on for
+/// the whole cluster, once every live process reads them.
+pub async fn enable_data_keys(cfg: Config) -> anyhow::Result<()> {
+    let (client, _codec) = crate::connect_tool(&cfg).await?;
+    let js = jetstream::new(client.clone());
+    let meta = Meta::open(&js, cfg.stream.replicas).await?;
+    let Some((record, rev)) = meta.current().await? else {
+        bail!("no current-key record yet: start an instance of this release first (a new cluster has data keys on from its first start)")
+    };
+    if record.data_keys {
+        println!("sessions' data keys are on already");
+        return Ok(());
+    }
+    let lacking = |rings: &BTreeMap<String, RingReport>| -> Vec<String> {
+        rings
+            .values()
+            .filter(|r| !r.data_keys)
+            .map(|r| format!("{} {} (release {}) does not read data keys: upgrade it first", r.role, r.instance, r.version))
+            .collect()
+    };
+    let mut problems = lacking(&meta.rings().await?);
+    let announced = meta.rings().await?;
+    for member in lease_members(&js, &cfg.cluster.bucket).await? {
+        if !announced.contains_key(&member) {
+            problems.push(format!("instance {member} holds partition leases but announces no keyring (an older release?): upgrade it first"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("not turning data keys on:\n  - {}", problems.join("\n  - "));
+    }
+    let on = CurrentRecord { at_ms: now_ms(), by: "keys enable-data-keys".into(), data_keys: true, ..record.clone() };
+    let rev = meta.set_current(&on, Some(rev)).await?;
+    // A process that started meanwhile has announced itself by now.
+    let late = lacking(&meta.rings().await?);
+    if !late.is_empty() {
+        meta.set_current(&CurrentRecord { at_ms: now_ms(), by: "keys enable-data-keys (undone)".into(), ..record }, Some(rev))
+            .await
+            .context("undoing the switch")?;
+        bail!("turned data keys on, then found (switched back off):\n  - {}", late.join("\n  - "));
+    }
+    println!("sessions' data keys are on: each session gets one at its next write; `baileys-store erase` can now shred them");
     Ok(())
 }
 
@@ -215,8 +267,30 @@ pub struct Status {
     pub keys: Vec<KeyStatus>,
     /// Events in the log that are not sealed blobs.
     pub unsealed_events: u64,
+    /// Whether the cluster gives sessions data keys of their own.
+    pub data_keys_on: bool,
+    /// What is sealed under sessions' data keys (which a rotation of the
+    /// ring does not touch: their wrapping is re-sealed instead).
+    pub under_data_keys: DataKeyCounts,
     /// What the operator should know first.
     pub warnings: Vec<String>,
+}
+
+/// What is sealed under sessions' data keys.
+#[derive(Debug, Serialize)]
+pub struct DataKeyCounts {
+    /// Sessions with a data key now.
+    pub sessions: u64,
+    /// Sessions erased (their last data key destroyed).
+    pub erased_sessions: u64,
+    /// Sessions whose erasure began and did not finish: run `erase` again.
+    pub unfinished_erasures: Vec<String>,
+    /// Events in the log.
+    pub events: u64,
+    /// Values in the Redis projection (`None`: no Redis configured).
+    pub redis_values: Option<u64>,
+    /// Values in the Mongo documents (`None`: no Mongo configured).
+    pub mongo_values: Option<u64>,
 }
 
 /// Where the index key comes from.
@@ -247,6 +321,8 @@ pub struct KeyStatus {
     pub redis_values: Option<u64>,
     /// Values in the Mongo documents sealed under it (`None`: no Mongo configured).
     pub mongo_values: Option<u64>,
+    /// Sessions' data keys wrapped under it.
+    pub wrapped_data_keys: u64,
     /// Some ring derives its index key from it.
     pub derives_index: bool,
     /// Nothing depends on it any more: it can be removed from every ring.
@@ -258,13 +334,16 @@ pub struct KeyStatus {
 #[derive(Default)]
 struct Counts {
     by_key: BTreeMap<u32, u64>,
+    /// Sealed under sessions' data keys: independent of the ring's keys.
+    data_key: u64,
     unsealed: u64,
 }
 
 impl Counts {
     fn add(&mut self, blob: &[u8]) {
-        match sealed_key_id(blob) {
-            Some(id) => *self.by_key.entry(id).or_default() += 1,
+        match sealed_under(blob) {
+            Some(SealedUnder::Ring(id)) => *self.by_key.entry(id).or_default() += 1,
+            Some(SealedUnder::DataKey(_)) => self.data_key += 1,
             None => self.unsealed += 1,
         }
     }
@@ -285,6 +364,14 @@ async fn gather(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> any
     let unannounced: Vec<String> =
         lease_members(&js, &cfg.cluster.bucket).await?.into_iter().filter(|m| !announced.contains(m.as_str())).collect();
     let events = count_log(&js, &cfg.stream).await?;
+    let log = bstore_log::EventLog::attach(js.clone(), cfg.stream.clone(), codec.clone());
+    let records = log.data_key_records().await.context("reading the data-key records")?;
+    let mut wrapped: BTreeMap<u32, u64> = BTreeMap::new();
+    for (_, under, _, _) in &records {
+        if let Some(id) = under {
+            *wrapped.entry(*id).or_default() += 1;
+        }
+    }
     let redis = match cfg.redis.url {
         Some(_) => Some(count_redis(cfg, codec).await?),
         None => None,
@@ -299,6 +386,7 @@ async fn gather(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> any
         ids.extend(r.keys.keys());
     }
     ids.extend(events.by_key.keys());
+    ids.extend(wrapped.keys());
     for c in redis.iter().chain(mongo.iter()) {
         ids.extend(c.by_key.keys());
     }
@@ -334,7 +422,8 @@ async fn gather(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> any
         let is_current = current_id == Some(id);
         let sealing_here = instances.iter().any(|r| r.current == id);
         let derives_index = index_sources.contains(&id);
-        let in_data = n_events + n_redis.unwrap_or(0) + n_mongo.unwrap_or(0);
+        let n_wrapped = wrapped.get(&id).copied().unwrap_or(0);
+        let in_data = n_events + n_redis.unwrap_or(0) + n_mongo.unwrap_or(0) + n_wrapped;
         let retirable = !is_current && !sealing_here && in_data == 0 && !derives_index;
         let mut notes = Vec::new();
         if is_current {
@@ -342,9 +431,13 @@ async fn gather(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> any
         }
         if !is_current && n_events > 0 {
             notes.push(format!(
-                "{n_events} events under key {id} stay until retention drops them (the log is append-only: events are never \
-                 re-sealed, and the stream keeps history without an age limit); retire the key only after that"
+                "{n_events} events under key {id} (written before the cluster had data keys, or erasure markers) stay until \
+                 retention drops them (the log is append-only: events are never re-sealed, and the stream keeps history \
+                 without an age limit); retire the key only after that"
             ));
+        }
+        if !is_current && n_wrapped > 0 {
+            notes.push(format!("{n_wrapped} sessions' data keys are wrapped under key {id}: rotate-key re-wraps them"));
         }
         if !is_current && n_redis.unwrap_or(0) > 0 {
             notes.push(format!(
@@ -382,13 +475,34 @@ async fn gather(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> any
             events: n_events,
             redis_values: n_redis,
             mongo_values: n_mongo,
+            wrapped_data_keys: n_wrapped,
             derives_index,
             retirable,
             notes,
         });
     }
     let index = IndexStatus { pinned: ring.index_pinned(), derived_from: ring.index_source(), same_everywhere: same_index };
-    Ok(Status { current, instances, unannounced, index, keys, unsealed_events: events.unsealed, warnings })
+    let unfinished: Vec<String> = records.iter().filter(|r| r.3).map(|r| r.0.to_string()).collect();
+    for s in &unfinished {
+        warnings.push(format!("the erasure of {s} did not finish and the session refuses writes: run `baileys-store erase` for it again"));
+    }
+    let under_data_keys = DataKeyCounts {
+        sessions: records.iter().filter(|r| r.1.is_some()).count() as u64,
+        erased_sessions: records.iter().filter(|r| r.2.is_some()).count() as u64,
+        unfinished_erasures: unfinished,
+        events: events.data_key,
+        redis_values: redis.as_ref().map(|c| c.data_key),
+        mongo_values: mongo.as_ref().map(|c| c.data_key),
+    };
+    let data_keys_on = current.as_ref().is_some_and(|r| r.data_keys);
+    if !data_keys_on && current.is_some() {
+        warnings.push(
+            "sessions have no data keys of their own (a cluster upgraded from a release without them): an erasure cannot make \
+             their events unreadable. Once every instance runs this release: `baileys-store keys enable-data-keys`"
+                .into(),
+        );
+    }
+    Ok(Status { current, instances, unannounced, index, keys, unsealed_events: events.unsealed, data_keys_on, under_data_keys, warnings })
 }
 
 impl Status {
@@ -420,18 +534,31 @@ impl Status {
             let shown = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
             let _ = writeln!(
                 out,
-                "key {}{}: {} events, {} redis values, {} mongo values{}",
+                "key {}{}: {} events, {} redis values, {} mongo values, {} data keys wrapped{}",
                 k.id,
                 if k.current { " (current)" } else { "" },
                 k.events,
                 shown(k.redis_values),
                 shown(k.mongo_values),
+                k.wrapped_data_keys,
                 if k.retirable { " — can be retired" } else { "" }
             );
             for note in &k.notes {
                 let _ = writeln!(out, "  - {note}");
             }
         }
+        let d = &self.under_data_keys;
+        let shown = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "sessions' data keys: {} ({} sessions with one, {} erased): {} events, {} redis values, {} mongo values",
+            if self.data_keys_on { "on" } else { "off" },
+            d.sessions,
+            d.erased_sessions,
+            d.events,
+            shown(d.redis_values),
+            shown(d.mongo_values)
+        );
         if self.unsealed_events > 0 {
             let _ = writeln!(out, "{} events in the log are not sealed blobs", self.unsealed_events);
         }
@@ -483,7 +610,7 @@ async fn count_redis(cfg: &Config, codec: &Codec) -> anyhow::Result<Counts> {
     for session in redis.sessions().await? {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = conn.hgetall(redis.key(&session)).await.context("reading redis")?;
         for (_, value) in fields {
-            if sealed_key_id(&value).is_some() {
+            if sealed_under(&value).is_some() {
                 counts.add(&value);
             }
         }
@@ -496,7 +623,7 @@ async fn count_redis(cfg: &Config, codec: &Codec) -> anyhow::Result<Counts> {
 async fn count_mongo(cfg: &Config, codec: &Codec) -> anyhow::Result<Counts> {
     fn walk(value: &Bson, counts: &mut Counts) {
         match value {
-            Bson::Binary(b) if sealed_key_id(&b.bytes).is_some() => counts.add(&b.bytes),
+            Bson::Binary(b) if sealed_under(&b.bytes).is_some() => counts.add(&b.bytes),
             Bson::Document(d) => d.values().for_each(|v| walk(v, counts)),
             Bson::Array(a) => a.iter().for_each(|v| walk(v, counts)),
             _ => {}

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod embedded;
+pub mod erase;
 pub mod keys;
 pub mod keys_cmd;
 pub mod nats;
@@ -99,11 +100,12 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     let instance = uuid::Uuid::new_v4().simple().to_string();
     // Which key seals is the cluster's record, followed from here on; nothing
     // is sealed before this (opening the log seals nothing).
-    let member = rotation::join(&client, &cfg, codec.keyring(), &instance, "serve").await?;
+    let member = rotation::join(&client, &cfg, &codec, &instance, "serve").await?;
     let redis = projections::redis_projection(&cfg, &codec)?;
     let materializer = projections::start_materializer(&cfg, &client, &codec).await?;
     let ownership = bstore_cluster::Ownership::new(&cfg.cluster, instance);
-    let sessions = Sessions::start_with(log, redis, ownership, cfg.limits, cfg.sessions.clone());
+    let sessions = Sessions::start_with(log.clone(), redis, ownership, cfg.limits, cfg.sessions.clone());
+    let erasures = tokio::spawn(follow_erasures(log, sessions.clone()));
     // Bots' requests arrive on a connection of their own, which an operator
     // can confine to publishing replies; JetStream stays on `client`.
     let serving = nats::connect(&cfg.nats, &urls, nats::Role::Serve).await?;
@@ -141,11 +143,13 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
                     "quarantined_events": s.quarantined_events,
                     "unreadable_documents": s.unreadable_documents,
                     "deferred_events": s.deferred_events,
+                    "erased_events": s.erased_events,
                 })
             }),
         ));
     }
     let served = bstore_api::serve(serving.clone(), api, sessions, cluster, more_figures, ready, shutdown).await;
+    erasures.abort();
     if let Some(m) = materializer {
         m.stop().await;
     }
@@ -155,6 +159,28 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async { tokio::join!(serving.flush(), client.flush()) }).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Drops from memory every session whose data key is destroyed (an
+/// erasure, run from any process), for as long as the service runs: what
+/// the erasure removed must not be served from a state loaded before it.
+async fn follow_erasures(log: EventLog, sessions: Sessions) {
+    use futures_util::StreamExt as _;
+    loop {
+        match log.watch_data_keys().await {
+            Ok(changes) => {
+                let mut changes = std::pin::pin!(changes);
+                while let Some((key, gone)) = changes.next().await {
+                    if gone {
+                        tracing::info!(session = %key, "the session's data key was destroyed; dropping it from memory");
+                        sessions.forget(&key).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch the data-key bucket; trying again"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// Opens the event stream, waiting for JetStream while it has no leader (a
@@ -193,8 +219,9 @@ pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Cl
     };
     let keyring = keys::load_for_tool(&cfg.keys, &cfg.data_dir, embedded)?;
     let client = nats::connect(&nats_cfg, &urls, nats::Role::Tool).await?;
-    rotation::adopt_for_tool(&client, cfg, &keyring).await?;
-    Ok((client, Codec::new(keyring)))
+    let codec = Codec::new(keyring);
+    rotation::adopt_for_tool(&client, cfg, &codec).await?;
+    Ok((client, codec))
 }
 
 /// Which events `history` lists: those that changed keys of a type (and
@@ -230,6 +257,10 @@ pub async fn history(cfg: Config, key: bstore_domain::SessionKey, only: Option<H
     use bstore_domain::Change;
     let (client, codec) = connect_tool(&cfg).await?;
     let log = EventLog::open(client, cfg.stream.clone(), codec).await?;
+    if let Some(e) = log.data_key_state(&key).await?.erased {
+        // The replay starts at the marker: what came before is unreadable.
+        println!("{}", serde_json::json!({ "erased": { "before_seq": e.marker, "at_ms": e.at_ms } }));
+    }
     log.replay_checked(&key, 0, |seq, replayed| {
         // An event that is not where it was written is listed, marked
         // `refused` with the reason; it was not applied.

@@ -133,6 +133,27 @@ enum Cmd {
         #[arg(value_enum)]
         target: baileys_store::projections::Target,
     },
+    /// Erase a session (or every session of a tenant) for good: its data key is destroyed, so its
+    /// events, Redis and Mongo values cannot be read by anyone, and it starts empty.
+    ///
+    /// The audit log keeps its messages (purges are denied) and records the erasure as a session
+    /// deletion. Events written before the cluster had data keys stay readable to the holder of
+    /// the sealing key; the report says how many. Without --yes it lists what would be erased.
+    /// Example: `baileys-store erase --tenant acme --session bot-1 --yes`.
+    Erase {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Only this session; without it, every session of the tenant.
+        #[arg(long)]
+        session: Option<String>,
+        /// Really erase (it cannot be undone).
+        #[arg(long)]
+        yes: bool,
+        /// One JSON object per session instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Tenants' NATS accounts.
     Tenant {
         #[command(subcommand)]
@@ -161,6 +182,12 @@ enum KeysCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Give sessions data keys of their own from now on (a cluster upgraded from a release without
+    /// them; a new cluster has them from its first start). Refused unless every live process reads
+    /// them. Needed for `erase` to make a session's events unreadable.
+    ///
+    /// Example: `baileys-store keys enable-data-keys`, once every instance runs this release.
+    EnableDataKeys,
     /// Print the index key as an `index:base64` entry: added to every instance's keys, it keeps
     /// the names in Redis and Mongo when the key it is derived from (the lowest id) is retired.
     Index,
@@ -193,6 +220,18 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             actix::System::new().block_on(baileys_store::keys_cmd::status(cfg, json))
+        }
+        Cmd::Keys { cmd: KeysCmd::EnableDataKeys } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            actix::System::new().block_on(baileys_store::keys_cmd::enable_data_keys(cfg))
+        }
+        Cmd::Erase { tenant, session, yes, json } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let tenant = bstore_domain::TenantId::parse(&tenant)?;
+            let only = session.map(|s| bstore_domain::SessionKey::parse(tenant.as_str(), &s)).transpose()?;
+            actix::System::new().block_on(baileys_store::erase::run(cfg, tenant, only, yes, json))
         }
         Cmd::Keys { cmd: KeysCmd::Index } => {
             let cfg = Config::load(cli.config.as_deref())?;

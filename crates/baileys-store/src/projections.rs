@@ -87,7 +87,7 @@ pub async fn materialize(cfg: Config, shutdown: impl Future<Output = ()>) -> any
     let store = Store::connect(&cfg.mongo, codec.clone()).await?;
     // It seals what it writes: under the cluster's key, switching with it.
     let instance = uuid::Uuid::new_v4().simple().to_string();
-    let member = crate::rotation::join(&client, &cfg, codec.keyring(), &instance, "materialize").await?;
+    let member = crate::rotation::join(&client, &cfg, &codec, &instance, "materialize").await?;
     tracing::info!(database = %cfg.mongo.database, consumer = %cfg.mongo.consumer, "materializing");
     Materializer::new(client, cfg.stream.clone(), cfg.mongo.clone(), store, codec).run(shutdown).await;
     member.leave().await;

@@ -36,7 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
-use bstore_codec::Keyring;
+use bstore_codec::{Codec, Keyring};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,13 @@ pub struct CurrentRecord {
     pub at_ms: u64,
     /// Who recorded it: `rotate-key`, or the instance that started first.
     pub by: String,
+    /// Whether sessions get data keys of their own (format-2 blobs, which
+    /// releases before data keys cannot open): on from the first start of
+    /// a new cluster; on an upgraded one, once `keys enable-data-keys` has
+    /// seen every live process read them. Absent in records of earlier
+    /// releases: off.
+    #[serde(default)]
+    pub data_keys: bool,
 }
 
 /// What a running process announces about its keyring. No key material:
@@ -88,6 +95,10 @@ pub struct RingReport {
     pub index_fingerprint: String,
     /// Its release.
     pub version: String,
+    /// Whether it opens blobs sealed under sessions' data keys (absent in
+    /// announcements of earlier releases: no).
+    #[serde(default)]
+    pub data_keys: bool,
 }
 
 impl RingReport {
@@ -103,6 +114,7 @@ impl RingReport {
             index_from: ring.index_source(),
             index_fingerprint: ring.index_fingerprint(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            data_keys: true,
         }
     }
 }
@@ -254,7 +266,8 @@ pub struct Member {
 /// none), and follows the record from then on. Fails when the cluster seals
 /// under a key the ring lacks: such an instance could open nothing written
 /// under it.
-pub async fn join(client: &async_nats::Client, cfg: &Config, ring: &Keyring, instance: &str, role: &str) -> anyhow::Result<Member> {
+pub async fn join(client: &async_nats::Client, cfg: &Config, codec: &Codec, instance: &str, role: &str) -> anyhow::Result<Member> {
+    let ring = codec.keyring();
     let js = jetstream::new(client.clone());
     let meta = patiently("opening the key buckets", || Meta::open(&js, cfg.stream.replicas)).await?;
     let pinned = cfg.keys.current;
@@ -264,7 +277,10 @@ pub async fn join(client: &async_nats::Client, cfg: &Config, ring: &Keyring, ins
     patiently("announcing this instance's keyring", || meta.announce(report())).await?;
     let mut record = patiently("reading the current-key record", || meta.current()).await?;
     if record.is_none() {
-        let first = CurrentRecord { id: ring.current(), at_ms: now_ms(), by: format!("first start of {role} {instance}") };
+        // A new cluster: every process of it is of this release, so data
+        // keys are on from the start.
+        let first =
+            CurrentRecord { id: ring.current(), at_ms: now_ms(), by: format!("first start of {role} {instance}"), data_keys: true };
         match meta.set_current(&first, None).await {
             Ok(_) => tracing::info!(key = first.id, "no current-key record yet: recorded this keyring's current key for the cluster"),
             Err(e) => tracing::debug!(error = %e, "the current-key record was made by another instance meanwhile"),
@@ -272,6 +288,7 @@ pub async fn join(client: &async_nats::Client, cfg: &Config, ring: &Keyring, ins
         record = patiently("reading the current-key record", || meta.current()).await?;
     }
     let record = record.map(|(r, _)| r);
+    codec.data_keys().set_enabled(record.as_ref().is_some_and(|r| r.data_keys));
     match (pinned, &record) {
         (Some(p), Some(r)) if r.id != p => tracing::warn!(
             pinned = p,
@@ -300,7 +317,7 @@ pub async fn join(client: &async_nats::Client, cfg: &Config, ring: &Keyring, ins
     tracing::info!(keys = ?ring.ids(), current = ring.current(), pinned = pinned.is_some(), "sealing key chosen");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let follow = pinned.is_none();
-    let task = tokio::spawn(keep(meta, ring.clone(), instance.to_owned(), role.to_owned(), follow, stopped));
+    let task = tokio::spawn(keep(meta, codec.clone(), instance.to_owned(), role.to_owned(), follow, stopped));
     Ok(Member { stop, task })
 }
 
@@ -335,7 +352,8 @@ impl Member {
 }
 
 /// Renews the announcement and follows the record until stopped.
-async fn keep(meta: Meta, ring: Keyring, instance: String, role: String, follow: bool, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn keep(meta: Meta, codec: Codec, instance: String, role: String, follow: bool, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let ring = codec.keyring().clone();
     let report = || RingReport::of(&instance, &role, &ring, !follow);
     let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -364,7 +382,7 @@ async fn keep(meta: Meta, ring: Keyring, instance: String, role: String, follow:
                 }
                 next = entries.next() => match next {
                     Some(Ok(entry)) if entry.operation == kv::Operation::Put => {
-                        if adopt(&ring, &entry.value) {
+                        if adopt(&codec, &entry.value) {
                             meta.renew(report()).await;
                         }
                     }
@@ -387,9 +405,10 @@ async fn keep(meta: Meta, ring: Keyring, instance: String, role: String, follow:
     }
 }
 
-/// Switches `ring` to the key a record names, if it holds it. Returns
-/// whether the current key changed.
-fn adopt(ring: &Keyring, value: &[u8]) -> bool {
+/// Switches `codec`'s ring to the key a record names, if it holds it, and
+/// follows its choice of data keys. Returns whether the current key changed.
+fn adopt(codec: &Codec, value: &[u8]) -> bool {
+    let ring = codec.keyring();
     let record: CurrentRecord = match serde_json::from_slice(value) {
         Ok(r) => r,
         Err(e) => {
@@ -397,6 +416,10 @@ fn adopt(ring: &Keyring, value: &[u8]) -> bool {
             return false;
         }
     };
+    if record.data_keys != codec.data_keys().enabled() {
+        tracing::info!(on = record.data_keys, by = %record.by, "the cluster switched sessions' data keys");
+        codec.data_keys().set_enabled(record.data_keys);
+    }
     let before = ring.current();
     if record.id == before {
         return false;
@@ -421,13 +444,16 @@ fn adopt(ring: &Keyring, value: &[u8]) -> bool {
 
 /// For tools: seal under the cluster's current key, if there is a record
 /// and `ring` holds that key (and `keys.current` does not pin one).
-pub async fn adopt_for_tool(client: &async_nats::Client, cfg: &Config, ring: &Keyring) -> anyhow::Result<()> {
+pub async fn adopt_for_tool(client: &async_nats::Client, cfg: &Config, codec: &Codec) -> anyhow::Result<()> {
+    let ring = codec.keyring();
+    let js = jetstream::new(client.clone());
+    let Some(meta) = Meta::attach(&js).await else { return Ok(()) };
+    let record = meta.current().await?;
+    codec.data_keys().set_enabled(record.as_ref().is_some_and(|(r, _)| r.data_keys));
     if cfg.keys.current.is_some() {
         return Ok(());
     }
-    let js = jetstream::new(client.clone());
-    let Some(meta) = Meta::attach(&js).await else { return Ok(()) };
-    if let Some((record, _)) = meta.current().await?
+    if let Some((record, _)) = record
         && ring.set_current(record.id).is_err()
     {
         tracing::warn!(

@@ -12,6 +12,7 @@
 //! a single value its type and id) through a per-context subkey, so a blob
 //! copied to another session fails to open instead of being believed.
 
+mod datakeys;
 mod keyring;
 mod seal;
 
@@ -19,7 +20,8 @@ use bstore_domain::{Event, KeyId, KeyType, SessionKey, SessionState};
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use keyring::{KEY_LEN, KeyError, KeySpec, Keyring};
-pub use seal::{Context, SealError, sealed_key_id};
+pub use datakeys::{DataKeyState, DataKeys, Erased};
+pub use seal::{Context, SealError, SealedUnder, sealed_key_id, sealed_under};
 
 /// Bytes of an id tag before encoding: 128 bits, so that tags of distinct
 /// ids of one session never collide in practice.
@@ -43,17 +45,56 @@ pub enum CodecError {
 #[derive(Debug, Clone)]
 pub struct Codec {
     keyring: Keyring,
+    data_keys: DataKeys,
 }
 
 impl Codec {
-    /// A codec sealing under `keyring`'s current key.
+    /// A codec sealing under `keyring`'s current key (and under the data
+    /// keys of the sessions it is given, [`Codec::data_keys`]).
     pub fn new(keyring: Keyring) -> Self {
-        Self { keyring }
+        Self { keyring, data_keys: DataKeys::default() }
     }
 
     /// The keyring in use.
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
+    }
+
+    /// The sessions' data keys this codec seals and opens with, shared by
+    /// its clones.
+    pub fn data_keys(&self) -> &DataKeys {
+        &self.data_keys
+    }
+
+    /// A fresh random data key.
+    pub fn generate_data_key() -> [u8; KEY_LEN] {
+        Keyring::generate_key()
+    }
+
+    /// A generation of `session`'s data key, sealed under the ring's
+    /// current key for that session and generation: what the key store
+    /// keeps. Rotating the ring re-wraps these; what they seal stays.
+    pub fn wrap_data_key(&self, session: &SessionKey, generation: u32, key: &[u8; KEY_LEN]) -> Vec<u8> {
+        seal::seal(&self.keyring, &Context::data_key(session, generation), key)
+    }
+
+    /// Opens a data key wrapped by [`Codec::wrap_data_key`].
+    pub fn unwrap_data_key(&self, session: &SessionKey, generation: u32, wrapped: &[u8]) -> Result<[u8; KEY_LEN], CodecError> {
+        let plain = seal::open(&self.keyring, &Context::data_key(session, generation), wrapped)?;
+        plain.try_into().map_err(|_| CodecError::Decode("a wrapped data key is not 32 bytes".into()))
+    }
+
+    /// Whether `blob` is sealed under a session's data key: opening it may
+    /// need that key looked up first.
+    pub fn open_needs_data_key(&self, blob: &[u8]) -> bool {
+        matches!(sealed_under(blob), Some(SealedUnder::DataKey(_)))
+    }
+
+    /// Seals one event of `session` under the ring even when the session
+    /// has a data key: for the marker of an erasure, which must stay
+    /// readable once the data key is gone.
+    pub fn encode_event_under_ring(&self, session: &SessionKey, event: &Event) -> Vec<u8> {
+        self.encode(&Context::event(session).under_ring(), event)
     }
 
     /// Seals one event of `session` for the log.
@@ -80,12 +121,12 @@ impl Codec {
     /// Seals one key value (or, with `ty` and `id` of `None`, the creds) for
     /// a projection.
     pub fn seal_value(&self, session: &SessionKey, slot: Option<(&KeyType, &KeyId)>, value: &[u8]) -> Vec<u8> {
-        seal::seal(&self.keyring, &Context::value(session, slot), value)
+        self.seal_in(&Context::value(session, slot), value)
     }
 
     /// Opens a value sealed by [`Codec::seal_value`] for the same place.
     pub fn open_value(&self, session: &SessionKey, slot: Option<(&KeyType, &KeyId)>, blob: &[u8]) -> Result<Vec<u8>, CodecError> {
-        Ok(seal::open(&self.keyring, &Context::value(session, slot), blob)?)
+        Ok(self.open_in(&Context::value(session, slot), blob)?)
     }
 
     /// The name that stands in for key id `id` of type `ty` of `session`
@@ -115,11 +156,11 @@ impl Codec {
         // Named fields make the format self-describing, so old records stay
         // readable when fields are added. Encoding plain data cannot fail.
         let bytes = rmp_serde::to_vec_named(value).expect("serializing plain data to MessagePack");
-        seal::seal(&self.keyring, ctx, &bytes)
+        self.seal_in(ctx, &bytes)
     }
 
     fn decode<T: DeserializeOwned>(&self, ctx: &Context, blob: &[u8]) -> Result<T, CodecError> {
-        let bytes = seal::open(&self.keyring, ctx, blob)?;
+        let bytes = self.open_in(ctx, blob)?;
         rmp_serde::from_slice(&bytes).map_err(|e| CodecError::Decode(e.to_string()))
     }
 }
@@ -128,12 +169,34 @@ impl Codec {
     /// Seals `plain` for `ctx`: for a projection that lays out what it
     /// seals itself (a manifest, a key kept beside its id).
     pub fn seal_for(&self, ctx: &Context, plain: &[u8]) -> Vec<u8> {
-        seal::seal(&self.keyring, ctx, plain)
+        self.seal_in(ctx, plain)
     }
 
     /// Opens a blob sealed by [`Codec::seal_for`] for the same context.
     pub fn open_for(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, CodecError> {
-        Ok(seal::open(&self.keyring, ctx, blob)?)
+        Ok(self.open_in(ctx, blob)?)
+    }
+
+    /// Seals under the data key of the context's session when it has one,
+    /// else under the ring.
+    fn seal_in(&self, ctx: &Context, plain: &[u8]) -> Vec<u8> {
+        match ctx.session().and_then(|s| self.data_keys.key_of(s)) {
+            Some((generation, key)) => seal::seal_data_key(generation, &key, ctx, plain),
+            None => seal::seal(&self.keyring, ctx, plain),
+        }
+    }
+
+    /// Opens a blob of either format: format 2 with its session's data key
+    /// of the generation it names.
+    fn open_in(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealError> {
+        let Some(SealedUnder::DataKey(generation)) = sealed_under(blob) else { return seal::open(&self.keyring, ctx, blob) };
+        let session = ctx.session().ok_or(SealError::Malformed)?;
+        match self.data_keys.key_of(session) {
+            Some((have, key)) if have == generation => seal::open_data_key(&key, ctx, blob),
+            // Known, and not this generation (or none at all): destroyed.
+            _ if self.data_keys.looked_up(session) => Err(SealError::DataKeyGone(generation)),
+            _ => Err(SealError::NoDataKey(generation)),
+        }
     }
 
     /// The keyed hashes of `session`'s entries (its creds, each key with its

@@ -1,10 +1,18 @@
 //! The sealed-blob format.
 //!
 //! ```text
-//! blob      = magic(0xB5) format(1) key_id(u32 BE) nonce(24) secretbox(plain)
+//! blob      = magic(0xB5) format(1) key_id(u32 BE) nonce(24) secretbox(plain)   sealed under a ring key
+//!           | magic(0xB5) format(2) gen(u32 BE)    nonce(24) secretbox(plain)   sealed under the session's data key
 //! plain     = flags(u8) body          flags bit 0: body is lz4 (size-prepended)
 //! subkey    = HMAC-SHA256(key, "bstore/seal/v1" ‖ for each context part: len(u32 BE) ‖ part)
 //! ```
+//!
+//! Format 2 is the same but for its key: the session's *data key* of
+//! generation `gen` ([`crate::DataKeys`]), itself kept wrapped (sealed in
+//! format 1 under a ring key) outside the blob. Destroying a session's
+//! wrapped data key makes every format-2 blob of it unreadable for good —
+//! how a session is erased while the log keeps its messages — and rotating
+//! the ring re-wraps data keys instead of re-sealing what they sealed.
 //!
 //! Sealing with a subkey derived from the blob's context (rather than the
 //! raw key) is what binds a blob to its place: opening it anywhere else
@@ -19,6 +27,7 @@ use crate::keyring::Keyring;
 
 const MAGIC: u8 = 0xB5;
 const FORMAT: u8 = 1;
+const FORMAT_DATA_KEY: u8 = 2;
 const HEADER: usize = 2 + 4 + 24;
 const FLAG_LZ4: u8 = 1;
 /// Bodies shorter than this are not worth compressing.
@@ -43,6 +52,14 @@ pub enum SealError {
     /// Authentic, but the compressed body is corrupt.
     #[error("the sealed body does not decompress")]
     Corrupt,
+    /// Sealed under a generation of the session's data key, which this
+    /// process has not fetched: fetch the session's data key and try again.
+    #[error("sealed under data key generation {0} of its session, which is not loaded")]
+    NoDataKey(u32),
+    /// Sealed under a generation of the session's data key that no longer
+    /// exists: the session was erased. Unreadable for good, by design.
+    #[error("sealed under data key generation {0} of its session, which was destroyed when the session was erased")]
+    DataKeyGone(u32),
 }
 
 /// Where a blob belongs. Each part is length-prefixed when the subkey is
@@ -50,17 +67,42 @@ pub enum SealError {
 #[derive(Debug, Clone)]
 pub struct Context {
     parts: Vec<Vec<u8>>,
+    /// The session the blob belongs to, whose data key seals it when it
+    /// has one.
+    session: Option<SessionKey>,
 }
 
 impl Context {
     /// An event of a session.
     pub fn event(s: &SessionKey) -> Self {
-        Self::of(&[b"event", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
+        Self::of(&[b"event", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()]).of_session(s)
     }
 
     /// A snapshot of a session.
     pub fn snapshot(s: &SessionKey) -> Self {
-        Self::of(&[b"snapshot", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
+        Self::of(&[b"snapshot", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()]).of_session(s)
+    }
+
+    /// A generation of a session's data key, wrapped under a ring key.
+    pub fn data_key(s: &SessionKey, generation: u32) -> Self {
+        Self::of(&[b"data-key", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes(), &generation.to_be_bytes()])
+    }
+
+    /// The session whose data key seals blobs of this context, if any.
+    pub fn session(&self) -> Option<&SessionKey> {
+        self.session.as_ref()
+    }
+
+    /// The same context sealed under the ring even when its session has a
+    /// data key: for records that must outlive an erasure (its marker).
+    pub fn under_ring(mut self) -> Self {
+        self.session = None;
+        self
+    }
+
+    fn of_session(mut self, s: &SessionKey) -> Self {
+        self.session = Some(s.clone());
+        self
     }
 
     /// One projected value: a key of a type, or the creds when `slot` is `None`.
@@ -70,10 +112,11 @@ impl Context {
             Some((ty, id)) => Self::of(&[b"key", t, s_, ty.as_str().as_bytes(), id.as_str().as_bytes()]),
             None => Self::of(&[b"creds", t, s_]),
         }
+        .of_session(s)
     }
 
     fn of(parts: &[&[u8]]) -> Self {
-        Self { parts: parts.iter().map(|p| p.to_vec()).collect() }
+        Self { parts: parts.iter().map(|p| p.to_vec()).collect(), session: None }
     }
 
     fn subkey(&self, key: &[u8; 32]) -> crypto_secretbox::Key {
@@ -91,6 +134,17 @@ impl Context {
 
 /// Compresses (when it pays) and seals `plain` under the current key.
 pub fn seal(ring: &Keyring, ctx: &Context, plain: &[u8]) -> Vec<u8> {
+    let (id, key) = ring.sealing();
+    seal_under(FORMAT, id, key, ctx, plain)
+}
+
+/// Compresses (when it pays) and seals `plain` under a generation of a
+/// session's data key.
+pub(crate) fn seal_data_key(generation: u32, key: &[u8; 32], ctx: &Context, plain: &[u8]) -> Vec<u8> {
+    seal_under(FORMAT_DATA_KEY, generation, key, ctx, plain)
+}
+
+fn seal_under(format: u8, id: u32, key: &[u8; 32], ctx: &Context, plain: &[u8]) -> Vec<u8> {
     let mut inner = Vec::with_capacity(plain.len() + 1);
     let compressed = (plain.len() >= COMPRESS_MIN).then(|| lz4_flex::compress_prepend_size(plain));
     match compressed {
@@ -103,12 +157,11 @@ pub fn seal(ring: &Keyring, ctx: &Context, plain: &[u8]) -> Vec<u8> {
             inner.extend_from_slice(plain);
         }
     }
-    let (id, key) = ring.sealing();
     let cipher = XSalsa20Poly1305::new(&ctx.subkey(key));
     let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
     let sealed = cipher.encrypt(&nonce, inner.as_slice()).expect("sealing in memory cannot fail");
     let mut out = Vec::with_capacity(HEADER + sealed.len());
-    out.extend_from_slice(&[MAGIC, FORMAT]);
+    out.extend_from_slice(&[MAGIC, format]);
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&sealed);
@@ -123,6 +176,29 @@ pub fn sealed_key_id(blob: &[u8]) -> Option<u32> {
         .then(|| u32::from_be_bytes(blob[2..6].try_into().expect("four bytes")))
 }
 
+/// What sealed a blob, read from its clear header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedUnder {
+    /// This key of the ring (format 1).
+    Ring(u32),
+    /// This generation of its session's data key (format 2).
+    DataKey(u32),
+}
+
+/// What sealed `blob`, read from its clear header without opening it;
+/// `None` when `blob` is not a sealed blob.
+pub fn sealed_under(blob: &[u8]) -> Option<SealedUnder> {
+    if blob.len() <= HEADER + 16 || blob[0] != MAGIC {
+        return None;
+    }
+    let id = u32::from_be_bytes(blob[2..6].try_into().expect("four bytes"));
+    match blob[1] {
+        FORMAT => Some(SealedUnder::Ring(id)),
+        FORMAT_DATA_KEY => Some(SealedUnder::DataKey(id)),
+        _ => None,
+    }
+}
+
 /// Opens a blob sealed by [`seal`] for the same context.
 pub fn open(ring: &Keyring, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealError> {
     if blob.len() < HEADER + 16 + 1 || blob[0] != MAGIC || blob[1] != FORMAT {
@@ -130,6 +206,19 @@ pub fn open(ring: &Keyring, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealE
     }
     let id = u32::from_be_bytes(blob[2..6].try_into().expect("four bytes"));
     let key = ring.get(id).ok_or(SealError::UnknownKey(id))?;
+    open_with(key, ctx, blob)
+}
+
+/// Opens a format-2 blob with the data key of the generation it names, which the
+/// caller found for the blob's session ([`sealed_under`] names it).
+pub(crate) fn open_data_key(key: &[u8; 32], ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealError> {
+    if blob.len() < HEADER + 16 + 1 || blob[0] != MAGIC || blob[1] != FORMAT_DATA_KEY {
+        return Err(SealError::Malformed);
+    }
+    open_with(key, ctx, blob)
+}
+
+fn open_with(key: &[u8; 32], ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, SealError> {
     let nonce = crypto_secretbox::Nonce::from_slice(&blob[6..HEADER]);
     let cipher = XSalsa20Poly1305::new(&ctx.subkey(key));
     let inner = cipher.decrypt(nonce, &blob[HEADER..]).map_err(|_| SealError::Tampered)?;
@@ -148,7 +237,7 @@ impl Context {
     /// The manifest of a session's projected copy: what the copy holds as a
     /// whole, checked before any of it is believed.
     pub fn manifest(s: &SessionKey) -> Self {
-        Self::of(&[b"manifest", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
+        Self::of(&[b"manifest", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()]).of_session(s)
     }
 
     /// One projected key named by its id tag ([`crate::Codec::id_tag`])
@@ -157,6 +246,6 @@ impl Context {
     /// another slot fails to open.
     pub fn tagged_key(s: &SessionKey, ty: &KeyType, tag: &str) -> Self {
         let (t, s_) = (s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes());
-        Self::of(&[b"tagged-key", t, s_, ty.as_str().as_bytes(), tag.as_bytes()])
+        Self::of(&[b"tagged-key", t, s_, ty.as_str().as_bytes(), tag.as_bytes()]).of_session(s)
     }
 }

@@ -20,6 +20,7 @@
 //! session's subject, and it writes only sealed events.
 
 mod config;
+mod datakeys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use bstore_domain::{Chain, Event, Link, Refusal, SessionKey};
 use futures_util::StreamExt;
 
 pub use config::{LogConfig, Storage};
+pub use datakeys::{DATA_KEYS_BUCKET, Erasure};
 
 /// Why the log could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +128,8 @@ pub struct EventLog {
     js: jetstream::Context,
     cfg: LogConfig,
     codec: Codec,
+    /// The sessions' data keys (`datakeys.rs`), opened on first use.
+    data_key_bucket: std::sync::Arc<tokio::sync::OnceCell<async_nats::jetstream::kv::Store>>,
 }
 
 impl EventLog {
@@ -141,13 +145,13 @@ impl EventLog {
             tracing::info!(stream = %wanted.name, "updating stream settings to match the configuration");
             js.update_stream(wanted).await.map_err(unavailable)?;
         }
-        Ok(Self { js, cfg, codec })
+        Ok(Self { js, cfg, codec, data_key_bucket: Default::default() })
     }
 
     /// A handle on a stream that already exists, without checking or
     /// changing its settings: for readers such as the materializer.
     pub fn attach(js: jetstream::Context, cfg: LogConfig, codec: Codec) -> Self {
-        Self { js, cfg, codec }
+        Self { js, cfg, codec, data_key_bucket: Default::default() }
     }
 
     /// The codec events are sealed with.
@@ -170,6 +174,7 @@ impl EventLog {
     /// `expected_last` as its predecessor (`prev`), whatever `event.prev`
     /// says: the fence makes that true.
     pub async fn append(&self, session: &SessionKey, expected_last: u64, event: &Event) -> Result<Appended, LogError> {
+        self.key_for_write(session).await?;
         // Compressing and sealing a large event happens off the thread that
         // serves the other sessions.
         let payload = if event.value_bytes() < OFF_THREAD_BYTES {
@@ -184,6 +189,18 @@ impl EventLog {
         if let Some(rid) = &event.rid {
             msg = msg.message_id(format!("{}.{}.{rid}", session.tenant, session.session));
         }
+        self.publish(session, expected_last, msg).await
+    }
+
+    /// Appends `event` sealed under the ring even if the session has a data
+    /// key: an erasure's marker. Fenced like [`EventLog::append`].
+    async fn append_under_ring(&self, session: &SessionKey, expected_last: u64, event: &Event) -> Result<u64, LogError> {
+        let payload = self.codec.encode_event_under_ring(session, &Event { prev: Some(expected_last), ..event.clone() });
+        let msg = PublishMessage::build().payload(payload.into()).expected_last_subject_sequence(expected_last);
+        Ok(self.publish(session, expected_last, msg).await?.seq)
+    }
+
+    async fn publish(&self, session: &SessionKey, expected_last: u64, msg: PublishMessage) -> Result<Appended, LogError> {
         let ack = self.js.send_publish(self.subject(session), msg).await.map_err(|e| publish_error(e, expected_last))?;
         let ack = ack.await.map_err(|e| publish_error(e, expected_last))?;
         Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate })
@@ -213,11 +230,16 @@ impl EventLog {
     /// logged at error level, counted ([`refused_events`]) and handed over as
     /// [`Replayed::Refused`]; the replay goes on. One that names a
     /// predecessor the replay never saw stops it with [`LogError::Broken`].
+    ///
+    /// A session that was erased is replayed from its erasure's marker on
+    /// (`datakeys.rs`): what precedes it is skipped.
     pub async fn replay_checked(&self, session: &SessionKey, after: u64, mut f: impl FnMut(u64, Replayed)) -> Result<u64, LogError> {
+        let after = self.replay_start(session, after).await?;
         let mut chain = Chain::after(after);
         let Some(mut tail) = self.tail(session, after).await? else { return Ok(after) };
         while let Some((seq, msg)) = tail.next().await? {
-            let event = self.decode(session, seq, &msg.payload)?;
+            let event = self.decode_fresh(session, seq, &msg.payload).await?;
+            self.passed(session, &event);
             let mut link = chain.check(seq, &event);
             if link == Link::NeedPredecessor {
                 // Only an unchained event read from the middle asks for this:

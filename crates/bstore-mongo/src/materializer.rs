@@ -82,6 +82,10 @@ pub struct Stats {
     /// Deliveries handed back for another instance: events of a newer
     /// schema than this build reads.
     pub deferred_events: u64,
+    /// Events of erased sessions from before their erasure (unreadable by
+    /// design), acknowledged without being applied: the erasure's marker,
+    /// which follows them, clears the session.
+    pub erased_events: u64,
 }
 
 #[derive(Default)]
@@ -90,6 +94,7 @@ struct Counters {
     quarantined_events: AtomicU64,
     unreadable_documents: AtomicU64,
     deferred_events: AtomicU64,
+    erased_events: AtomicU64,
 }
 
 /// The materializer. Run it with [`Materializer::run`]; ask its lag with
@@ -101,6 +106,8 @@ pub struct Materializer {
     log: LogConfig,
     cfg: MongoConfig,
     codec: Codec,
+    /// The log, for the sessions' data keys.
+    events: EventLog,
     counters: Arc<Counters>,
 }
 
@@ -117,6 +124,8 @@ struct Undecodable {
     reason: String,
     /// Another instance may read it: written by a newer schema.
     defer: bool,
+    /// An event of an erased session from before its erasure.
+    erased: bool,
 }
 
 impl Materializer {
@@ -124,7 +133,8 @@ impl Materializer {
     pub fn new(client: async_nats::Client, log: LogConfig, cfg: MongoConfig, store: Store, codec: Codec) -> Self {
         let mut js = jetstream::new(client);
         js.set_timeout(log.request_timeout);
-        Self { store, js, log, cfg, codec, counters: Arc::default() }
+        let events = EventLog::attach(js.clone(), log.clone(), codec.clone());
+        Self { store, js, log, cfg, codec, events, counters: Arc::default() }
     }
 
     /// Writes `events` (whole values or patches): reads what the batch needs
@@ -297,6 +307,7 @@ impl Materializer {
         Stats {
             applied_seq: c.applied_seq.load(Ordering::Acquire),
             quarantined_events: c.quarantined_events.load(Ordering::Relaxed),
+            erased_events: c.erased_events.load(Ordering::Relaxed),
             unreadable_documents: c.unreadable_documents.load(Ordering::Relaxed),
             deferred_events: c.deferred_events.load(Ordering::Relaxed),
         }
@@ -429,7 +440,7 @@ impl Materializer {
         for m in &messages {
             let delivered = m.info().map_or(1, |i| i.delivered);
             let last_delivery = delivered >= self.max_deliver();
-            match self.decode(m) {
+            match self.decode_fresh(m).await {
                 // Each delivery before this one failed to finish: an event
                 // that makes an instance die, or hang past the ack wait.
                 Ok(e) if last_delivery => {
@@ -440,6 +451,11 @@ impl Materializer {
                 Ok(e) => {
                     pending.insert(e.seq, m);
                     events.push(e);
+                }
+                Err(u) if u.erased => {
+                    self.counters.erased_events.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(subject = %m.subject, seq = u.seq, "skipping an event erased with its session");
+                    pending.insert(u.seq, m);
                 }
                 Err(u) if u.defer && !last_delivery => {
                     self.counters.deferred_events.fetch_add(1, Ordering::Relaxed);
@@ -555,7 +571,7 @@ impl Materializer {
     fn decode(&self, m: &jetstream::Message) -> Result<LoggedEvent, Undecodable> {
         let seq = m.info().map_or(0, |i| i.stream_sequence);
         let Some(session) = session_of(&self.log.subject_prefix, &m.subject) else {
-            return Err(Undecodable { seq, session: None, reason: "its subject names no session".into(), defer: false });
+            return Err(Undecodable { seq, session: None, reason: "its subject names no session".into(), defer: false, erased: false });
         };
         match self.codec.decode_event(&session, &m.payload) {
             Ok(event) => Ok(LoggedEvent { seq, session, event }),
@@ -576,8 +592,29 @@ impl Materializer {
                     CodecError::Decode(_) => ("it opens but does not decode as an event".into(), false),
                     _ => (format!("it does not open: {e}"), false),
                 };
-                Err(Undecodable { seq, session: Some(session), reason, defer })
+                Err(Undecodable { seq, session: Some(session), reason, defer, erased: false })
             }
+        }
+    }
+
+    /// [`Materializer::decode`], looking the session's data key up when the
+    /// event is sealed under one this process does not have (first sight,
+    /// or a generation made since); an event from before the session's
+    /// erasure is told apart from an unreadable one.
+    async fn decode_fresh(&self, m: &jetstream::Message) -> Result<LoggedEvent, Undecodable> {
+        let first = self.decode(m);
+        let Err(u) = &first else { return first };
+        let Some(session) = u.session.clone() else { return first };
+        if !self.codec.open_needs_data_key(&m.payload) {
+            return first;
+        }
+        match self.events.refresh_data_key(&session).await {
+            Ok(state) if state.erased.is_some_and(|e| u.seq < e.marker) => {
+                Err(Undecodable { seq: u.seq, session: Some(session), reason: "erased with its session".into(), defer: false, erased: true })
+            }
+            Ok(_) => self.decode(m),
+            // The key store is unreachable: handed back, tried again later.
+            Err(e) => Err(Undecodable { seq: u.seq, session: Some(session), reason: format!("its data key cannot be looked up: {e}"), defer: true, erased: false }),
         }
     }
 }

@@ -147,6 +147,9 @@ pub(crate) struct Idle {
 #[rtype(result = "()")]
 pub(crate) struct Passivate {
     pub done: oneshot::Sender<()>,
+    /// Bring a stale Redis copy up to date first. Not for a session that
+    /// was erased: its state in memory is what the erasure removed.
+    pub project: bool,
 }
 
 impl SessionActor {
@@ -163,7 +166,11 @@ impl Handler<Passivate> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Passivate, ctx: &mut Self::Context) {
-        self.final_catch_up();
+        if msg.project {
+            self.final_catch_up();
+        } else {
+            self.live = None;
+        }
         self.on_stop = Some(msg.done);
         ctx.stop();
     }

@@ -90,10 +90,15 @@ impl Registry {
 
     /// Stops `key`'s actor after the requests already routed to it.
     fn retire(&mut self, key: &SessionKey) -> Option<Predecessor> {
+        self.retire_as(key, true)
+    }
+
+    /// [`Registry::retire`], projecting the state a last time or not.
+    fn retire_as(&mut self, key: &SessionKey, project: bool) -> Option<Predecessor> {
         let entry = self.actors.remove(key)?;
         self.lru.remove(&entry.tick);
         let (done, stopped) = oneshot::channel();
-        entry.addr.do_send(Passivate { done });
+        entry.addr.do_send(Passivate { done, project });
         let stopped = predecessor(stopped);
         // If an earlier actor of the session is still stopping, this one
         // waited for it; waiting for this one covers both.
@@ -154,6 +159,23 @@ impl Handler<DropPartition> for Registry {
         // Actors of the partition retired earlier may still be stopping.
         waits.extend(self.retiring.iter().filter(|(k, _)| self.env.ownership.partition(k) == p).map(|(_, w)| w.clone()));
         MessageResult(waits)
+    }
+}
+
+/// Stops one session's actor without projecting its state: the session
+/// was erased. Answers once it has stopped.
+struct Forget(SessionKey);
+
+impl Message for Forget {
+    type Result = Option<Predecessor>;
+}
+
+impl Handler<Forget> for Registry {
+    type Result = MessageResult<Forget>;
+
+    fn handle(&mut self, Forget(key): Forget, _: &mut Self::Context) -> Self::Result {
+        let stopped = self.retire_as(&key, false).or_else(|| self.retiring.get(&key).cloned());
+        MessageResult(stopped)
     }
 }
 
@@ -242,6 +264,16 @@ impl Sessions {
     /// The deadline a new request gets.
     pub fn deadline(&self) -> std::time::Instant {
         std::time::Instant::now() + self.timeout
+    }
+
+    /// Stops `key`'s actor (if it has one) after the requests already
+    /// routed to it, dropping its state unprojected, and waits for it: an
+    /// erased session must not stay in memory. The next request loads it
+    /// from the log again.
+    pub async fn forget(&self, key: &SessionKey) {
+        if let Ok(Some(stopped)) = self.registry.send(Forget(key.clone())).await {
+            stopped.await;
+        }
     }
 
     /// How many session actors are alive.
