@@ -2,8 +2,8 @@
 //! unreadable for good, on request, without purging the audit log.
 //!
 //! The log denies purges, so an erasure destroys keys instead of messages
-//! (crypto-shredding, `bstore-log`'s `datakeys.rs`): each session's events,
-//! and its Redis and Mongo values, are sealed under a data key of its own;
+//! (crypto-shredding, `bstore-log`'s `datakeys.rs`): each session's events
+//! are sealed under a data key of its own;
 //! erasing destroys that key and appends a marker (a session deletion
 //! sealed under the ring, readable for ever) after which the session starts
 //! empty. Every running instance drops the session from memory when it sees
@@ -14,8 +14,10 @@
 //! What an erasure cannot reach, and says: events sealed under ring keys,
 //! written before the cluster had data keys on (`keys enable-data-keys`),
 //! stay readable to whoever holds those keys until retention drops them;
-//! and backups of the data-key bucket taken before the erasure still hold
-//! the wrapped key (keep them short-lived, or apart from the sealing keys).
+//! backups of the data-key bucket taken before the erasure still hold the
+//! wrapped key (keep them short-lived, or apart from the sealing keys); and
+//! projected values are sealed under the ring, so a Redis or Mongo backup
+//! taken before the erasure is not shredded (the live copies are cleared).
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,6 @@
 //! What a process knows of each session's data key.
 //!
-//! A session's events, snapshots and projected values are sealed under a
-//! data key of its own (format 2, see `seal.rs`) once the cluster has data
+//! A session's events and snapshots are sealed under a data key of its own (format 2, see `seal.rs`) once the cluster has data
 //! keys on. The key is random, kept *wrapped* — sealed under a ring key for
 //! its session and generation ([`Codec::wrap_data_key`](crate::Codec::wrap_data_key)) — in a store the
 //! log owns (`bstore-log`), and destroyed when the session is erased: what

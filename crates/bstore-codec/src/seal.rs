@@ -9,10 +9,14 @@
 //!
 //! Format 2 is the same but for its key: the session's *data key* of
 //! generation `gen` ([`crate::DataKeys`]), itself kept wrapped (sealed in
-//! format 1 under a ring key) outside the blob. Destroying a session's
-//! wrapped data key makes every format-2 blob of it unreadable for good —
-//! how a session is erased while the log keeps its messages — and rotating
-//! the ring re-wraps data keys instead of re-sealing what they sealed.
+//! format 1 under a ring key) outside the blob. Events and snapshots — what
+//! the log keeps for ever — are sealed so (contexts that name their
+//! session); projected values stay under the ring, since projections are
+//! rewritten at will (erased with the session, re-sealed by a rotation).
+//! Destroying a session's wrapped data key makes every format-2 blob of it
+//! unreadable for good — how a session is erased while the log keeps its
+//! messages — and rotating the ring re-wraps data keys instead of
+//! re-sealing what they sealed.
 //!
 //! Sealing with a subkey derived from the blob's context (rather than the
 //! raw key) is what binds a blob to its place: opening it anywhere else
@@ -112,7 +116,6 @@ impl Context {
             Some((ty, id)) => Self::of(&[b"key", t, s_, ty.as_str().as_bytes(), id.as_str().as_bytes()]),
             None => Self::of(&[b"creds", t, s_]),
         }
-        .of_session(s)
     }
 
     fn of(parts: &[&[u8]]) -> Self {
@@ -237,7 +240,7 @@ impl Context {
     /// The manifest of a session's projected copy: what the copy holds as a
     /// whole, checked before any of it is believed.
     pub fn manifest(s: &SessionKey) -> Self {
-        Self::of(&[b"manifest", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()]).of_session(s)
+        Self::of(&[b"manifest", s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes()])
     }
 
     /// One projected key named by its id tag ([`crate::Codec::id_tag`])
@@ -246,6 +249,6 @@ impl Context {
     /// another slot fails to open.
     pub fn tagged_key(s: &SessionKey, ty: &KeyType, tag: &str) -> Self {
         let (t, s_) = (s.tenant.as_str().as_bytes(), s.session.as_str().as_bytes());
-        Self::of(&[b"tagged-key", t, s_, ty.as_str().as_bytes(), tag.as_bytes()]).of_session(s)
+        Self::of(&[b"tagged-key", t, s_, ty.as_str().as_bytes(), tag.as_bytes()])
     }
 }

@@ -189,3 +189,45 @@ fn the_sealing_key_id_reads_from_the_header() {
     assert_eq!(sealed_key_id(&blob), Some(3));
     assert_eq!(sealed_key_id(b"not sealed"), None);
 }
+
+#[test]
+fn a_session_with_a_data_key_seals_under_it_and_nothing_opens_once_it_is_gone() {
+    let codec = Codec::new(ring(&[1]));
+    let (a, b) = (sk("t", "a"), sk("t", "b"));
+    let key = Codec::generate_data_key();
+    let state = |generation, key: Option<[u8; 32]>| DataKeyState {
+        key: key.map(|k| (generation, std::sync::Arc::new(k))),
+        erased: None,
+        erasing: false,
+    };
+    codec.data_keys().set(&a, state(1, Some(key)));
+    let event = Event::new(0, None, Change::CredsPut { creds: Bytes::from_static(b"creds of a") });
+    let blob = codec.encode_event(&a, &event);
+    assert_eq!(sealed_under(&blob), Some(SealedUnder::DataKey(1)));
+    assert_eq!(sealed_key_id(&blob), None, "no ring key id in a format-2 header");
+    assert_eq!(codec.decode_event(&a, &blob).unwrap(), event);
+    // Projected values stay under the ring; so does a session without a data key.
+    assert_eq!(sealed_under(&codec.seal_value(&a, None, b"creds of a")), Some(SealedUnder::Ring(1)));
+    assert_eq!(sealed_under(&codec.encode_event(&b, &event)), Some(SealedUnder::Ring(1)));
+    // Moved to another session (even one with the same data key), it fails.
+    codec.data_keys().set(&b, state(1, Some(key)));
+    assert!(matches!(codec.decode_event(&b, &blob), Err(CodecError::Seal(SealError::Tampered))));
+
+    // A process that has not looked the session up is told to.
+    let other = Codec::new(ring(&[1]));
+    assert!(matches!(other.decode_event(&a, &blob), Err(CodecError::Seal(SealError::NoDataKey(1)))));
+    // The wrapped key opens under the ring for its own session and generation only.
+    let wrapped = codec.wrap_data_key(&a, 1, &key);
+    assert_eq!(other.unwrap_data_key(&a, 1, &wrapped).unwrap(), key);
+    assert!(other.unwrap_data_key(&a, 2, &wrapped).is_err());
+    assert!(other.unwrap_data_key(&b, 1, &wrapped).is_err());
+    // Erased: no key, or a newer generation: the blob is gone for good.
+    codec.data_keys().set(&a, state(1, None));
+    assert!(matches!(codec.decode_event(&a, &blob), Err(CodecError::Seal(SealError::DataKeyGone(1)))));
+    codec.data_keys().set(&a, state(2, Some(Codec::generate_data_key())));
+    assert!(matches!(codec.decode_event(&a, &blob), Err(CodecError::Seal(SealError::DataKeyGone(1)))));
+    // An erasure's marker stays under the ring whatever the session has.
+    let marker = codec.encode_event_under_ring(&a, &Event::new(0, None, Change::SessionDeleted));
+    assert_eq!(sealed_under(&marker), Some(SealedUnder::Ring(1)));
+    assert!(Codec::new(ring(&[1])).decode_event(&a, &marker).is_ok());
+}
