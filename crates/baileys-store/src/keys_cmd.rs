@@ -127,8 +127,8 @@ pub async fn enable_data_keys(cfg: Config) -> anyhow::Result<()> {
             .map(|r| format!("{} {} (release {}) does not read data keys: upgrade it first", r.role, r.instance, r.version))
             .collect()
     };
-    let mut problems = lacking(&meta.rings().await?);
     let announced = meta.rings().await?;
+    let mut problems = lacking(&announced);
     for member in lease_members(&js, &cfg.cluster.bucket).await? {
         if !announced.contains_key(&member) {
             problems.push(format!("instance {member} holds partition leases but announces no keyring (an older release?): upgrade it first"));

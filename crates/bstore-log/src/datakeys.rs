@@ -134,6 +134,18 @@ impl EventLog {
         }
     }
 
+    /// Writes `record`: creates it when `revision` is `None`, else updates
+    /// it only if it is still at `revision`. The inner error is a lost
+    /// compare-and-set (or a refusal), for the caller to read again.
+    async fn write_record(&self, session: &SessionKey, record: &Record, revision: Option<u64>) -> Result<Result<(), String>, LogError> {
+        let value = Bytes::from(rmp_serde::to_vec_named(record).expect("plain data"));
+        let bucket = self.data_key_bucket().await?;
+        Ok(match revision {
+            None => bucket.create(key_name(session), value).await.map(|_| ()).map_err(|e| e.to_string()),
+            Some(rev) => bucket.update(key_name(session), value, rev).await.map(|_| ()).map_err(|e| e.to_string()),
+        })
+    }
+
     fn state_of(&self, session: &SessionKey, record: &Record) -> Result<DataKeyState, LogError> {
         let key = match &record.wrapped {
             Some(wrapped) => Some((
@@ -190,13 +202,7 @@ impl EventLog {
             let generation = record.generation + 1;
             let key = bstore_codec::Codec::generate_data_key();
             let made = Record { generation, wrapped: Some(self.codec.wrap_data_key(session, generation, &key)), ..record };
-            let value = Bytes::from(rmp_serde::to_vec_named(&made).expect("plain data"));
-            let bucket = self.data_key_bucket().await?;
-            let written = match revision {
-                None => bucket.create(key_name(session), value).await.map(|_| ()).map_err(|e| e.to_string()),
-                Some(rev) => bucket.update(key_name(session), value, rev).await.map(|_| ()).map_err(|e| e.to_string()),
-            };
-            match written {
+            match self.write_record(session, &made, revision).await? {
                 Ok(()) => {
                     tracing::debug!(session = %session, generation, "made a data key");
                     self.codec.data_keys().set(session, DataKeyState {
@@ -281,18 +287,12 @@ impl EventLog {
     /// which replays start (see the module's documentation). Run again after
     /// a failure, it finishes what was begun.
     pub async fn erase(&self, session: &SessionKey, at_ms: u64) -> Result<Erasure, LogError> {
-        let bucket = self.data_key_bucket().await?.clone();
         // 1. The key goes, and the session takes no write until step 3.
         let destroyed_generation = loop {
             let (record, revision) = self.read_record(session).await?;
             let destroyed = record.wrapped.is_some().then_some(record.generation);
             let erasing = Record { wrapped: None, erasing: true, ..record };
-            let value = Bytes::from(rmp_serde::to_vec_named(&erasing).expect("plain data"));
-            let written = match revision {
-                None => bucket.create(key_name(session), value).await.map(|_| ()).map_err(|e| e.to_string()),
-                Some(rev) => bucket.update(key_name(session), value, rev).await.map(|_| ()).map_err(|e| e.to_string()),
-            };
-            match written {
+            match self.write_record(session, &erasing, revision).await? {
                 Ok(()) => break destroyed,
                 Err(e) => tracing::debug!(session = %session, error = %e, "the data-key record changed meanwhile; reading it again"),
             }
@@ -324,9 +324,8 @@ impl EventLog {
         loop {
             let (record, revision) = self.read_record(session).await?;
             let erased = Record { wrapped: None, erasing: false, erased: Some(Erased { marker, prev, at_ms }), ..record };
-            let value = Bytes::from(rmp_serde::to_vec_named(&erased).expect("plain data"));
-            match bucket.update(key_name(session), value, revision.unwrap_or(0)).await {
-                Ok(_) => break,
+            match self.write_record(session, &erased, revision).await? {
+                Ok(()) => break,
                 Err(e) => tracing::debug!(session = %session, error = %e, "the data-key record changed meanwhile; reading it again"),
             }
         }
@@ -364,7 +363,6 @@ impl EventLog {
     /// Re-wraps every data key that is not wrapped under the ring's current
     /// key (after a rotation). Returns how many were re-wrapped.
     pub async fn rewrap_data_keys(&self) -> Result<u64, LogError> {
-        let bucket = self.data_key_bucket().await?.clone();
         let current = self.codec.keyring().current();
         let mut done = 0;
         for (session, under, _, _) in self.data_key_records().await? {
@@ -377,8 +375,7 @@ impl EventLog {
                 let key =
                     self.codec.unwrap_data_key(&session, record.generation, wrapped).map_err(|e| unreadable_record(&session, e.to_string()))?;
                 let rewrapped = Record { wrapped: Some(self.codec.wrap_data_key(&session, record.generation, &key)), ..record.clone() };
-                let value = Bytes::from(rmp_serde::to_vec_named(&rewrapped).expect("plain data"));
-                if bucket.update(key_name(&session), value, revision).await.is_ok() {
+                if self.write_record(&session, &rewrapped, Some(revision)).await?.is_ok() {
                     done += 1;
                     break;
                 }
