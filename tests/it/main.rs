@@ -17,6 +17,7 @@ mod mapping;
 mod materializer_concurrency;
 mod ownership;
 mod projections;
+mod snapshots;
 mod spine;
 mod tools;
 mod trust;

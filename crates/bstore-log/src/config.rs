@@ -40,6 +40,12 @@ pub struct LogConfig {
     /// is reported as unavailable. Default 5 s.
     #[serde(with = "bstore_domain::secs")]
     pub request_timeout: Duration,
+    /// The JetStream stream of the sessions' snapshots (`snapshots.rs`).
+    /// Default `BSTORE_SNAPSHOTS`.
+    pub snapshot_stream: String,
+    /// The subject prefix of that stream: a session's snapshots are on
+    /// `<prefix>.<tenant>.<session>`. Default `bstore-snap`.
+    pub snapshot_subject_prefix: String,
 }
 
 impl Default for LogConfig {
@@ -52,11 +58,33 @@ impl Default for LogConfig {
             max_message_bytes: 8 << 20,
             duplicate_window: Duration::from_secs(120),
             request_timeout: crate::DEFAULT_TIMEOUT,
+            snapshot_stream: "BSTORE_SNAPSHOTS".into(),
+            snapshot_subject_prefix: "bstore-snap".into(),
         }
     }
 }
 
 impl LogConfig {
+    /// The snapshot stream's settings: the last [`crate::SNAPSHOTS_KEPT`]
+    /// messages of each session's subject are kept, older ones dropped by the
+    /// server. Snapshots are derived data: nothing is lost with one.
+    pub fn snapshot_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.snapshot_stream.clone(),
+            description: Some("baileys-store session snapshots, the latest two per session".into()),
+            subjects: vec![format!("{}.>", self.snapshot_subject_prefix)],
+            num_replicas: self.replicas,
+            storage: match self.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            max_message_size: self.max_message_bytes,
+            max_messages_per_subject: crate::snapshots::SNAPSHOTS_KEPT,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
     /// The JetStream stream configuration these settings ask for. History is
     /// kept without an age limit: replaying the log is how a session is
     /// rebuilt, so no event may expire before a durable snapshot covers it.

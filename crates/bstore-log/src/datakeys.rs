@@ -331,6 +331,10 @@ impl EventLog {
         }
         self.codec.data_keys().forget(session);
         tracing::info!(session = %session, marker, destroyed_generation, shredded_events, "session erased");
+        // Snapshots of what was erased go too: those sealed under the
+        // destroyed key could not be opened anyway, those under the ring
+        // (written before data keys) could.
+        self.purge_snapshots(session).await?;
         Ok(Erasure { marker, prev, destroyed_generation, shredded_events, under_ring })
     }
 

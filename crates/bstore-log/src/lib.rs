@@ -21,6 +21,7 @@
 
 mod config;
 mod datakeys;
+mod snapshots;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +34,7 @@ use futures_util::StreamExt;
 
 pub use config::{LogConfig, Storage};
 pub use datakeys::{DATA_KEYS_BUCKET, Erasure};
+pub use snapshots::{COVERS_HEADER, SNAPSHOTS_KEPT, StoredSnapshot, skipped_snapshots};
 
 /// Why the log could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,13 @@ impl EventLog {
         if differs(&have, &wanted) {
             tracing::info!(stream = %wanted.name, "updating stream settings to match the configuration");
             js.update_stream(wanted).await.map_err(unavailable)?;
+        }
+        let snapshots = cfg.snapshot_stream_config();
+        let mut stream = js.get_or_create_stream(snapshots.clone()).await.map_err(unavailable)?;
+        let have = stream.info().await.map_err(unavailable)?.config.clone();
+        if snapshots_differ(&have, &snapshots) {
+            tracing::info!(stream = %snapshots.name, "updating stream settings to match the configuration");
+            js.update_stream(snapshots).await.map_err(unavailable)?;
         }
         Ok(Self { js, cfg, codec, data_key_bucket: Default::default() })
     }
@@ -432,6 +441,15 @@ fn publish_error(e: jetstream::context::PublishError, expected: u64) -> LogError
         }
         _ => LogError::Unavailable(e.to_string()),
     }
+}
+
+/// Compares the snapshot stream's settings this service owns.
+fn snapshots_differ(have: &stream::Config, want: &stream::Config) -> bool {
+    have.subjects != want.subjects
+        || have.num_replicas != want.num_replicas
+        || have.max_message_size != want.max_message_size
+        || have.max_messages_per_subject != want.max_messages_per_subject
+        || have.allow_direct != want.allow_direct
 }
 
 /// Compares the settings this service owns; the server fills in others.

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::projector::Projector;
 use crate::rids::RecentRids;
+use crate::snapshotter::SnapTrack;
 use crate::{Op, Reply, Request, SessionConfig, SessionError};
 
 /// What every session actor shares: the log, the Redis projection (if
@@ -47,11 +48,13 @@ pub(crate) struct Env {
 pub(crate) type Predecessor = Shared<futures_util::future::BoxFuture<'static, ()>>;
 
 /// A loaded session: its state, the ownership epoch it was loaded under,
-/// and the request ids of its recent events.
+/// the request ids of its recent events, and what it has appended since its
+/// last snapshot.
 struct Live {
     st: SessionState,
     epoch: u64,
     rids: RecentRids,
+    snap: SnapTrack,
 }
 
 /// Owns one session's state and serializes everything done to it.
@@ -168,6 +171,9 @@ impl Handler<Passivate> for SessionActor {
     fn handle(&mut self, msg: Passivate, ctx: &mut Self::Context) {
         if msg.project {
             self.final_catch_up();
+            if let Some(live) = &mut self.live {
+                live.snap.on_stop(&self.env.cfg, &self.env.log, &self.key, &live.st);
+            }
         } else {
             self.live = None;
         }
@@ -261,7 +267,9 @@ async fn load(env: &Env, key: &SessionKey, projector: Option<&Projector>, epoch:
     if let (Some(p), Some(mode)) = (projector, loaded.repair) {
         p.snapshot(&loaded.state, mode);
     }
-    Ok(Live { st: loaded.state, epoch, rids })
+    let mut snap = SnapTrack::after_load(&loaded.source);
+    snap.maybe_write(&env.cfg, &env.log, key, &loaded.state);
+    Ok(Live { st: loaded.state, epoch, rids, snap })
 }
 
 /// Decides, appends, and applies one write. On a conflict the session is
@@ -314,6 +322,8 @@ async fn write(
                 if let (Some(p), Some(before)) = (projector, before) {
                     p.after_write(before, &live.st, &event);
                 }
+                live.snap.record(event.value_bytes());
+                live.snap.maybe_write(&env.cfg, &env.log, key, &live.st);
                 return Ok(Reply::Written { seq: appended.seq });
             }
             Err(LogError::Conflict { expected }) => {

@@ -25,6 +25,7 @@ pub mod load;
 mod projector;
 mod registry;
 mod rids;
+mod snapshotter;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use actor::SessionActor;
 pub use registry::{Registry, Sessions};
+pub use snapshotter::snapshot_counts;
 
 /// Tampering with the stores that this process noticed since it started,
 /// for the operator's figures. Each was also logged where it was noticed.
@@ -82,11 +84,29 @@ pub struct SessionConfig {
     /// costs a wake-up, so one thread is faster until sealing large values
     /// saturates it (many cores, large values: try one per core).
     pub workers: usize,
+    /// A snapshot of a session is written to the log once this many events
+    /// were appended since the last one (0: never write snapshots). Loads
+    /// replay at most about this many events. Default 1 000.
+    pub snapshot_every_events: u64,
+    /// ... or once this many bytes of values were. Default 4 MiB.
+    pub snapshot_every_bytes: u64,
+    /// ... or when the session's actor stops (idle or evicted) with at least
+    /// this many events since the last one. Default 100.
+    pub snapshot_on_idle_events: u64,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        Self { max_active: 10_000, idle_timeout_secs: 600, request_timeout_secs: 10, conflict_retries: 3, workers: 0 }
+        Self {
+            max_active: 10_000,
+            idle_timeout_secs: 600,
+            request_timeout_secs: 10,
+            conflict_retries: 3,
+            workers: 0,
+            snapshot_every_events: 1_000,
+            snapshot_every_bytes: 4 << 20,
+            snapshot_on_idle_events: 100,
+        }
     }
 }
 

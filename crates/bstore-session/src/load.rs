@@ -1,21 +1,32 @@
 //! Loading a session into memory: the Redis copy plus the log's tail after
-//! it, or the log alone.
+//! it, else the latest usable snapshot plus the tail after it, else the log
+//! alone.
 //!
 //! The Redis copy is a shortcut, never an authority. It is used only when it
 //! opens cleanly (every value is sealed for its own session, type and id)
 //! and its sequence is not past the session's last event in the log; then
 //! only the events after it are replayed. Otherwise — missing, unreachable,
-//! unreadable, or ahead of the log — the session loads from the log alone,
-//! with a warning for the suspicious cases, and the caller is told how to
-//! repair the copy.
+//! unreadable, or ahead of the log — the session loads from its snapshots
+//! and the log, with a warning for the suspicious cases, and the caller is
+//! told how to repair the copy.
+//!
+//! A snapshot (`bstore_log::snapshots`) is trusted the same way: it must
+//! open as this session's state, not be older than the session's erasure,
+//! not be past the log's last event, and the events after it must follow
+//! it. One that fails any of these is skipped, logged, and the older one is
+//! tried, then the whole log. The cost of a load is therefore the size of
+//! the state plus the events since the last snapshot, not the history.
+//! When the starting point is already at the log's last event no replay
+//! consumer is made at all.
 //!
 //! Every replay checks that each event is where it was written
 //! ([`EventLog::replay_checked`]); a refused one is never applied, but the
 //! state's sequence moves past it ([`SessionState::pass_over`]), since the
 //! next append is fenced on the session's last message. A replay after the
-//! Redis copy that refuses an event falls back to the log alone: from the
-//! middle, a copy of an older event and a Redis copy at a sequence that is
-//! not the session's can look the same, and the whole log tells them apart.
+//! Redis copy or a snapshot that refuses an event falls back to the log
+//! alone: from the middle, a copy of an older event and a starting point at
+//! a sequence that is not the session's can look the same, and the whole log
+//! tells them apart.
 
 use bstore_domain::{Event, SessionKey, SessionState};
 use bstore_log::{EventLog, Replayed};
@@ -31,8 +42,38 @@ pub enum Source {
         /// Events replayed after the copy's sequence.
         tail: u64,
     },
-    /// The log alone, from its first event.
-    Log,
+    /// A snapshot in the log covering events through `seq`, plus `tail`
+    /// events after it.
+    Snapshot {
+        /// The last event the snapshot covers.
+        seq: u64,
+        /// Events replayed after it.
+        tail: u64,
+    },
+    /// The log alone, from its first event; `events` were replayed.
+    Log {
+        /// Events replayed.
+        events: u64,
+    },
+}
+
+impl Source {
+    /// Events replayed from the log by this load.
+    pub fn replayed(&self) -> u64 {
+        match *self {
+            Self::Redis { tail } | Self::Snapshot { tail, .. } => tail,
+            Self::Log { events } => events,
+        }
+    }
+
+    /// A short name, for figures and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Redis { .. } => "redis",
+            Self::Snapshot { .. } => "snapshot",
+            Self::Log { .. } => "log",
+        }
+    }
 }
 
 /// A loaded session.
@@ -46,7 +87,7 @@ pub struct Loaded {
     pub repair: Option<SnapshotMode>,
 }
 
-/// Loads `key` from `redis` (when configured) and the log.
+/// Loads `key` from `redis` (when configured), its snapshots and the log.
 pub async fn load(log: &EventLog, redis: Option<&RedisProjection>, key: &SessionKey) -> Result<Loaded, SessionError> {
     load_observed(log, redis, key, &mut |_, _| {}).await
 }
@@ -59,7 +100,8 @@ pub(crate) async fn load_observed(
     seen: &mut (dyn FnMut(u64, &Event) + Send),
 ) -> Result<Loaded, SessionError> {
     let Some(redis) = redis else {
-        return Ok(Loaded { state: from_log_observed(log, key, seen).await?, source: Source::Log, repair: None });
+        let (state, source) = from_snapshots_observed(log, key, seen).await?;
+        return Ok(Loaded { state, source, repair: None });
     };
     let (copy, last) = tokio::join!(redis.load(key), log.last_seq(key));
     let last = last?;
@@ -77,7 +119,9 @@ pub(crate) async fn load_observed(
                 }
                 Ok(_) => {
                     tracing::warn!(session = %key, redis_seq = from, "events after the redis copy were refused; loading from the log alone");
-                    Some(SnapshotMode::Replace)
+                    let mut state = SessionState::default();
+                    let events = replay_observed(log, key, &mut state, seen).await?.applied;
+                    return Ok(Loaded { state, source: Source::Log { events }, repair: Some(SnapshotMode::Replace) });
                 }
                 // The log's events do not fit the copy: the copy is wrong.
                 Err(SessionError::Unreadable(e)) => {
@@ -92,7 +136,7 @@ pub(crate) async fn load_observed(
             Some(SnapshotMode::Replace)
         }
         // A session the log has no event of is new: nothing to replay.
-        Ok(None) if last == 0 => return Ok(Loaded { state: SessionState::default(), source: Source::Log, repair: None }),
+        Ok(None) if last == 0 => return Ok(Loaded { state: SessionState::default(), source: Source::Log { events: 0 }, repair: None }),
         Ok(None) => Some(SnapshotMode::Guarded),
         Err(e @ RedisError::Unreadable { .. }) => {
             tracing::warn!(session = %key, error = %e, "ignoring the unreadable redis copy; loading from the log");
@@ -103,12 +147,52 @@ pub(crate) async fn load_observed(
             Some(SnapshotMode::Guarded)
         }
     };
-    Ok(Loaded { state: from_log_observed(log, key, seen).await?, source: Source::Log, repair })
+    let (state, source) = from_snapshots_observed(log, key, seen).await?;
+    Ok(Loaded { state, source, repair })
 }
 
 /// Replays every event of `key`.
 pub async fn from_log(log: &EventLog, key: &SessionKey) -> Result<SessionState, SessionError> {
     from_log_observed(log, key, &mut |_, _| {}).await
+}
+
+/// The session's state from its latest usable snapshot and the events after
+/// it, or from the whole log when no snapshot is usable.
+pub async fn from_snapshots(log: &EventLog, key: &SessionKey) -> Result<(SessionState, Source), SessionError> {
+    from_snapshots_observed(log, key, &mut |_, _| {}).await
+}
+
+async fn from_snapshots_observed(
+    log: &EventLog,
+    key: &SessionKey,
+    seen: &mut (dyn FnMut(u64, &Event) + Send),
+) -> Result<(SessionState, Source), SessionError> {
+    let (snapshots, last) = tokio::join!(log.snapshots(key), log.last_seq(key));
+    let (snapshots, last) = (snapshots?, last?);
+    for mut state in snapshots {
+        let seq = state.seq();
+        if seq > last {
+            tracing::warn!(session = %key, snapshot_seq = seq, log_seq = last, "a snapshot is ahead of the log; skipping it");
+            continue;
+        }
+        if seq == last {
+            return Ok((state, Source::Snapshot { seq, tail: 0 }));
+        }
+        match replay_observed(log, key, &mut state, seen).await {
+            Ok(tail) if tail.refused == 0 => return Ok((state, Source::Snapshot { seq, tail: tail.applied })),
+            Ok(_) => tracing::warn!(session = %key, snapshot_seq = seq, "events after a snapshot were refused; trying an older starting point"),
+            Err(SessionError::Unreadable(e)) => {
+                tracing::warn!(session = %key, snapshot_seq = seq, error = %e, "the log's events do not follow a snapshot; skipping it");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if last == 0 {
+        return Ok((SessionState::default(), Source::Log { events: 0 }));
+    }
+    let mut state = SessionState::default();
+    let tail = replay_observed(log, key, &mut state, seen).await?;
+    Ok((state, Source::Log { events: tail.applied }))
 }
 
 async fn from_log_observed(
@@ -232,7 +316,7 @@ mod tests {
         let loaded = load(&s.log, Some(&s.redis), &key).await.unwrap();
         assert_eq!(loaded.state.creds().map(|c| &c[..]), Some(&b"v2"[..]));
         assert_eq!(loaded.state.seq(), copy, "at the session's last message, to fence the next append on");
-        assert_eq!((loaded.source, loaded.repair), (Source::Log, Some(SnapshotMode::Replace)));
+        assert_eq!((loaded.source.name(), loaded.repair), ("log", Some(SnapshotMode::Replace)));
 
         // Once repaired, the copy is behind the Redis copy: nothing to refuse.
         s.redis.write_snapshot(&key, &loaded.state, SnapshotMode::Replace).await.unwrap();
@@ -255,6 +339,6 @@ mod tests {
 
         let loaded = load(&s.log, Some(&s.redis), &key).await.unwrap();
         assert_eq!(loaded.state.creds().map(|c| &c[..]), Some(&b"v2"[..]), "the second event was applied");
-        assert_eq!((loaded.source, loaded.repair), (Source::Log, Some(SnapshotMode::Replace)));
+        assert_eq!((loaded.source.name(), loaded.repair), ("log", Some(SnapshotMode::Replace)));
     }
 }

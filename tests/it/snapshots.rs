@@ -1,0 +1,165 @@
+//! Snapshots in the log: a session with a long history loads from its
+//! latest snapshot plus the events after it, and equals the state replayed
+//! from scratch; a snapshot that is corrupt, foreign or erased is never
+//! believed.
+
+use std::time::{Duration, Instant};
+
+use bstore_api::client::key_data;
+use bstore_codec::{Codec, Keyring};
+use bstore_domain::SessionKey;
+use bstore_log::{EventLog, LogConfig};
+use bstore_session::load::{Source, from_log, from_snapshots};
+
+use crate::harness::{KEY1, Stack, rid, service_bin};
+
+fn tool_log(stack: &Stack) -> EventLog {
+    let ring = Keyring::parse_entries(KEY1).unwrap();
+    EventLog::attach(async_nats::jetstream::new(stack.nc.clone()), LogConfig::default(), Codec::new(Keyring::new(ring, None).unwrap()))
+}
+
+/// A service that snapshots every `every` events.
+async fn stack_snapshotting_every(every: u64) -> Stack {
+    Stack::start_with(&[("BSTORE__SESSIONS__SNAPSHOT_EVERY_EVENTS", &every.to_string())]).await
+}
+
+/// `n` writes of the kinds a bot makes: pre-keys uploaded and consumed,
+/// Signal sessions rewritten, creds saved now and then.
+async fn traffic(client: &bstore_api::client::SessionClient, n: u64) -> u64 {
+    let mut last = 0;
+    for i in 0..n {
+        last = match i % 4 {
+            0 => client.creds_put(&rid(), format!("creds {i}").as_bytes()).await.unwrap(),
+            1 => {
+                let id = i.to_string();
+                let value = format!("pre-key {i}").into_bytes();
+                client.keys_set(&rid(), &key_data([("pre-key", id.as_str(), Some(&value[..]))])).await.unwrap()
+            }
+            2 => {
+                let old = (i - 1).to_string();
+                client.keys_set(&rid(), &key_data([("pre-key", old.as_str(), None)])).await.unwrap()
+            }
+            _ => {
+                let value = format!("session record after message {i}").into_bytes();
+                client.keys_set(&rid(), &key_data([("session", "491511234.0", Some(&value[..]))])).await.unwrap()
+            }
+        };
+    }
+    last
+}
+
+/// Waits until the newest snapshot of `key` covers at least `seq`; returns
+/// what it covers.
+async fn newest_snapshot_covering(log: &EventLog, key: &SessionKey, seq: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stored = log.stored_snapshots(key).await.unwrap();
+        if let Some(covers) = stored.first().and_then(|s| s.covers)
+            && covers >= seq
+        {
+            return covers;
+        }
+        assert!(Instant::now() < deadline, "no snapshot of {key} covering {seq}: {:?}", stored.iter().map(|s| s.covers).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_long_history_loads_from_its_latest_snapshot_plus_the_tail_and_equals_a_full_replay() {
+    let mut stack = stack_snapshotting_every(40).await;
+    let client = stack.session("t", "long");
+    let key = SessionKey::parse("t", "long").unwrap();
+    let last = traffic(&client, 130).await;
+
+    let log = tool_log(&stack);
+    let covers = newest_snapshot_covering(&log, &key, 100).await;
+    assert!(covers < last, "the last events are after the newest snapshot (covers {covers}, last {last})");
+    let stored = log.stored_snapshots(&key).await.unwrap();
+    assert_eq!(stored.len(), 2, "the newest snapshot and the one before it are kept");
+
+    let (state, source) = from_snapshots(&log, &key).await.unwrap();
+    let Source::Snapshot { seq, tail } = source else { panic!("loaded from {source:?}, not a snapshot") };
+    assert_eq!(seq, covers);
+    assert!((1..40).contains(&tail), "only the events after the snapshot were replayed: {tail}");
+    let replayed = from_log(&log, &key).await.unwrap();
+    assert_eq!(state, replayed, "snapshot + tail equals the state replayed from scratch");
+    assert_eq!(state.seq(), last);
+
+    // The service, started again, loads the session the same way.
+    stack.service.restart();
+    assert_eq!(client.creds_get().await.unwrap().as_deref(), Some(&b"creds 128"[..]));
+    let session = client.keys_get("session", &["491511234.0"]).await.unwrap();
+    assert_eq!(session["491511234.0"], b"session record after message 127");
+    let pre_keys = client.keys_get("pre-key", &["125", "126", "129"]).await.unwrap();
+    assert_eq!(pre_keys.keys().collect::<Vec<_>>(), vec!["129"], "deleted pre-keys stay deleted: {pre_keys:?}");
+    let log_text = stack.service.log_text();
+    let loaded = log_text.lines().rev().find(|l| l.contains("session loaded") && l.contains("t/long")).unwrap_or_default();
+    assert!(loaded.contains("Snapshot"), "the service loaded from a snapshot: {loaded}");
+}
+
+#[tokio::test]
+async fn corrupt_and_foreign_snapshots_are_refused_and_the_load_falls_back_to_an_older_one_then_the_log() {
+    let mut stack = stack_snapshotting_every(20).await;
+    let (a, b) = (stack.session("t", "a"), stack.session("t", "b"));
+    let (key_a, key_b) = (SessionKey::parse("t", "a").unwrap(), SessionKey::parse("t", "b").unwrap());
+    let last_a = traffic(&a, 50).await;
+    traffic(&b, 30).await;
+    let log = tool_log(&stack);
+    let covers_a = newest_snapshot_covering(&log, &key_a, 40).await;
+    newest_snapshot_covering(&log, &key_b, 20).await;
+    let replayed = from_log(&log, &key_a).await.unwrap();
+
+    // Bytes that are no snapshot at all take the newest place (the stream
+    // keeps two per session, so the oldest goes): the genuine snapshot
+    // before them is used.
+    let js = async_nats::jetstream::new(stack.nc.clone());
+    let subject_a = log.snapshot_subject(&key_a);
+    js.publish(subject_a.clone(), b"not a snapshot".as_slice().into()).await.unwrap().await.unwrap();
+    let skipped = bstore_log::skipped_snapshots();
+    let (state, source) = from_snapshots(&log, &key_a).await.unwrap();
+    let mut after_older = 0;
+    log.replay(&key_a, covers_a, |_, _| after_older += 1).await.unwrap();
+    assert!(after_older > 0);
+    assert_eq!(source, Source::Snapshot { seq: covers_a, tail: after_older });
+    assert_eq!(state.seq(), last_a);
+    assert_eq!(state, replayed);
+    assert!(bstore_log::skipped_snapshots() > skipped, "the corrupt snapshot was counted");
+
+    // b's genuine snapshots, copied onto a's subject, fill both places: they
+    // do not open as a's state, and the whole log is replayed.
+    for snap in log.stored_snapshots(&key_b).await.unwrap() {
+        js.publish(subject_a.clone(), snap.payload).await.unwrap().await.unwrap();
+    }
+    assert!(log.snapshots(&key_a).await.unwrap().is_empty(), "no snapshot of a is believed");
+    let (state, source) = from_snapshots(&log, &key_a).await.unwrap();
+    assert!(matches!(source, Source::Log { .. }), "{source:?}");
+    assert_eq!(state, replayed);
+
+    // The service falls back the same way and serves a's own state.
+    stack.service.restart();
+    assert_eq!(a.creds_get().await.unwrap().as_deref(), Some(&b"creds 48"[..]));
+    assert!(stack.service.log_text().contains("skipping a snapshot"), "the refusal is logged");
+}
+
+#[tokio::test]
+async fn an_erasure_removes_the_sessions_snapshots() {
+    let stack = stack_snapshotting_every(5).await;
+    let a = stack.session("t", "a");
+    let key = SessionKey::parse("t", "a").unwrap();
+    traffic(&a, 12).await;
+    let log = tool_log(&stack);
+    newest_snapshot_covering(&log, &key, 5).await;
+
+    let out = std::process::Command::new(service_bin())
+        .args(["erase", "--tenant", "t", "--session", "a", "--yes"])
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", KEY1)
+        .env("BSTORE_DATA_DIR", stack.dir.path().join("tool"))
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(log.stored_snapshots(&key).await.unwrap().is_empty(), "no snapshot of the erased session is left");
+    let (state, _) = from_snapshots(&log, &key).await.unwrap();
+    assert!(!state.exists(), "the erased session loads empty");
+}
