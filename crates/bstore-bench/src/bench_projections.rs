@@ -64,9 +64,21 @@ struct Args {
     /// Seconds of the steady phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Sections to run: load, mongo.
-    #[arg(long, value_delimiter = ',', default_value = "load,mongo")]
+    /// Sections to run: load, history, mongo.
+    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo")]
     sections: Vec<String>,
+    /// Lengths of history for the history section, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    histories: Vec<usize>,
+    /// Events after the newest snapshot in the history section (the
+    /// service writes one every 1 000 events, so a load replays fewer than
+    /// this; 999 is the worst case).
+    #[arg(long, default_value_t = 999)]
+    tail: usize,
+    /// Full replays are timed only for histories up to this length (a
+    /// replay of a million events takes seconds).
+    #[arg(long, default_value_t = 100_000)]
+    max_full_replay: usize,
 }
 
 #[tokio::main]
@@ -78,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
     let log = EventLog::open(client.clone(), LogConfig::default(), codec.clone()).await?;
     if args.sections.iter().any(|s| s == "load") {
         cold_loads(&args, &log, &codec).await?;
+    }
+    if args.sections.iter().any(|s| s == "history") {
+        history(&args, &client, &log, &codec).await?;
     }
     if args.sections.iter().any(|s| s == "mongo") {
         materializer(&args, &client, &log, &codec).await?;
@@ -140,6 +155,131 @@ async fn cold_loads(args: &Args, log: &EventLog, codec: &Codec) -> anyhow::Resul
         }
         let (r, l) = (median(&mut from_redis), median(&mut from_log));
         println!("| {per_event} | {rewrites} | {events} | {} | {} | {:.1}x |", ms(r), ms(l), l.as_secs_f64() / r.as_secs_f64());
+    }
+    println!();
+    Ok(())
+}
+
+/// `len` bytes that do not compress, as keys do not.
+fn noise(n: usize, len: usize) -> Bytes {
+    let mut x = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The realistic session's state: creds, 812 pre-keys, 50 Signal sessions,
+/// a few sender keys and app-state keys, at their usual sizes (about 236 KB).
+fn realistic_state_events() -> Vec<Event> {
+    let mut out = vec![Event::new(1, None, Change::CredsPut { creds: noise(0, 2_000) })];
+    for chunk in (0..812usize).collect::<Vec<_>>().chunks(100) {
+        out.push(keys_event(chunk.iter().map(|&i| ("pre-key", i.to_string(), Some(noise(i, 90))))));
+    }
+    out.push(keys_event((0..50usize).map(|i| ("session", format!("4915{i:07}.0"), Some(noise(i, 3_000))))));
+    out.push(keys_event((0..3usize).map(|i| ("sender-key", format!("group{i}@g.us::4915{i:07}::0"), Some(noise(i, 3_000))))));
+    out.push(keys_event((0..6usize).map(|i| ("app-state-sync-key", format!("AAAAA{i}"), Some(noise(i, 130))))));
+    out
+}
+
+/// One event of a bot's steady traffic: one peer's Signal session
+/// rewritten, or a tctoken / device list stored — small values, as the
+/// deltas of a long-lived session are.
+fn traffic_event(n: usize) -> Event {
+    match n % 3 {
+        0 => keys_event([("session", format!("4915{:07}.0", n % 50), Some(noise(n, 3_000)))]),
+        1 => keys_event([("tctoken", format!("4915{:07}@s.whatsapp.net", n % 50), Some(noise(n, 60)))]),
+        _ => keys_event([("device-list", format!("4915{:07}", n % 50), Some(noise(n, 40)))]),
+    }
+}
+
+/// Cold loads of the realistic session with long histories: from the newest
+/// snapshot plus `--tail` events, and from the whole log. The history is
+/// published pipelined (each message still fenced on the one before it).
+async fn history(args: &Args, client: &async_nats::Client, log: &EventLog, codec: &Codec) -> anyhow::Result<()> {
+    use async_nats::jetstream::message::PublishMessage as Publish;
+    let js = async_nats::jetstream::new(client.clone());
+    println!(
+        "## Cold load of a realistic session (812 pre-keys, 50 sessions; no Redis) by length of history: newest snapshot + {} events, against the whole log\n",
+        args.tail
+    );
+    println!("| events in the log | state KB | snapshot KB | log MB | from snapshot p50 | p99 | from the whole log p50 | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (row, &n) in args.histories.iter().enumerate() {
+        let key = SessionKey::parse("bench", &format!("history-{row}-{n}"))?;
+        let subject = log.subject(&key);
+        let mut state = bstore_domain::SessionState::default();
+        let mut snapshot_at = None;
+        let mut seq = 0u64;
+        let mut log_bytes = 0usize;
+        let mut acks = std::collections::VecDeque::new();
+        let base = realistic_state_events();
+        let total = n.max(base.len() + args.tail + 1);
+        for i in 0..total {
+            let e = if i < base.len() { base[i].clone() } else { traffic_event(i) };
+            // Pipelined: the next message is fenced on this one's sequence,
+            // which it will have if nothing else writes the stream meanwhile.
+            let expected = seq;
+            let payload = bstore_log::seal_appended(codec, &key, expected, &e);
+            log_bytes += payload.len();
+            let ack = js.send_publish(subject.clone(), Publish::build().payload(payload.into()).expected_last_subject_sequence(expected)).await?;
+            if expected == 0 {
+                seq = ack.await?.sequence;
+            } else {
+                seq = expected + 1;
+                acks.push_back((seq, ack));
+            }
+            state.apply(seq, &e).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if acks.len() >= 512 {
+                let (want, ack) = acks.pop_front().unwrap();
+                anyhow::ensure!(ack.await?.sequence == want, "the history was not written in order");
+            }
+            if i + 1 + args.tail == total {
+                snapshot_at = Some(state.clone());
+            }
+        }
+        while let Some((want, ack)) = acks.pop_front() {
+            anyhow::ensure!(ack.await?.sequence == want, "the history was not written in order");
+        }
+        anyhow::ensure!(log.last_seq(&key).await? == seq, "the pipelined history is not where it was expected");
+        let snap = snapshot_at.context("no snapshot point")?;
+        log.write_snapshot(&key, &snap).await?;
+        let snapshot_kb = codec.encode_snapshot(&key, &snap).len() as f64 / 1024.0;
+        let mut from_snapshot = Vec::new();
+        for _ in 0..args.runs.max(1) * 3 {
+            let t = Instant::now();
+            let (loaded, source) = load::from_snapshots(log, &key).await?;
+            from_snapshot.push(t.elapsed());
+            anyhow::ensure!(matches!(source, Source::Snapshot { .. }) && loaded == state, "the snapshot was not used: {source:?}");
+        }
+        let full = if total <= args.max_full_replay {
+            let mut runs = Vec::new();
+            for _ in 0..3 {
+                let t = Instant::now();
+                let loaded = load::from_log(log, &key).await?;
+                runs.push(t.elapsed());
+                anyhow::ensure!(loaded == state, "the log gave another state");
+            }
+            Some(median(&mut runs))
+        } else {
+            None
+        };
+        from_snapshot.sort();
+        let p99 = from_snapshot[(from_snapshot.len() * 99).div_ceil(100) - 1];
+        let p50 = median(&mut from_snapshot);
+        println!(
+            "| {total} | {:.0} | {snapshot_kb:.0} | {:.0} | {} | {} | {} | {} |",
+            state.info().bytes as f64 / 1000.0,
+            log_bytes as f64 / 1e6,
+            ms(p50),
+            ms(p99),
+            full.map_or("(not run)".into(), ms),
+            full.map_or("".into(), |f| format!("{:.0}x", f.as_secs_f64() / p50.as_secs_f64())),
+        );
     }
     println!();
     Ok(())
