@@ -92,7 +92,7 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
         tokio::time::sleep(SETTLE).await;
         if cfg.redis.url.is_some() {
             println!("re-sealing redis: every session's copy written again from the log under key {id}");
-            rebuild(cfg.clone(), Target::Redis).await.context("re-sealing redis")?;
+            rebuild(cfg.clone(), Target::Redis, false).await.context("re-sealing redis")?;
         }
         if cfg.mongo.url.is_some() {
             println!("re-sealing mongo: the collections are dropped and materialized again from the log under key {id}");

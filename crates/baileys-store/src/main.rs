@@ -132,6 +132,10 @@ enum Cmd {
         /// Which projection.
         #[arg(value_enum)]
         target: baileys_store::projections::Target,
+        /// Replay every event of each session instead of starting from its newest snapshot
+        /// (Redis; Mongo is always materialized from the first event).
+        #[arg(long)]
+        from_scratch: bool,
     },
     /// Erase a session (or every session of a tenant) for good: its data key is destroyed, so its
     /// events, Redis and Mongo values cannot be read by anyone, and it starts empty.
@@ -274,10 +278,10 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&cfg.telemetry)?;
             actix::System::new().block_on(baileys_store::projections::materialize(cfg, shutdown_signal()))
         }
-        Cmd::Rebuild { target } => {
+        Cmd::Rebuild { target, from_scratch } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            actix::System::new().block_on(baileys_store::projections::rebuild(cfg, target))
+            actix::System::new().block_on(baileys_store::projections::rebuild(cfg, target, from_scratch))
         }
         Cmd::Verify { tenant, session } => {
             let cfg = Config::load(cli.config.as_deref())?;

@@ -121,7 +121,10 @@ pub enum Target {
 }
 
 /// `baileys-store rebuild`: writes a projection again from the log alone.
-pub async fn rebuild(cfg: Config, target: Target) -> anyhow::Result<()> {
+/// Redis copies are built from each session's newest snapshot plus the
+/// events after it (so the time is that of the state, not of the history),
+/// or from every event with `from_scratch`.
+pub async fn rebuild(cfg: Config, target: Target, from_scratch: bool) -> anyhow::Result<()> {
     let (client, codec) = crate::connect_tool(&cfg).await?;
     let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
     match target {
@@ -129,8 +132,15 @@ pub async fn rebuild(cfg: Config, target: Target) -> anyhow::Result<()> {
             anyhow::ensure!(cfg.redis.url.is_some(), "no redis url configured (set BSTORE_REDIS_URL or redis.url)");
             let redis = RedisProjection::new(cfg.redis.clone(), codec)?;
             let sessions = log_sessions(&client, &cfg.stream).await?;
+            let mut from_snapshots = 0;
             for key in &sessions {
-                let state = bstore_session::load::from_log(&log, key).await?;
+                let state = if from_scratch {
+                    bstore_session::load::from_log(&log, key).await?
+                } else {
+                    let (state, source) = bstore_session::load::from_snapshots(&log, key).await?;
+                    from_snapshots += u64::from(matches!(source, bstore_session::load::Source::Snapshot { .. }));
+                    state
+                };
                 redis.write_snapshot(key, &state, SnapshotMode::Replace).await?;
             }
             let wanted: BTreeSet<&SessionKey> = sessions.iter().collect();
@@ -141,7 +151,10 @@ pub async fn rebuild(cfg: Config, target: Target) -> anyhow::Result<()> {
                     removed += 1;
                 }
             }
-            println!("rebuilt redis: {} sessions written from the log, {removed} without events removed", sessions.len());
+            println!(
+                "rebuilt redis: {} sessions written from the log ({from_snapshots} starting from a snapshot), {removed} without events removed",
+                sessions.len()
+            );
         }
         Target::Mongo => {
             anyhow::ensure!(cfg.mongo.url.is_some(), "no mongo url configured (set BSTORE_MONGO_URL or mongo.url)");

@@ -21,6 +21,7 @@
 
 mod config;
 mod datakeys;
+mod fold;
 mod snapshots;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,7 @@ use futures_util::StreamExt;
 
 pub use config::{LogConfig, Storage};
 pub use datakeys::{DATA_KEYS_BUCKET, Erasure};
+pub use fold::{FoldStart, Folded};
 pub use snapshots::{COVERS_HEADER, SNAPSHOTS_KEPT, StoredSnapshot, skipped_snapshots};
 
 /// Why the log could not do what was asked.
@@ -77,6 +79,18 @@ pub enum LogError {
         /// The sequence of the message before it (or the replay's start).
         last: u64,
         /// What is wrong.
+        what: String,
+    },
+    /// An event that is where it was written does not apply to the state
+    /// the events before it build (a patch of a value the state does not
+    /// hold): the log and the starting point disagree.
+    #[error("event {seq} of {session} does not apply: {what}")]
+    Unfit {
+        /// The session.
+        session: String,
+        /// The event's stream sequence.
+        seq: u64,
+        /// What does not fit.
         what: String,
     },
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, consumer};
 use bstore_codec::{Codec, CodecError, SealError};
 use bstore_domain::delta::Delta;
-use bstore_domain::{Change, KeyId, KeyType, SessionKey, SessionState};
+use bstore_domain::{Change, KeyId, KeyType, SessionKey};
 use bstore_log::{EventLog, LogConfig, LogError};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -258,29 +258,19 @@ impl Materializer {
     /// will be (the log cannot be replayed, or the patch fits nothing it
     /// holds), said without naming the key.
     async fn value_from_log(&self, session: &SessionKey, seq: u64, ty: &KeyType, kid: &KeyId, delta: &Delta) -> Result<Bytes, MongoError> {
-        tracing::info!(%session, seq, key = %format!("{ty}/{kid}"), "patch base not in mongo; replaying the session from the log");
+        tracing::info!(%session, seq, key = %format!("{ty}/{kid}"), "patch base not in mongo; folding the session from the log");
         let log = EventLog::attach(self.js.clone(), self.log.clone(), self.codec.clone());
-        let mut state = SessionState::default();
-        let mut failed = None;
-        let replayed = log
-            .replay(session, 0, |s, event| {
-                if s < seq
-                    && failed.is_none()
-                    && let Err(e) = state.apply(s, &event)
-                {
-                    failed = Some(e);
-                }
-            })
-            .await;
-        match replayed {
-            Ok(_) => {}
+        // The session just before the event: from its newest snapshot
+        // before it, plus the events between.
+        let state = match log.fold(session, Some(seq - 1), true, &mut |_, _| {}).await {
+            Ok((state, _, _)) => state,
             Err(LogError::Unavailable(e)) => return Err(MongoError::Stream(e)),
+            Err(e @ LogError::Unfit { .. }) => {
+                tracing::warn!(%session, seq, error = %e, "the session's log does not replay");
+                return Err(MongoError::Unreadable("a patch needs the session replayed from the log, where an event does not apply".into()));
+            }
             Err(e) => return Err(MongoError::Unreadable(format!("a patch needs the session replayed from the log, which fails: {e}"))),
-        }
-        if let Some(e) = failed {
-            tracing::warn!(%session, seq, error = %e, "the session's log does not replay");
-            return Err(MongoError::Unreadable("a patch needs the session replayed from the log, where an event does not apply".into()));
-        }
+        };
         let base = state.get_keys(ty, [kid]).pop().map(|(_, v)| v);
         base.and_then(|b| delta.apply(&b).ok())
             .ok_or_else(|| MongoError::Unreadable(format!("it patches a {ty} key that the log does not hold as patched")))

@@ -219,7 +219,7 @@ impl From<LogError> for SessionError {
             LogError::Conflict { .. } => SessionError::Conflict,
             LogError::TooLarge(m) => SessionError::TooLarge(m),
             LogError::Unavailable(m) => SessionError::Unavailable(m),
-            e @ (LogError::Unreadable { .. } | LogError::Broken { .. }) => SessionError::Unreadable(e.to_string()),
+            e @ (LogError::Unreadable { .. } | LogError::Broken { .. } | LogError::Unfit { .. }) => SessionError::Unreadable(e.to_string()),
         }
     }
 }

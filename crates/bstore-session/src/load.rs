@@ -29,7 +29,7 @@
 //! tells them apart.
 
 use bstore_domain::{Event, SessionKey, SessionState};
-use bstore_log::{EventLog, Replayed};
+use bstore_log::{EventLog, FoldStart, Folded};
 use bstore_redis::{RedisError, RedisProjection, SnapshotMode};
 
 use crate::SessionError;
@@ -167,32 +167,18 @@ async fn from_snapshots_observed(
     key: &SessionKey,
     seen: &mut (dyn FnMut(u64, &Event) + Send),
 ) -> Result<(SessionState, Source), SessionError> {
-    let (snapshots, last) = tokio::join!(log.snapshots(key), log.last_seq(key));
-    let (snapshots, last) = (snapshots?, last?);
-    for mut state in snapshots {
-        let seq = state.seq();
-        if seq > last {
-            tracing::warn!(session = %key, snapshot_seq = seq, log_seq = last, "a snapshot is ahead of the log; skipping it");
-            continue;
-        }
-        if seq == last {
-            return Ok((state, Source::Snapshot { seq, tail: 0 }));
-        }
-        match replay_observed(log, key, &mut state, seen).await {
-            Ok(tail) if tail.refused == 0 => return Ok((state, Source::Snapshot { seq, tail: tail.applied })),
-            Ok(_) => tracing::warn!(session = %key, snapshot_seq = seq, "events after a snapshot were refused; trying an older starting point"),
-            Err(SessionError::Unreadable(e)) => {
-                tracing::warn!(session = %key, snapshot_seq = seq, error = %e, "the log's events do not follow a snapshot; skipping it");
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let last = log.last_seq(key).await?;
     if last == 0 {
         return Ok((SessionState::default(), Source::Log { events: 0 }));
     }
-    let mut state = SessionState::default();
-    let tail = replay_observed(log, key, &mut state, seen).await?;
-    Ok((state, Source::Log { events: tail.applied }))
+    // Through the log's last event: a snapshot past it (the log lost events
+    // under it) is not used.
+    let (state, start, done) = log.fold(key, Some(last), true, seen).await?;
+    let source = match start {
+        FoldStart::Snapshot(seq) => Source::Snapshot { seq, tail: done.applied },
+        FoldStart::Scratch => Source::Log { events: done.applied },
+    };
+    Ok((state, source))
 }
 
 async fn from_log_observed(
@@ -210,16 +196,7 @@ async fn from_log_observed(
 /// ones included. An event that does not fit the state (a patch of a value
 /// the state does not hold) stops the replay as unreadable.
 pub async fn replay_into(log: &EventLog, key: &SessionKey, state: &mut SessionState) -> Result<u64, SessionError> {
-    Ok(replay_observed(log, key, state, &mut |_, _| {}).await?.applied)
-}
-
-/// What one replay into a state did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Tail {
-    /// Events applied.
-    pub applied: u64,
-    /// Events refused (not where they were written) and passed over.
-    pub refused: u64,
+    Ok(log.fold_into(key, state, None, &mut |_, _| {}).await?.applied)
 }
 
 /// Like [`replay_into`], calling `seen` with every event applied.
@@ -228,34 +205,8 @@ pub(crate) async fn replay_observed(
     key: &SessionKey,
     state: &mut SessionState,
     seen: &mut (dyn FnMut(u64, &Event) + Send),
-) -> Result<Tail, SessionError> {
-    let (mut tail, mut failed) = (Tail::default(), None);
-    let last = log
-        .replay_checked(key, state.seq(), |seq, replayed| {
-            if failed.is_some() {
-                return;
-            }
-            match replayed {
-                Replayed::Fits(event) => match state.apply(seq, &event) {
-                    Ok(true) => {
-                        tail.applied += 1;
-                        seen(seq, &event);
-                    }
-                    Ok(false) => {}
-                    Err(e) => failed = Some(e),
-                },
-                Replayed::Refused(..) => {
-                    tail.refused += 1;
-                    state.pass_over(seq);
-                }
-            }
-        })
-        .await?;
-    if let Some(e) = failed {
-        return Err(SessionError::Unreadable(format!("{key}: {e}")));
-    }
-    state.pass_over(last);
-    Ok(tail)
+) -> Result<Folded, SessionError> {
+    Ok(log.fold_into(key, state, None, seen).await?)
 }
 
 #[cfg(test)]
