@@ -163,3 +163,76 @@ async fn an_erasure_removes_the_sessions_snapshots() {
     let (state, _) = from_snapshots(&log, &key).await.unwrap();
     assert!(!state.exists(), "the erased session loads empty");
 }
+
+#[tokio::test]
+async fn a_retention_drops_only_events_a_base_snapshot_stands_for_and_history_lists_what_it_keeps() {
+    let mut stack = Stack::start_with(&[("BSTORE__SESSIONS__SNAPSHOT_EVERY_EVENTS", "10"), ("BSTORE__STREAM__RETENTION_SECS", "2")]).await;
+    let client = stack.session("t", "old");
+    let key = SessionKey::parse("t", "old").unwrap();
+    // An old batch: a pre-key that is never touched again, and traffic.
+    client.keys_set(&rid(), &key_data([("pre-key", "keep-me", Some(&b"written long ago"[..]))])).await.unwrap();
+    let last_old = traffic(&client, 24).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // New traffic: its snapshots run the retention, whose cutoff now lies
+    // after the old batch.
+    let first_new = client.keys_set(&rid(), &key_data([("session", "new-peer.0", Some(&b"new"[..]))])).await.unwrap();
+    let last = traffic(&client, 14).await;
+
+    let log = tool_log(&stack);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let cut = loop {
+        if let Some(cut) = log.refresh_data_key(&key).await.unwrap().cut {
+            break cut;
+        }
+        assert!(Instant::now() < deadline, "no retention cut was recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(cut <= last_old, "only events older than the retention are dropped (cut {cut}, last old event {last_old})");
+    assert!(cut > 0);
+
+    // The stream holds nothing of the session through the cut, and every
+    // event after it.
+    let js = async_nats::jetstream::new(stack.nc.clone());
+    let events = js.get_stream("BSTORE_EVENTS").await.unwrap();
+    let first = events.direct_get_first_for_subject(log.subject(&key)).await.unwrap().sequence;
+    assert_eq!(first, cut + 1, "the purge removed exactly the events through the cut");
+    let mut kept = Vec::new();
+    log.replay(&key, 0, |seq, _| kept.push(seq)).await.unwrap();
+    assert_eq!(kept.first(), Some(&(cut + 1)));
+    assert_eq!(kept.last(), Some(&last));
+    assert!(kept.contains(&first_new));
+
+    // The state is whole: from the base snapshot on, the old pre-key is there.
+    let (state, _) = from_snapshots(&log, &key).await.unwrap();
+    let from_start = from_log(&log, &key).await.unwrap();
+    assert_eq!(state, from_start, "a fold from the start begins at the base snapshot");
+    stack.service.restart();
+    let got = client.keys_get("pre-key", &["keep-me"]).await.unwrap();
+    assert_eq!(got["keep-me"], b"written long ago", "a key only the dropped events wrote is still served");
+
+    // `history` says where it starts and lists exactly what is kept.
+    let lines = crate::harness::history(&stack.nats.url(), "t", "old");
+    assert_eq!(lines[0]["retained_from_seq"], cut + 1, "{:?}", lines[0]);
+    let listed: Vec<u64> = lines.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    assert_eq!(listed, kept);
+}
+
+#[tokio::test]
+async fn a_retention_cannot_be_set_on_a_log_made_to_deny_purges() {
+    let stack = Stack::start().await;
+    stack.session("t", "a").creds_put(&rid(), b"creds").await.unwrap();
+    let out = std::process::Command::new(service_bin())
+        .args(["history", "--tenant", "t", "--session", "a"])
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", KEY1)
+        .env("BSTORE_LOG", "warn")
+        .env("BSTORE__STREAM__RETENTION_SECS", "60")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("denies purges"), "{err}");
+    // And nothing about the stream changed: purges are still refused.
+    let js = async_nats::jetstream::new(stack.nc.clone());
+    let events = js.get_stream("BSTORE_EVENTS").await.unwrap();
+    assert!(events.purge().filter("bstore-events.t.a").await.is_err(), "the history still cannot be purged");
+}

@@ -261,6 +261,11 @@ pub async fn history(cfg: Config, key: bstore_domain::SessionKey, only: Option<H
         // The replay starts at the marker: what came before is unreadable.
         println!("{}", serde_json::json!({ "erased": { "before_seq": e.marker, "at_ms": e.at_ms } }));
     }
+    if let Some(cut) = log.data_key_state(&key).await?.cut {
+        // The audit retention dropped what came before; a base snapshot
+        // stands for it.
+        println!("{}", serde_json::json!({ "retained_from_seq": cut + 1 }));
+    }
     log.replay_checked(&key, 0, |seq, replayed| {
         // An event that is not where it was written is listed, marked
         // `refused` with the reason; it was not applied.

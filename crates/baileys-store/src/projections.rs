@@ -172,6 +172,11 @@ pub async fn rebuild(cfg: Config, target: Target, from_scratch: bool) -> anyhow:
 /// appended after the start is materialized by the instances' own
 /// materializers as usual.
 pub(crate) async fn rebuild_mongo(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        cfg.stream.retention_secs == 0,
+        "mongo cannot be rebuilt from a log under an audit retention: the events the retention dropped are not there to replay \
+         (the sessions' base snapshots stand for them, and the materializer does not read snapshots yet)"
+    );
     let js = jetstream::new(client.clone());
     let mut stream = js.get_stream(&cfg.stream.stream).await.context("opening the event stream")?;
     let target = stream.info().await.context("reading the event stream")?.state.last_sequence;

@@ -71,8 +71,16 @@ pub struct StateAt {
 /// Replays `key`'s events up to `point` and describes the state then.
 /// Refused events (not where they were written) are passed over as every
 /// reader does.
+///
+/// With an audit retention, the history starts at the session's base
+/// snapshot: a point before it cannot be shown, and keys the base holds
+/// name the base's sequence as the last change known.
 pub async fn read(log: &EventLog, key: &SessionKey, point: Point, values: bool) -> anyhow::Result<StateAt> {
-    let mut state = SessionState::default();
+    let mut state: SessionState = log.start_state(key).await.with_context(|| format!("reading the start of {key}'s history"))?;
+    let base = state.seq();
+    if base > 0 && !point.includes(base, state.updated_at_ms().unwrap_or(0)) {
+        anyhow::bail!("the audit retention dropped {key}'s history through sequence {base}: no earlier point can be shown");
+    }
     let mut changed: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut creds_seq = 0;
     let mut failed = None;
@@ -113,7 +121,7 @@ pub async fn read(log: &EventLog, key: &SessionKey, point: Point, values: bool) 
     let keys = state
         .iter_keys()
         .map(|(ty, id, v)| {
-            let seq = changed.get(&(ty.to_string(), id.to_string())).copied().unwrap_or_default();
+            let seq = changed.get(&(ty.to_string(), id.to_string())).copied().unwrap_or(base);
             entry(Some(ty.to_string()), Some(id.to_string()), v, seq)
         })
         .collect();
@@ -121,7 +129,7 @@ pub async fn read(log: &EventLog, key: &SessionKey, point: Point, values: bool) 
         seq: state.seq(),
         at_ms: state.updated_at_ms(),
         events: state.events(),
-        creds: state.creds().map(|c| entry(None, None, c, creds_seq)),
+        creds: state.creds().map(|c| entry(None, None, c, if creds_seq == 0 { base } else { creds_seq })),
         keys,
     })
 }

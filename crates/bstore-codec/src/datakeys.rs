@@ -49,6 +49,9 @@ pub struct DataKeyState {
     /// An erasure has begun and not finished: nothing may be sealed for the
     /// session meanwhile.
     pub erasing: bool,
+    /// The audit retention dropped the session's events through this
+    /// sequence; a base snapshot at it stands for them.
+    pub cut: Option<u64>,
 }
 
 impl std::fmt::Debug for DataKeyState {

@@ -196,6 +196,7 @@ fn a_session_with_a_data_key_seals_under_it_and_nothing_opens_once_it_is_gone() 
     let (a, b) = (sk("t", "a"), sk("t", "b"));
     let key = Codec::generate_data_key();
     let state = |generation, key: Option<[u8; 32]>| DataKeyState {
+        cut: None,
         key: key.map(|k| (generation, std::sync::Arc::new(k))),
         erased: None,
         erasing: false,

@@ -46,6 +46,12 @@ pub struct LogConfig {
     /// The subject prefix of that stream: a session's snapshots are on
     /// `<prefix>.<tenant>.<session>`. Default `bstore-snap`.
     pub snapshot_subject_prefix: String,
+    /// Audit retention in seconds: a session's events older than this may
+    /// be dropped once a base snapshot stands for them (`retention.rs`).
+    /// 0 (the default) keeps every event for ever. Anything else makes the
+    /// event stream allow subject purges, which can only be chosen when the
+    /// stream is created.
+    pub retention_secs: u64,
 }
 
 impl Default for LogConfig {
@@ -60,6 +66,7 @@ impl Default for LogConfig {
             request_timeout: crate::DEFAULT_TIMEOUT,
             snapshot_stream: "BSTORE_SNAPSHOTS".into(),
             snapshot_subject_prefix: "bstore-snap".into(),
+            retention_secs: 0,
         }
     }
 }
@@ -105,7 +112,8 @@ impl LogConfig {
             duplicate_window: self.duplicate_window,
             allow_direct: true,
             deny_delete: true,
-            deny_purge: true,
+            // Purges of a subject are the retention's (`retention.rs`).
+            deny_purge: self.retention_secs == 0,
             ..Default::default()
         }
     }

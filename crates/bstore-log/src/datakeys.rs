@@ -62,6 +62,10 @@ struct Record {
     erasing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     erased: Option<Erased>,
+    /// The retention's cut (`retention.rs`): events through this sequence
+    /// were dropped; the base snapshot at it stands for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cut: Option<u64>,
 }
 
 /// What [`EventLog::erase`] did.
@@ -158,7 +162,7 @@ impl EventLog {
             )),
             None => None,
         };
-        Ok(DataKeyState { key, erased: record.erased, erasing: record.erasing })
+        Ok(DataKeyState { key, erased: record.erased, erasing: record.erasing, cut: record.cut })
     }
 
     /// What is known of `session`'s data key, looked up in the bucket if
@@ -209,6 +213,7 @@ impl EventLog {
                         key: Some((generation, std::sync::Arc::new(key))),
                         erased: made.erased,
                         erasing: false,
+                        cut: made.cut,
                     });
                     return Ok(());
                 }
@@ -223,11 +228,41 @@ impl EventLog {
 
     /// Where a replay of `session` after `after` starts: after the message
     /// before its last erasure's marker when `after` is before the marker.
+    /// A replay never starts before the retention's cut either: the events
+    /// through it are gone (a fold from the start begins at the base
+    /// snapshot, `fold.rs`).
     pub(crate) async fn replay_start(&self, session: &SessionKey, after: u64) -> Result<u64, LogError> {
-        Ok(match self.data_key_state(session).await?.erased {
+        let state = self.data_key_state(session).await?;
+        let mut start = match state.erased {
             Some(e) if after < e.marker => after.max(e.prev),
             _ => after,
-        })
+        };
+        if let Some(cut) = state.cut {
+            start = start.max(cut);
+        }
+        Ok(start)
+    }
+
+    /// Records the retention's cut at `seq` (never moving it back).
+    pub(crate) async fn record_cut(&self, session: &SessionKey, seq: u64) -> Result<(), LogError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (record, revision) = self.read_record(session).await?;
+            if record.cut.is_some_and(|c| c >= seq) {
+                return Ok(());
+            }
+            if record.erasing {
+                return Err(LogError::Unavailable("the session is being erased".into()));
+            }
+            let cut = Record { cut: Some(seq), ..record };
+            match self.write_record(session, &cut, revision).await? {
+                Ok(()) => {
+                    self.codec.data_keys().set(session, self.state_of(session, &cut)?);
+                    return Ok(());
+                }
+                Err(e) => tracing::debug!(session = %session, error = %e, "the data-key record changed meanwhile; reading it again"),
+            }
+        }
+        Err(LogError::Unavailable("the session's data-key record keeps changing; retry".into()))
     }
 
     /// Opens an event, looking the session's data key up again once when

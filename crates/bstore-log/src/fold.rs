@@ -45,6 +45,10 @@ impl EventLog {
         upto: Option<u64>,
         seen: &mut (dyn FnMut(u64, &Event) + Send),
     ) -> Result<Folded, LogError> {
+        if state.seq() == 0 {
+            // From the start: at the retention's base snapshot, if any.
+            *state = self.start_state(session).await?;
+        }
         let upto = upto.unwrap_or(u64::MAX);
         if upto <= state.seq() {
             // Nothing to read: no replay consumer is made.
@@ -107,7 +111,15 @@ impl EventLog {
             }
         }
         let mut state = SessionState::default();
-        let done = self.fold_into(session, &mut state, upto, seen).await?;
+        let done = match self.fold_into(session, &mut state, upto, seen).await {
+            // Another process may have moved the retention's cut since this
+            // one looked: the events it started after are gone.
+            Err(LogError::Broken { .. }) if self.data_key_state(session).await?.cut != self.refresh_data_key(session).await?.cut => {
+                state = SessionState::default();
+                self.fold_into(session, &mut state, upto, seen).await?
+            }
+            other => other?,
+        };
         Ok((state, FoldStart::Scratch, done))
     }
 }

@@ -22,6 +22,7 @@
 mod config;
 mod datakeys;
 mod fold;
+mod retention;
 mod snapshots;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use futures_util::StreamExt;
 pub use config::{LogConfig, Storage};
 pub use datakeys::{DATA_KEYS_BUCKET, Erasure};
 pub use fold::{FoldStart, Folded};
+pub use retention::Retained;
 pub use snapshots::{COVERS_HEADER, SNAPSHOTS_KEPT, StoredSnapshot, skipped_snapshots};
 
 /// Why the log could not do what was asked.
@@ -154,9 +156,23 @@ impl EventLog {
     pub async fn open(client: async_nats::Client, cfg: LogConfig, codec: Codec) -> Result<Self, LogError> {
         let mut js = jetstream::new(client);
         js.set_timeout(cfg.request_timeout);
-        let wanted = cfg.stream_config();
+        let mut wanted = cfg.stream_config();
         let mut stream = js.get_or_create_stream(wanted.clone()).await.map_err(unavailable)?;
         let have = stream.info().await.map_err(unavailable)?.config.clone();
+        if have.deny_purge && !wanted.deny_purge {
+            return Err(LogError::Unavailable(format!(
+                "stream.retention_secs is set, but the stream {} denies purges: it was made without a retention, and the server never lifts that. \
+                 Keep retention_secs = 0, or move the history to a new stream made with the retention",
+                wanted.name
+            )));
+        }
+        if !have.deny_purge && wanted.deny_purge {
+            // Made with a retention. Denying purges cannot be undone, so a
+            // process configured without one (a tool run with the defaults)
+            // does not do it; it only says so.
+            tracing::warn!(stream = %wanted.name, "the event stream allows subject purges (it was made with a retention) but stream.retention_secs is 0 here");
+            wanted.deny_purge = false;
+        }
         if differs(&have, &wanted) {
             tracing::info!(stream = %wanted.name, "updating stream settings to match the configuration");
             js.update_stream(wanted).await.map_err(unavailable)?;
@@ -415,7 +431,7 @@ fn gap(session: &SessionKey, seq: u64, prev: u64, last: u64) -> LogError {
     broken(session, seq, last, format!("it was appended after sequence {prev}: an event is missing"))
 }
 
-fn broken(session: &SessionKey, seq: u64, last: u64, what: String) -> LogError {
+pub(crate) fn broken(session: &SessionKey, seq: u64, last: u64, what: String) -> LogError {
     BROKEN.fetch_add(1, Ordering::Relaxed);
     tracing::error!(session = %session, seq, last, %what, "an event does not follow the message before it; the session cannot be vouched for");
     LogError::Broken { session: session.to_string(), seq, last, what }

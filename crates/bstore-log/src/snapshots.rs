@@ -86,8 +86,17 @@ impl EventLog {
     /// The stored snapshots of `session`, newest first (at most
     /// [`SNAPSHOTS_KEPT`]).
     pub async fn stored_snapshots(&self, session: &SessionKey) -> Result<Vec<StoredSnapshot>, LogError> {
+        let mut out = self.stored_on(&self.snapshot_subject(session)).await?;
+        // The base snapshot at the retention's cut is a starting point too.
+        out.extend(self.stored_on(&self.base_subject(session)).await?);
+        out.sort_by_key(|s| std::cmp::Reverse(s.covers.unwrap_or(0)));
+        Ok(out)
+    }
+
+    /// The snapshots stored on `subject`, newest first.
+    pub(crate) async fn stored_on(&self, subject: &str) -> Result<Vec<StoredSnapshot>, LogError> {
         let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
-        let subject = self.snapshot_subject(session);
+        let subject = subject.to_string();
         let Some(newest) = found(stream.direct_get_last_for_subject(subject.clone()).await)? else { return Ok(Vec::new()) };
         let mut out = vec![stored(newest)];
         // The stream keeps two per subject: the first one is the older, when
@@ -134,10 +143,11 @@ impl EventLog {
     pub async fn purge_snapshots(&self, session: &SessionKey) -> Result<(), LogError> {
         let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
         stream.purge().filter(self.snapshot_subject(session)).await.map_err(unavailable)?;
+        stream.purge().filter(self.base_subject(session)).await.map_err(unavailable)?;
         Ok(())
     }
 
-    async fn open_snapshot(&self, session: &SessionKey, payload: &[u8]) -> Result<SessionState, LogError> {
+    pub(crate) async fn open_snapshot(&self, session: &SessionKey, payload: &[u8]) -> Result<SessionState, LogError> {
         let unreadable = |source| LogError::Unreadable { session: session.to_string(), seq: 0, source };
         match self.codec.decode_snapshot(session, payload) {
             Err(CodecError::Seal(SealError::NoDataKey(_) | SealError::DataKeyGone(_))) => {

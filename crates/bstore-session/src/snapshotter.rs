@@ -9,7 +9,9 @@
 //! a long history without a snapshot — writes one at once.
 //!
 //! A snapshot that fails to be written is logged and counted; nothing else
-//! depends on it: the next one is tried after as many events again.
+//! depends on it: the next one is tried after as many events again. With a
+//! retention configured (`stream.retention_secs`), each snapshot written is
+//! followed by [`EventLog::retain`] for the session.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,10 +24,12 @@ use crate::load::Source;
 
 static WRITTEN: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicU64 = AtomicU64::new(0);
+static PURGED: AtomicU64 = AtomicU64::new(0);
 
-/// Snapshots this process wrote, and failed to write.
-pub fn snapshot_counts() -> (u64, u64) {
-    (WRITTEN.load(Ordering::Relaxed), FAILED.load(Ordering::Relaxed))
+/// Snapshots this process wrote and failed to write, and events its
+/// retention dropped.
+pub fn snapshot_counts() -> (u64, u64, u64) {
+    (WRITTEN.load(Ordering::Relaxed), FAILED.load(Ordering::Relaxed), PURGED.load(Ordering::Relaxed))
 }
 
 /// What a session's actor knows of its state since the last snapshot.
@@ -89,6 +93,17 @@ impl SnapTrack {
                 Ok(at) => {
                     WRITTEN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(session = %key, covers = state.seq(), snapshot = at, events, bytes, known, "snapshot written");
+                    let keep = log.config().retention_secs;
+                    if keep > 0 {
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                        match log.retain(&key, std::time::Duration::from_secs(keep), now).await {
+                            Ok(Some(r)) => {
+                                PURGED.fetch_add(r.purged, Ordering::Relaxed);
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(session = %key, error = %e, "the retention could not run; the events stay"),
+                        }
+                    }
                 }
                 Err(e) => {
                     FAILED.fetch_add(1, Ordering::Relaxed);
