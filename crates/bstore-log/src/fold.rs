@@ -95,19 +95,26 @@ impl EventLog {
         snapshots: bool,
         seen: &mut (dyn FnMut(u64, &Event) + Send),
     ) -> Result<(SessionState, FoldStart, Folded), LogError> {
+        // The newest snapshot alone first (one direct get): the others are
+        // read only when it will not do.
+        let mut tried = None;
+        if snapshots
+            && let Some(state) = self.newest_snapshot(session).await?
+            && upto.is_none_or(|u| state.seq() <= u)
+        {
+            tried = Some(state.seq());
+            if let Some(done) = self.fold_from_snapshot(session, state, upto, seen).await? {
+                return Ok(done);
+            }
+        }
         let candidates = if snapshots { self.snapshots(session).await? } else { Vec::new() };
-        for mut state in candidates {
+        for state in candidates {
             let at = state.seq();
-            if upto.is_some_and(|u| at > u) {
+            if upto.is_some_and(|u| at > u) || tried == Some(at) {
                 continue;
             }
-            match self.fold_into(session, &mut state, upto, seen).await {
-                Ok(done) if done.refused == 0 => return Ok((state, FoldStart::Snapshot(at), done)),
-                Ok(_) => tracing::warn!(session = %session, snapshot_seq = at, "events after a snapshot were refused; trying an older starting point"),
-                Err(e @ (LogError::Unfit { .. } | LogError::Broken { .. })) => {
-                    tracing::warn!(session = %session, snapshot_seq = at, error = %e, "the log's events do not follow a snapshot; skipping it");
-                }
-                Err(e) => return Err(e),
+            if let Some(done) = self.fold_from_snapshot(session, state, upto, seen).await? {
+                return Ok(done);
             }
         }
         let mut state = SessionState::default();
@@ -121,5 +128,29 @@ impl EventLog {
             other => other?,
         };
         Ok((state, FoldStart::Scratch, done))
+    }
+
+    /// Folds from the snapshot `state`; `None` (logged) when the events
+    /// after it refuse or do not fit it.
+    async fn fold_from_snapshot(
+        &self,
+        session: &SessionKey,
+        mut state: SessionState,
+        upto: Option<u64>,
+        seen: &mut (dyn FnMut(u64, &Event) + Send),
+    ) -> Result<Option<(SessionState, FoldStart, Folded)>, LogError> {
+        let at = state.seq();
+        match self.fold_into(session, &mut state, upto, seen).await {
+            Ok(done) if done.refused == 0 => Ok(Some((state, FoldStart::Snapshot(at), done))),
+            Ok(_) => {
+                tracing::warn!(session = %session, snapshot_seq = at, "events after a snapshot were refused; trying an older starting point");
+                Ok(None)
+            }
+            Err(e @ (LogError::Unfit { .. } | LogError::Broken { .. })) => {
+                tracing::warn!(session = %session, snapshot_seq = at, error = %e, "the log's events do not follow a snapshot; skipping it");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 }

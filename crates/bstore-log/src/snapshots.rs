@@ -109,11 +109,23 @@ impl EventLog {
         Ok(out)
     }
 
+    /// The newest snapshot of `session` if it is usable: one direct get,
+    /// what a load tries first (the others are read only when it fails).
+    pub async fn newest_snapshot(&self, session: &SessionKey) -> Result<Option<SessionState>, LogError> {
+        let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
+        let Some(newest) = found(stream.direct_get_last_for_subject(self.snapshot_subject(session)).await)? else { return Ok(None) };
+        Ok(self.usable(session, vec![stored(newest)]).await?.pop())
+    }
+
     /// The usable snapshots of `session`, newest first, opened: those that
     /// open as this session's state and are not older than its erasure.
     /// What is skipped is logged.
     pub async fn snapshots(&self, session: &SessionKey) -> Result<Vec<SessionState>, LogError> {
         let stored = self.stored_snapshots(session).await?;
+        self.usable(session, stored).await
+    }
+
+    async fn usable(&self, session: &SessionKey, stored: Vec<StoredSnapshot>) -> Result<Vec<SessionState>, LogError> {
         if stored.is_empty() {
             return Ok(Vec::new());
         }
