@@ -58,6 +58,49 @@ pub struct Config {
     pub mongo: MongoConfig,
     /// Logs.
     pub telemetry: TelemetryConfig,
+    /// The operator's HTTP endpoint: Prometheus metrics and health.
+    pub http: HttpConfig,
+}
+
+/// The operator's HTTP endpoint: `/metrics` (Prometheus), `/healthz`,
+/// `/readyz`. It is the operator's, not the bots': it names tenants, so it
+/// listens on loopback unless told otherwise, and never on NATS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `auto` (the default): `127.0.0.1:9478` on the embedded default, off
+    /// when NATS URLs are configured (a cluster's instances are scraped
+    /// from elsewhere: give each an address Prometheus reaches). `off`, or
+    /// an `ip:port` to listen on (port 0 picks a free one). The address
+    /// bound is written to `<data_dir>/http.addr`.
+    pub listen: String,
+    /// Tenants labelled by name in the per-tenant figures; requests of the
+    /// others are counted under `tenant="(other)"`. Default 1000; 0 labels
+    /// none.
+    pub tenant_labels: usize,
+}
+
+/// The port of the HTTP endpoint on the embedded default.
+pub const DEFAULT_HTTP_PORT: u16 = 9478;
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: "auto".into(), tenant_labels: bstore_api::DEFAULT_TENANT_LABELS }
+    }
+}
+
+impl HttpConfig {
+    /// Where to listen, if anywhere; `embedded` says whether the service
+    /// runs the embedded default (no NATS URL configured).
+    pub fn address(&self, embedded: bool) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        match self.listen.trim() {
+            "auto" if embedded => Ok(Some(std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)))),
+            "auto" | "off" | "" => Ok(None),
+            addr => addr.parse().map(Some).map_err(|_| {
+                anyhow::anyhow!("http.listen = {addr:?} is not an ip:port (e.g. 127.0.0.1:{DEFAULT_HTTP_PORT}), `auto` or `off`")
+            }),
+        }
+    }
 }
 
 /// How to reach NATS: the servers, who the service is, and TLS.

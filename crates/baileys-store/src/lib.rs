@@ -8,6 +8,7 @@
 pub mod config;
 pub mod embedded;
 pub mod erase;
+pub mod http;
 pub mod keys;
 pub mod keys_cmd;
 pub mod nats;
@@ -39,6 +40,14 @@ const HEADER_ROOM: usize = 8 << 10;
 /// (see [`embedded`]), connects to it as the service user, and writes the
 /// bots' URL into `data_dir/bot.url`.
 pub async fn run(mut cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // The operator's endpoint comes first: /healthz answers while the rest
+    // starts, and a taken port ends the start before anything else.
+    let metrics = std::sync::Arc::new(bstore_api::Metrics::new(cfg.http.tenant_labels));
+    let endpoint = http::Endpoint::new(&metrics);
+    let _ = std::fs::remove_file(cfg.data_dir.join(http::ADDR_FILE));
+    if let Some(addr) = cfg.http.address(cfg.nats.urls.is_empty())? {
+        endpoint.listen(addr, &cfg.data_dir).await?;
+    }
     let embedded = if cfg.nats.urls.is_empty() {
         let server = embedded::EmbeddedNats::start_for(&cfg.embedded, &embedded::dir(&cfg.data_dir), &embedded::Subjects::of(&cfg)).await?;
         server.write_url_files(&cfg.data_dir)?;
@@ -56,7 +65,9 @@ pub async fn run(mut cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow:
         Some(server) => vec![server.url.clone()],
         None => cfg.nats.urls.clone(),
     };
-    let result = serve(cfg, urls, embedded.is_some(), shutdown).await;
+    let addr_file = cfg.data_dir.join(http::ADDR_FILE);
+    let result = serve(cfg, urls, embedded.is_some(), (metrics, endpoint), shutdown).await;
+    let _ = std::fs::remove_file(addr_file);
     nats::mark_closing();
     if let Some(server) = embedded {
         server.stop().await;
@@ -78,7 +89,13 @@ fn embedded_identity(nats: &mut config::NatsConfig, service: &embedded::Credenti
     };
 }
 
-async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+async fn serve(
+    mut cfg: Config,
+    urls: Vec<String>,
+    embedded: bool,
+    (metrics, endpoint): (std::sync::Arc<bstore_api::Metrics>, http::Endpoint),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let keyring = keys::load(&cfg.keys, &cfg.data_dir, embedded)?;
     let client = nats::connect(&cfg.nats, &urls, nats::Role::Store).await?;
     let max_payload = client.server_info().max_payload;
@@ -109,6 +126,7 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     // Bots' requests arrive on a connection of their own, which an operator
     // can confine to publishing replies; JetStream stays on `client`.
     let serving = nats::connect(&cfg.nats, &urls, nats::Role::Serve).await?;
+    endpoint.set_live(http::Live { store: client.clone(), serving: serving.clone(), sessions: sessions.clone() });
     let api = bstore_api::ApiConfig { max_reply_bytes: max_payload.saturating_sub(HEADER_ROOM), limits: cfg.limits, ..cfg.api.clone() };
     let cluster = bstore_api::ClusterSetup {
         js: async_nats::jetstream::new(client.clone()),
@@ -120,7 +138,9 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     };
     let ready_file = cfg.data_dir.join(READY_FILE);
     let _ = std::fs::remove_file(&ready_file);
+    let taking = endpoint.clone();
     let ready = || {
+        taking.set_taking(true);
         if let Err(e) =
             std::fs::create_dir_all(&cfg.data_dir).and_then(|()| std::fs::write(&ready_file, format!("{}\n", std::process::id())))
         {
@@ -129,10 +149,12 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
     };
     let shutdown = async {
         shutdown.await;
+        endpoint.set_taking(false);
         let _ = std::fs::remove_file(&ready_file);
     };
     let mut more_figures: Vec<bstore_api::MoreFigures> = Vec::new();
     if let Some(m) = &materializer {
+        endpoint.set_materializer(m.handle());
         let handle = m.handle();
         more_figures.push((
             "materializer",
@@ -148,7 +170,7 @@ async fn serve(mut cfg: Config, urls: Vec<String>, embedded: bool, shutdown: imp
             }),
         ));
     }
-    let served = bstore_api::serve(serving.clone(), api, sessions, cluster, more_figures, ready, shutdown).await;
+    let served = bstore_api::serve(serving.clone(), api, sessions, cluster, more_figures, metrics, ready, shutdown).await;
     erasures.abort();
     if let Some(m) = materializer {
         m.stop().await;

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 pub use codes::ErrorCode;
-pub use metrics::Metrics;
+pub use metrics::{DEFAULT_TENANT_LABELS, Metrics};
 
 /// The micro-service endpoint of an instance is `<INSTANCE_PREFIX>.<instance id>`.
 pub const INSTANCE_PREFIX: &str = "_BSTORE_SVC";
@@ -113,11 +113,11 @@ pub async fn serve(
     sessions: Sessions,
     cluster: ClusterSetup,
     more_figures: Vec<MoreFigures>,
+    metrics: Arc<Metrics>,
     ready: impl FnOnce(),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let metrics = Arc::new(Metrics::default());
-    let routing = Arc::new(route::RouteMetrics::default());
+    let routing = metrics.routing.clone();
     let (for_stats, routing_stats) = (metrics.clone(), routing.clone());
     let service = client
         .service_builder()

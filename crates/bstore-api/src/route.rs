@@ -56,7 +56,7 @@ pub(crate) struct Router {
 
 /// What routing did, beside the per-op figures. Counts only: nothing here
 /// names a tenant or a session.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct RouteMetrics {
     refused_replies: AtomicU64,
     shed: AtomicU64,
@@ -64,6 +64,11 @@ pub(crate) struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// (refused reply subjects, shed, forwarded).
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        (self.refused_replies.load(Relaxed), self.shed.load(Relaxed), self.forwarded.load(Relaxed))
+    }
+
     pub(crate) fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "refused_reply_subjects": self.refused_replies.load(Relaxed),
@@ -107,7 +112,7 @@ impl Router {
         let (key, op_name, op) = match decoded {
             Ok(d) => d,
             Err(refusal) => {
-                self.metrics.record(None, Some(refusal.0), started.elapsed());
+                self.metrics.record(None, None, Some(refusal.0), started.elapsed());
                 self.respond(&reply, Err(refusal)).await;
                 return;
             }
@@ -143,7 +148,7 @@ impl Router {
                                 Refusal::of_session(&e, &key)
                             })
                             .and_then(|r| self.encode(&r));
-                        self.metrics.record(Some(op_name.as_str()), result.as_ref().err().map(|r| r.0), started.elapsed());
+                        self.metrics.record(Some(op_name.as_str()), Some(&key.tenant), result.as_ref().err().map(|r| r.0), started.elapsed());
                         self.respond(&reply, result).await;
                         return;
                     }
@@ -186,7 +191,7 @@ impl Router {
             // partition over): wait and look again.
             if Instant::now() + pause >= deadline {
                 let refusal = Refusal(ErrorCode::Unavailable, "no instance serves this session right now; retry with the same rid".into());
-                self.metrics.record(Some(op_name.as_str()), Some(refusal.0), started.elapsed());
+                self.metrics.record(Some(op_name.as_str()), Some(&key.tenant), Some(refusal.0), started.elapsed());
                 self.respond(&reply, Err(refusal)).await;
                 return;
             }

@@ -264,6 +264,7 @@ async fn load(env: &Env, key: &SessionKey, projector: Option<&Projector>, epoch:
     })
     .await?;
     tracing::debug!(session = %key, seq = loaded.state.seq(), source = ?loaded.source, "session loaded");
+    crate::stats::loaded(&loaded.source);
     if let (Some(p), Some(mode)) = (projector, loaded.repair) {
         p.snapshot(&loaded.state, mode);
     }
@@ -301,7 +302,7 @@ async fn write(
             resync(env, key, live, last).await?;
             continue;
         };
-        match env.log.append(key, live.st.seq(), &event).await {
+        match crate::stats::timed_append(&env.log, key, live.st.seq(), &event).await {
             Ok(appended) if appended.duplicate => {
                 // A retry of a request the log already stored, which this
                 // state has yet to see.

@@ -26,6 +26,7 @@ mod projector;
 mod registry;
 mod rids;
 mod snapshotter;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 

@@ -131,6 +131,7 @@ impl Status {
     /// Marks the copy behind because the projection of `seq` was lost.
     fn missed(&self, seq: u64) {
         self.missed.fetch_max(seq, Ordering::SeqCst);
+        crate::stats::projection_missed();
         self.behind.store(true, Ordering::SeqCst);
     }
 
@@ -200,6 +201,7 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
                         known = Some(digest);
                         status.failures.store(0, Ordering::Release);
                         status.caught_up(state.seq());
+                        crate::stats::projection_caught_up();
                     }
                     Err(e) => {
                         tracing::warn!(session = %key, error = %e, "redis snapshot failed; will retry");
