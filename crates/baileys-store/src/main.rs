@@ -163,10 +163,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: tenant::TenantCmd,
     },
-    /// Replay the log and compare it with Redis and Mongo (those configured); print every difference and exit non-zero on any.
+    /// Replay the log and compare it with Redis and Mongo (those configured); report every session
+    /// and difference, and exit non-zero, naming the failing sessions, on any.
     ///
-    /// Every event must open and sit where it was written; with no projection configured only the
-    /// log is checked. Example: `baileys-store verify --tenant acme --session bot-1`.
+    /// Every event must open and sit where it was written, and each session's chain must hold;
+    /// with no projection configured (the embedded default) only the log is checked.
+    /// Example: `baileys-store verify --tenant acme --session bot-1`, or `baileys-store verify --json`.
     Verify {
         /// Only this tenant's session (with --session).
         #[arg(long, requires = "session")]
@@ -174,6 +176,9 @@ enum Cmd {
         /// Only this session (with --tenant).
         #[arg(long, requires = "tenant")]
         session: Option<String>,
+        /// One JSON object (per-session reports, differences, failing sessions) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -283,15 +288,20 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&cfg.telemetry)?;
             actix::System::new().block_on(baileys_store::projections::rebuild(cfg, target, from_scratch))
         }
-        Cmd::Verify { tenant, session } => {
+        Cmd::Verify { tenant, session, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let only = match (tenant, session) {
                 (Some(t), Some(s)) => Some(bstore_domain::SessionKey::parse(&t, &s)?),
                 _ => None,
             };
-            let diffs = actix::System::new().block_on(baileys_store::projections::verify(cfg, only))?;
-            anyhow::ensure!(diffs == 0, "{diffs} differences between the log and the projections");
+            let found = actix::System::new().block_on(baileys_store::projections::verify(cfg, only, json))?;
+            anyhow::ensure!(
+                found.differences == 0,
+                "{} differences or failures; failing sessions: {}",
+                found.differences,
+                found.failing.join(", ")
+            );
             Ok(())
         }
     }

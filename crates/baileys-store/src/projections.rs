@@ -199,11 +199,22 @@ pub(crate) async fn rebuild_mongo(cfg: &Config, client: &async_nats::Client, cod
     Ok(target)
 }
 
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Differences and failures found, every kind together.
+    pub differences: usize,
+    /// The sessions (or, for a quarantined record of no known session, the
+    /// subjects) with at least one, in order.
+    pub failing: Vec<String>,
+}
+
 /// `baileys-store verify`: replays the log — every event must open and sit
-/// where it was written — and compares each configured projection with it.
-/// With no projection configured (the embedded default) it checks the log
-/// alone. Prints every difference; returns how many.
-pub async fn verify(cfg: Config, only: Option<SessionKey>) -> anyhow::Result<usize> {
+/// where it was written, and the chain of each session must hold — and
+/// compares each configured projection with it. With no projection
+/// configured (the embedded default) it checks the log alone. Reports every
+/// session (and every difference); with `json`, as one JSON object.
+pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool) -> anyhow::Result<Verified> {
     let (client, codec) = crate::connect_tool(&cfg).await?;
     let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
     let sessions = match &only {
@@ -215,42 +226,46 @@ pub async fn verify(cfg: Config, only: Option<SessionKey>) -> anyhow::Result<usi
         Some(_) => Some(Store::connect(&cfg.mongo, codec.clone()).await?),
         None => None,
     };
-    let mut diffs = Diffs::default();
+    let mut diffs = Diffs { json, ..Diffs::default() };
+    let mut reports = Vec::new();
     for key in &sessions {
-        let refused_before = bstore_log::refused_events();
-        let replayed = bstore_session::load::from_log(&log, key).await;
-        // This process replays one session at a time, so the counter's rise
-        // is this session's refusals.
-        let refused = bstore_log::refused_events() - refused_before;
-        if refused > 0 {
-            diffs.add("log", key, format!("{refused} events refused as not where they were written (copies; `history` marks them)"));
+        let before = diffs.count;
+        let checked = check_log(&log, key).await?;
+        if !checked.refused.is_empty() {
+            let seqs: Vec<String> = checked.refused.iter().map(u64::to_string).collect();
+            diffs.add(
+                "log",
+                key,
+                format!(
+                    "{} events refused as not where they were written (copies; `history` marks them): sequence {}",
+                    checked.refused.len(),
+                    seqs.join(", ")
+                ),
+            );
         }
-        let truth = match replayed {
-            Ok(truth) => truth,
+        let truth = match (&checked.failure, checked.state) {
+            (None, Some(truth)) => Some(truth),
             // Nothing to compare with; the other sessions are still checked.
-            Err(bstore_session::SessionError::Unreadable(e)) => {
-                diffs.add("log", key, format!("cannot be replayed: {e}"));
-                continue;
+            (failure, _) => {
+                diffs.add("log", key, format!("cannot be replayed: {}", failure.as_deref().unwrap_or("no state")));
+                None
             }
-            Err(e) => return Err(e.into()),
         };
-        if let Some(redis) = &redis {
-            match redis.load(key).await {
-                Ok(Some(copy)) => compare_redis(&mut diffs, key, &truth, &copy),
-                Ok(None) if truth.seq() == 0 => {}
-                Ok(None) if redis.config().ttl_secs > 0 => {} // expired by the cache policy
-                Ok(None) => diffs.add("redis", key, format!("missing (the log is at {})", truth.seq())),
-                Err(e @ RedisError::Unreadable { .. }) => diffs.add("redis", key, e.to_string()),
-                Err(e) => return Err(e).context("reading redis"),
-            }
+        if let Some(truth) = &truth {
+            compare_projections(&mut diffs, key, truth, redis.as_ref(), mongo.as_ref()).await?;
         }
-        if let Some(mongo) = &mongo {
-            match mongo.read_session(key).await {
-                Ok(Some(stored)) => compare_mongo(&mut diffs, key, &truth, &stored),
-                Ok(None) => diffs.add("mongo", key, format!("missing (the log is at {})", truth.seq())),
-                Err(bstore_mongo::MongoError::Unreadable(e)) => diffs.add("mongo", key, format!("unreadable: {e}")),
-                Err(e) => return Err(e).context("reading mongo"),
-            }
+        let problems = diffs.count - before;
+        reports.push(SessionReport {
+            session: key.to_string(),
+            events: checked.events,
+            seq: truth.as_ref().map_or(0, SessionState::seq),
+            refused: checked.refused,
+            log_ok: checked.failure.is_none(),
+            problems,
+        });
+        if !json {
+            let last = reports.last().expect("just pushed");
+            println!("{}", last.line());
         }
     }
     if only.is_none() {
@@ -283,31 +298,180 @@ pub async fn verify(cfg: Config, only: Option<SessionKey>) -> anyhow::Result<usi
     if against.is_empty() {
         against.push("the log alone");
     }
-    let of_which = if quarantined > 0 { format!(" ({quarantined} of them quarantined by the materializer)") } else { String::new() };
-    println!("verified {} sessions against {}: {} differences{of_which}", sessions.len(), against.join(" and "), diffs.0);
-    Ok(diffs.0)
+    let failing: Vec<String> = diffs.failing.iter().cloned().collect();
+    if json {
+        let out = serde_json::json!({
+            "sessions": reports.iter().map(SessionReport::json).collect::<Vec<_>>(),
+            "differences": diffs.entries,
+            "checked": sessions.len(),
+            "against": against,
+            "quarantined": quarantined,
+            "failing": failing,
+            "ok": diffs.count == 0,
+        });
+        println!("{out}");
+    } else {
+        let of_which = if quarantined > 0 { format!(" ({quarantined} of them quarantined by the materializer)") } else { String::new() };
+        println!("verified {} sessions against {}: {} differences{of_which}", sessions.len(), against.join(" and "), diffs.count);
+    }
+    Ok(Verified { differences: diffs.count, failing })
+}
+
+/// The projections' side of `verify` for one session whose log replayed.
+async fn compare_projections(
+    diffs: &mut Diffs,
+    key: &SessionKey,
+    truth: &SessionState,
+    redis: Option<&RedisProjection>,
+    mongo: Option<&Store>,
+) -> anyhow::Result<()> {
+    if let Some(redis) = redis {
+        match redis.load(key).await {
+            Ok(Some(copy)) => compare_redis(diffs, key, truth, &copy),
+            Ok(None) if truth.seq() == 0 => {}
+            Ok(None) if redis.config().ttl_secs > 0 => {} // expired by the cache policy
+            Ok(None) => diffs.add("redis", key, format!("missing (the log is at {})", truth.seq())),
+            Err(e @ RedisError::Unreadable { .. }) => diffs.add("redis", key, e.to_string()),
+            Err(e) => return Err(e).context("reading redis"),
+        }
+    }
+    if let Some(mongo) = mongo {
+        match mongo.read_session(key).await {
+            Ok(Some(stored)) => compare_mongo(diffs, key, truth, &stored),
+            Ok(None) => diffs.add("mongo", key, format!("missing (the log is at {})", truth.seq())),
+            Err(bstore_mongo::MongoError::Unreadable(e)) => diffs.add("mongo", key, format!("unreadable: {e}")),
+            Err(e) => return Err(e).context("reading mongo"),
+        }
+    }
+    Ok(())
+}
+
+/// What replaying one session's log found.
+struct LogCheck {
+    /// Messages replayed (refused ones included).
+    events: u64,
+    /// Sequences of the events refused as not where they were written.
+    refused: Vec<u64>,
+    /// Why the replay stopped: an event that does not open, a gap in the
+    /// chain, a patch that fits no value.
+    failure: Option<String>,
+    /// The session's state, when the replay went through.
+    state: Option<SessionState>,
+}
+
+/// Replays every event of `key` as a load does (checking each against the
+/// chain, applying those that fit, passing over refused ones) and says what
+/// it found. Only an unreachable log is an error: the rest is the report.
+async fn check_log(log: &EventLog, key: &SessionKey) -> anyhow::Result<LogCheck> {
+    let mut state = SessionState::default();
+    let (mut events, mut refused, mut failure) = (0, Vec::new(), None);
+    let replayed = log
+        .replay_checked(key, 0, |seq, replayed| {
+            if failure.is_some() {
+                return;
+            }
+            events += 1;
+            match replayed {
+                bstore_log::Replayed::Fits(event) => {
+                    if let Err(e) = state.apply(seq, &event) {
+                        failure = Some(format!("event {seq} does not apply: {e}"));
+                    }
+                }
+                bstore_log::Replayed::Refused(..) => {
+                    refused.push(seq);
+                    state.pass_over(seq);
+                }
+            }
+        })
+        .await;
+    match replayed {
+        Ok(last) => {
+            state.pass_over(last);
+        }
+        Err(e @ (bstore_log::LogError::Unreadable { .. } | bstore_log::LogError::Broken { .. })) => failure = Some(e.to_string()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("replaying {key}"))),
+    }
+    let state = failure.is_none().then_some(state);
+    Ok(LogCheck { events, refused, failure, state })
+}
+
+/// One session's line in `verify`'s report.
+struct SessionReport {
+    session: String,
+    events: u64,
+    seq: u64,
+    refused: Vec<u64>,
+    log_ok: bool,
+    problems: usize,
+}
+
+impl SessionReport {
+    fn line(&self) -> String {
+        if self.problems == 0 {
+            format!("OK {}: {} events up to sequence {}, every one opens and the chain holds", self.session, self.events, self.seq)
+        } else {
+            let log = if !self.log_ok {
+                "the log does not replay"
+            } else if !self.refused.is_empty() {
+                "the log holds refused events"
+            } else {
+                "the log is sound"
+            };
+            format!("FAIL {}: {} events; {log}; {} differences (above)", self.session, self.events, self.problems)
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "session": self.session,
+            "ok": self.problems == 0,
+            "events": self.events,
+            "seq": self.seq,
+            "log_replays": self.log_ok,
+            "refused": self.refused,
+            "differences": self.problems,
+        })
+    }
 }
 
 #[derive(Default)]
-struct Diffs(usize);
+struct Diffs {
+    count: usize,
+    /// Print nothing as found; keep the entries for one JSON object.
+    json: bool,
+    entries: Vec<serde_json::Value>,
+    failing: BTreeSet<String>,
+}
 
 impl Diffs {
     fn add(&mut self, projection: &str, key: &SessionKey, what: String) {
-        self.0 += 1;
-        println!("DIFF {projection} {key}: {what}");
+        self.count += 1;
+        self.failing.insert(key.to_string());
+        if self.json {
+            self.entries.push(serde_json::json!({ "in": projection, "session": key.to_string(), "what": what }));
+        } else {
+            println!("DIFF {projection} {key}: {what}");
+        }
     }
 
     /// A record the materializer set aside: an event Mongo lacks, or a key
     /// document found unreadable (named by its type and id tag, never its
     /// id). `rebuild mongo` clears the list.
     fn add_quarantined(&mut self, q: &bstore_mongo::Quarantined) {
-        self.0 += 1;
+        self.count += 1;
         let whose = q.session.as_ref().map_or_else(|| q.subject.clone(), ToString::to_string);
+        self.failing.insert(whose.clone());
         let what = match (&q.kind, &q.key) {
             (bstore_mongo::QuarantineKind::Document, Some((ty, tag))) => format!("{ty} key document {tag}, read for event {}", q.seq),
             _ => format!("event {}", q.seq),
         };
-        println!("QUARANTINED mongo {whose}: {what}: {} (recorded at {} ms Unix time)", q.reason, q.at_ms);
+        if self.json {
+            self.entries.push(serde_json::json!({
+                "in": "mongo", "quarantined": true, "session": whose, "what": what, "reason": q.reason, "at_ms": q.at_ms,
+            }));
+        } else {
+            println!("QUARANTINED mongo {whose}: {what}: {} (recorded at {} ms Unix time)", q.reason, q.at_ms);
+        }
     }
 }
 

@@ -41,6 +41,10 @@ impl ServiceProcess {
             }
         }
         cmd.env("NO_COLOR", "1").env("BSTORE_LOG", "info,bstore_session=debug");
+        // The metrics endpoint on a free port (`<data_dir>/http.addr` says
+        // which), so that services started at once never contend for the
+        // embedded default's fixed one.
+        cmd.env("BSTORE__HTTP__LISTEN", "127.0.0.1:0");
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.child = Some(child::spawn_logged(cmd, &self.log, "baileys-store"));
         self.starts += 1;
