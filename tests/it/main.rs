@@ -14,6 +14,7 @@ mod integrity_redis;
 mod isolation;
 mod keys;
 mod mapping;
+mod metrics;
 mod materializer_concurrency;
 mod ownership;
 mod projections;

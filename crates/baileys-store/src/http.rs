@@ -349,7 +349,8 @@ impl Collector for ProcessCollector {
         {
             let (counts, sum) = stats::append_latency();
             let mut buckets: Vec<(f64, u64)> = stats::APPEND_BOUNDS_S.iter().copied().zip(counts).collect();
-            buckets.push((f64::INFINITY, counts[stats::APPEND_BOUNDS_S.len()]));
+            // f64::MAX is how the encoder spells +Inf.
+            buckets.push((f64::MAX, counts[stats::APPEND_BOUNDS_S.len()]));
             let m = encoder.encode_descriptor(
                 "jetstream_append_duration_seconds",
                 "Time JetStream took to acknowledge (or refuse) an append of an event",
