@@ -448,6 +448,21 @@ mod tests {
     }
 
     #[test]
+    fn the_http_endpoint_is_on_at_loopback_for_the_embedded_default_only_unless_told() {
+        let cfg = Config::load_from(None, env(&[])).unwrap();
+        let fixed = std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT));
+        assert_eq!(cfg.http.address(true).unwrap(), Some(fixed), "auto, embedded: loopback on the fixed port");
+        assert_eq!(cfg.http.address(false).unwrap(), None, "auto, NATS URLs configured: off");
+        let told = Config::load_from(None, env(&[("BSTORE__HTTP__LISTEN", "10.0.0.11:9478")])).unwrap();
+        assert_eq!(told.http.address(false).unwrap(), Some("10.0.0.11:9478".parse().unwrap()));
+        let off = Config::load_from(None, env(&[("BSTORE__HTTP__LISTEN", "off")])).unwrap();
+        assert_eq!(off.http.address(true).unwrap(), None);
+        let bad = Config::load_from(None, env(&[("BSTORE__HTTP__LISTEN", "localhost:9478")])).unwrap();
+        let err = bad.http.address(true).unwrap_err().to_string();
+        assert!(err.contains("not an ip:port"), "{err}");
+    }
+
+    #[test]
     fn projection_urls_have_shorthands() {
         let cfg = Config::load_from(
             None,
