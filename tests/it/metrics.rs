@@ -37,11 +37,8 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let text = String::from_utf8(raw).expect("a UTF-8 answer");
     let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("a Content-Length");
+    let length: usize =
+        head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).and_then(|n| n.trim().parse().ok()).expect("a Content-Length");
     assert_eq!(length, body.len(), "the body is as long as announced");
     (status, body.to_owned())
 }
@@ -230,8 +227,8 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_in_a_scrape_of_the_se
     let exposed = scrape(addr).await.names();
 
     let deploy = bstore_testkit::repo_root().join("deploy");
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana/baileys-store.json")).unwrap()).expect("the dashboard is valid JSON");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana/baileys-store.json")).unwrap())
+        .expect("the dashboard is valid JSON");
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 10, "the dashboard has its panels' queries: {exprs:?}");
@@ -318,8 +315,11 @@ impl Embedded {
         let dir = TempDir::new("verify-embedded");
         let data = dir.path().join("data");
         let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
-        let env =
-            [("BSTORE_DATA_DIR", data.to_str().unwrap()), ("BSTORE__EMBEDDED__PORT", "-1"), ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap())];
+        let env = [
+            ("BSTORE_DATA_DIR", data.to_str().unwrap()),
+            ("BSTORE__EMBEDDED__PORT", "-1"),
+            ("BSTORE_NATS_SERVER_BIN", bin.to_str().unwrap()),
+        ];
         let service = ServiceProcess::start(service_bin(), &env, &dir.path().join("logs"));
         Self { _service: service, data, dir }
     }
@@ -366,7 +366,12 @@ impl Embedded {
 }
 
 fn session<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    report["sessions"].as_array().unwrap().iter().find(|s| s["session"] == name).unwrap_or_else(|| panic!("{name} not reported: {report:#}"))
+    report["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session"] == name)
+        .unwrap_or_else(|| panic!("{name} not reported: {report:#}"))
 }
 
 #[tokio::test]
@@ -400,7 +405,12 @@ async fn verify_on_the_embedded_default_passes_a_sound_log_and_fails_naming_the_
     assert_eq!(session(&report, "t/b")["ok"], true, "{report:#}");
     let (ok, out, err) = e.verify(&[]);
     assert!(!ok);
-    assert!(out.contains(&format!("DIFF log t/a: 1 events refused as not where they were written (copies; `history` marks them): sequence {copy}")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "DIFF log t/a: 1 events refused as not where they were written (copies; `history` marks them): sequence {copy}"
+        )),
+        "{out}"
+    );
     assert!(out.contains("FAIL t/a") && out.contains("OK t/b"), "{out}");
     assert!(err.contains("failing sessions: t/a"), "the exit names the failing sessions: {err}");
 

@@ -26,10 +26,10 @@ use bstore_mongo::Materializer;
 use bstore_session::Sessions;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -327,7 +327,12 @@ impl Collector for ProcessCollector {
             "Redis projections of an event dropped or failed, leaving a session's copy behind until a snapshot repairs it",
             stats::redis_behind(),
         )?;
-        counter(&mut encoder, "redis_projection_repaired", "Snapshots written into Redis to repair a session's copy", stats::redis_repaired())?;
+        counter(
+            &mut encoder,
+            "redis_projection_repaired",
+            "Snapshots written into Redis to repair a session's copy",
+            stats::redis_repaired(),
+        )?;
         counter(
             &mut encoder,
             "redis_untrusted_copies",
@@ -372,7 +377,12 @@ impl Collector for ProcessCollector {
         if stats.is_some() && lag > 0 {
             ConstGauge::new((lag - 1) as i64).encode(m)?;
         }
-        let m = encoder.encode_descriptor("mongo_applied_seq", "The highest stream sequence this process materialized", None, MetricType::Gauge)?;
+        let m = encoder.encode_descriptor(
+            "mongo_applied_seq",
+            "The highest stream sequence this process materialized",
+            None,
+            MetricType::Gauge,
+        )?;
         if let Some(s) = stats {
             ConstGauge::new(s.applied_seq as i64).encode(m)?;
         }

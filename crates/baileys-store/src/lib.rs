@@ -170,7 +170,9 @@ async fn serve(
             }),
         ));
     }
-    let served = bstore_api::serve(serving.clone(), api, sessions, cluster, more_figures, metrics, ready, shutdown).await;
+    let served =
+        bstore_api::serve(serving.clone(), api, sessions, cluster, bstore_api::Figures { metrics, more: more_figures }, ready, shutdown)
+            .await;
     erasures.abort();
     if let Some(m) = materializer {
         m.stop().await;

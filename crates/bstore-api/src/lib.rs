@@ -101,22 +101,33 @@ pub struct ClusterSetup {
 /// when it runs in this process).
 pub type MoreFigures = (&'static str, Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
 
+/// What an instance counts and reports.
+pub struct Figures {
+    /// The request figures, recorded by every request; the caller keeps a
+    /// handle to serve them to Prometheus too.
+    pub metrics: Arc<Metrics>,
+    /// More figures for `$SRV.STATS`.
+    pub more: Vec<MoreFigures>,
+}
+
 /// Serves requests until `shutdown` resolves, then stops taking new ones,
 /// waits for those in flight to be answered, and hands its partitions over.
 ///
 /// `client` is the serving connection: it subscribes to the request and
 /// partition subjects and publishes only replies (and forwards to partition
-/// subjects). `ready` is called once requests are being taken.
+/// subjects). `figures` are what it counts (the request figures are also
+/// the caller's, for Prometheus). `ready` is called once requests are being
+/// taken.
 pub async fn serve(
     client: async_nats::Client,
     cfg: ApiConfig,
     sessions: Sessions,
     cluster: ClusterSetup,
-    more_figures: Vec<MoreFigures>,
-    metrics: Arc<Metrics>,
+    figures: Figures,
     ready: impl FnOnce(),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let Figures { metrics, more: more_figures } = figures;
     let routing = metrics.routing.clone();
     let (for_stats, routing_stats) = (metrics.clone(), routing.clone());
     let service = client

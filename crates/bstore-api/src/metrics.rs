@@ -189,7 +189,11 @@ impl prometheus_client::collector::Collector for RoutingCollector {
         use prometheus_client::metrics::counter::ConstCounter;
         let (refused, shed, forwarded) = self.0.counts();
         for (name, help, value) in [
-            ("routing_refused_reply_subjects", "Requests refused without a reply: their reply subject is outside the inbox prefixes", refused),
+            (
+                "routing_refused_reply_subjects",
+                "Requests refused without a reply: their reply subject is outside the inbox prefixes",
+                refused,
+            ),
             ("routing_shed_overloaded", "Requests answered 503 at once because api.max_in_flight were in flight", shed),
             ("routing_forwarded_to_owner", "Requests forwarded to the instance owning their partition", forwarded),
         ] {

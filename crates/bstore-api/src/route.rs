@@ -148,7 +148,12 @@ impl Router {
                                 Refusal::of_session(&e, &key)
                             })
                             .and_then(|r| self.encode(&r));
-                        self.metrics.record(Some(op_name.as_str()), Some(&key.tenant), result.as_ref().err().map(|r| r.0), started.elapsed());
+                        self.metrics.record(
+                            Some(op_name.as_str()),
+                            Some(&key.tenant),
+                            result.as_ref().err().map(|r| r.0),
+                            started.elapsed(),
+                        );
                         self.respond(&reply, result).await;
                         return;
                     }
