@@ -430,3 +430,77 @@ async fn verify_on_the_embedded_default_passes_a_sound_log_and_fails_naming_the_
     assert!(ok, "{report:#}");
     assert_eq!(report["checked"], 1);
 }
+
+/// Scrapes until `check` passes on a scrape (at most 20 s); returns that
+/// scrape.
+async fn scrape_until(addr: SocketAddr, what: &str, check: impl Fn(&Scrape) -> bool) -> Scrape {
+    let start = Instant::now();
+    loop {
+        let m = scrape(addr).await;
+        if check(&m) {
+            return m;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}: never seen in\n{:?}", m.samples);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With both projections on: the Mongo materializer's sequence and lag, a
+/// Redis copy falling behind while Redis is down and repaired once it is
+/// back, and after a restart a session loaded from its Redis copy.
+#[tokio::test]
+async fn the_projections_figures_follow_redis_going_down_and_the_materializer_catching_up() {
+    let mut redis = bstore_testkit::RedisServer::start();
+    let mongo = bstore_testkit::MongoServer::start();
+    let (redis_url, mongo_url) = (redis.url(), mongo.url());
+    let env = [
+        ("BSTORE_REDIS_URL", redis_url.as_str()),
+        ("BSTORE_MONGO_URL", mongo_url.as_str()),
+        ("BSTORE__REDIS__TIMEOUT", "0.5"),
+        ("BSTORE__REDIS__CATCH_UP_INTERVAL", "0.3"),
+        ("BSTORE__MONGO__BATCH_WAIT", "0.05"),
+    ];
+    let mut stack = Stack::start_with(&env).await;
+    let data = stack.dir.path().join("data");
+    let addr = http_addr(&data);
+    let s = stack.session("acme", "projected").with_timeout(Duration::from_secs(10));
+    let last = s.creds_put(&rid(), b"creds v1").await.unwrap();
+    let m = scrape_until(addr, "the materializer applied the write", |m| {
+        m.get("bstore_mongo_applied_seq", &[]).is_some_and(|v| v >= last as f64) && m.get("bstore_mongo_lag_events", &[]) == Some(0.0)
+    })
+    .await;
+    assert_eq!(m.value("bstore_mongo_quarantined_events_total", &[]), 0.0);
+    let m = scrape_until(addr, "the Redis copy is current", |m| {
+        m.value("bstore_redis_projection_behind_total", &[]) <= m.value("bstore_redis_projection_repaired_total", &[])
+    })
+    .await;
+    let (behind, repaired) = (m.value("bstore_redis_projection_behind_total", &[]), m.value("bstore_redis_projection_repaired_total", &[]));
+
+    // Redis down: the next write's projection fails, the copy is behind.
+    redis.stop();
+    s.creds_put(&rid(), b"creds v2").await.unwrap();
+    scrape_until(addr, "the projection counted behind", |m| m.value("bstore_redis_projection_behind_total", &[]) > behind).await;
+    // Redis back (empty): the catch-up snapshot repairs the copy.
+    redis.start_again();
+    let last = s.creds_put(&rid(), b"creds v3").await.unwrap();
+    scrape_until(addr, "the copy repaired", |m| m.value("bstore_redis_projection_repaired_total", &[]) > repaired).await;
+    let redis_copy = bstore_redis::RedisProjection::new(
+        bstore_redis::RedisConfig { url: Some(redis_url.clone()), ..Default::default() },
+        bstore_codec::Codec::new(bstore_codec::Keyring::new(vec![(1, [1u8; 32])], None).unwrap()),
+    )
+    .unwrap();
+    let key = bstore_domain::SessionKey::parse("acme", "projected").unwrap();
+    let start = Instant::now();
+    while redis_copy.stored_seq(&key).await.unwrap() != Some(last) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the Redis copy never reached {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A new process loads the session from its Redis copy.
+    stack.service.restart();
+    let addr = http_addr(&data);
+    assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"creds v3"[..]));
+    let m = scrape(addr).await;
+    assert_eq!(m.value("bstore_session_loads_total", &[("source", "redis")]), 1.0, "{:?}", m.samples);
+    assert_eq!(m.get("bstore_session_loads_total", &[("source", "log")]), None);
+}
