@@ -169,11 +169,14 @@ async fn the_metrics_endpoint_counts_requests_by_op_tenant_and_code_and_says_whe
 
     let m = scrape(addr).await;
     let acme = ("tenant", "acme");
-    assert_eq!(m.value("bstore_request_duration_seconds_count", &[("op", "creds.put"), acme]), 1.0);
-    assert_eq!(m.value("bstore_request_duration_seconds_count", &[("op", "keys.set"), acme]), 1.0);
-    assert_eq!(m.value("bstore_request_duration_seconds_bucket", &[("op", "keys.get"), acme, ("le", "+Inf")]), 1.0);
-    assert!(m.value("bstore_request_duration_seconds_sum", &[("op", "keys.get"), acme]) > 0.0);
-    assert_eq!(m.value("bstore_request_duration_seconds_count", &[("op", "session.info"), ("tenant", "bravo")]), 1.0);
+    assert_eq!(m.value("bstore_requests_total", &[("op", "creds.put"), acme]), 1.0);
+    assert_eq!(m.value("bstore_requests_total", &[("op", "keys.set"), acme]), 1.0);
+    assert_eq!(m.value("bstore_requests_total", &[("op", "session.info"), acme]), 1.0, "the failed one");
+    assert_eq!(m.value("bstore_requests_total", &[("op", "session.info"), ("tenant", "bravo")]), 1.0);
+    assert_eq!(m.value("bstore_request_duration_seconds_count", &[("op", "session.info")]), 2.0);
+    assert_eq!(m.value("bstore_request_duration_seconds_bucket", &[("op", "keys.get"), ("le", "+Inf")]), 1.0);
+    assert!(m.value("bstore_request_duration_seconds_sum", &[("op", "keys.get")]) > 0.0);
+    assert_eq!(m.get("bstore_request_duration_seconds_count", &[acme]), None, "latency is per op, not per tenant");
     assert_eq!(m.value("bstore_request_errors_total", &[("op", "session.info"), ("code", "520"), acme]), 1.0);
     assert_eq!(m.value("bstore_request_errors_total", &[("code", "400"), ("tenant", "(none)")]), 1.0);
     assert_eq!(m.get("bstore_request_errors_total", &[("op", "creds.put")]), None, "no creds.put failed");

@@ -52,9 +52,10 @@ struct OpMetrics {
     buckets: [AtomicU64; BOUNDS_US.len()],
 }
 
+type OpLabel = [(&'static str, String); 1];
 type Labels = [(&'static str, String); 2];
 type ErrorLabels = [(&'static str, String); 3];
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+type HistogramFamily = Family<OpLabel, Histogram, fn() -> Histogram>;
 
 /// Counters shared by every request task. The `$SRV.STATS` figures are
 /// atomics only; the Prometheus families take a read lock per request (a
@@ -65,7 +66,10 @@ pub struct Metrics {
     unknown: AtomicU64,
     codes: [AtomicU64; CODES.len()],
     pub(crate) routing: Arc<RouteMetrics>,
+    /// Latency per op only: a histogram per tenant would be a dozen series
+    /// per tenant and op; the tenant is on the counters.
     latency: HistogramFamily,
+    requests: Family<Labels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     /// Tenants labelled by name so far; past `max_tenants` the others share
     /// [`OTHER_TENANT`], so a flood of tenant names cannot grow the figures
@@ -93,6 +97,7 @@ impl Metrics {
             codes: Default::default(),
             routing: Arc::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            requests: Family::default(),
             errors: Family::default(),
             tenants: RwLock::new(HashSet::new()),
             max_tenants,
@@ -100,14 +105,12 @@ impl Metrics {
     }
 
     /// Adds the Prometheus families to `registry`: request latency per op
-    /// and tenant (`request_duration_seconds`), errors by op, code and
-    /// tenant (`request_errors_total`), and the routing counts.
+    /// (`request_duration_seconds`), requests by op and tenant
+    /// (`requests_total`), errors by op, code and tenant
+    /// (`request_errors_total`), and the routing counts.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "request_duration_seconds",
-            "Time from a request's arrival to its answer, by op and tenant",
-            self.latency.clone(),
-        );
+        registry.register("request_duration_seconds", "Time from a request's arrival to its answer, by op", self.latency.clone());
+        registry.register("requests", "Requests answered, by op and tenant", self.requests.clone());
         registry.register("request_errors", "Requests answered with an error, by op, code and tenant", self.errors.clone());
         registry.register_collector(Box::new(RoutingCollector(self.routing.clone())));
     }
@@ -136,7 +139,8 @@ impl Metrics {
             self.errors.get_or_create(&[("op", op_label.clone()), ("code", code.number().to_string()), ("tenant", tenant.clone())]).inc();
         }
         if known.is_some() {
-            self.latency.get_or_create(&[("op", op_label), ("tenant", tenant)]).observe(took.as_secs_f64());
+            self.latency.get_or_create(&[("op", op_label.clone())]).observe(took.as_secs_f64());
+            self.requests.get_or_create(&[("op", op_label), ("tenant", tenant)]).inc();
         }
         if let Some(code) = error
             && let Some(i) = CODES.iter().position(|c| *c == code)
@@ -248,8 +252,11 @@ mod prometheus_tests {
         m.record(Some("creds.put"), Some(&c), Some(ErrorCode::Conflict), Duration::from_millis(20));
         m.record(None, None, Some(ErrorCode::BadRequest), Duration::ZERO);
         let text = scrape(&m);
-        assert!(text.contains(r#"bstore_request_duration_seconds_count{op="keys.get",tenant="acme"} 2"#), "{text}");
-        assert!(text.contains(r#"bstore_request_duration_seconds_bucket{le="0.0005",op="keys.get",tenant="acme"} 1"#), "{text}");
+        assert!(text.contains(r#"bstore_requests_total{op="keys.get",tenant="acme"} 2"#), "{text}");
+        assert!(text.contains(r#"bstore_request_duration_seconds_count{op="keys.get"} 2"#), "{text}");
+        assert!(text.contains(r#"bstore_request_duration_seconds_bucket{le="0.0005",op="keys.get"} 1"#), "{text}");
+        assert!(text.contains(r#"bstore_requests_total{op="creds.put",tenant="bravo"} 1"#), "{text}");
+        assert!(text.contains(r#"bstore_request_duration_seconds_count{op="creds.put"} 2"#), "{text}");
         assert!(text.contains(r#"bstore_request_errors_total{op="keys.get",code="520",tenant="acme"} 1"#), "{text}");
         // Past two tenants the third shares the "(other)" label.
         assert!(text.contains(r#"bstore_request_errors_total{op="creds.put",code="409",tenant="(other)"} 1"#), "{text}");
