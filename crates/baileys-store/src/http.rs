@@ -45,6 +45,9 @@ const MAX_HEAD: usize = 8 << 10;
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// Connections served at once; past it new ones are closed at once.
 const MAX_CONNECTIONS: usize = 16;
+/// How long one connection may take altogether (a client that stops
+/// reading the answer must not hold its place for ever).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a scrape waits for a figure that needs a round trip.
 const FIGURE_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -158,12 +161,15 @@ impl Endpoint {
                 };
                 let me = me.clone();
                 tokio::spawn(async move {
-                    me.answer(stream).await;
+                    let _ = tokio::time::timeout(CONNECTION_DEADLINE, me.answer(stream)).await;
                     drop(permit);
                 });
             }
         });
         tracing::info!(address = %bound, "metrics and health on http://{bound}/metrics, /healthz, /readyz");
+        if bound.ip().is_unspecified() {
+            tracing::warn!(address = %bound, "the metrics endpoint listens on every interface: its figures name tenants, so make sure only the operator's Prometheus can reach it");
+        }
         Ok(bound)
     }
 
