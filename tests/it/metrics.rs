@@ -134,7 +134,7 @@ async fn ready(addr: SocketAddr) -> serde_json::Value {
             return serde_json::from_str(&body).expect("a JSON body");
         }
         assert_eq!(status, 503, "{body}");
-        assert!(start.elapsed() < Duration::from_secs(10), "never ready: {body}");
+        assert!(start.elapsed() < Duration::from_secs(30), "never ready: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -506,4 +506,31 @@ async fn the_projections_figures_follow_redis_going_down_and_the_materializer_ca
     let m = scrape(addr).await;
     assert_eq!(m.value("bstore_session_loads_total", &[("source", "redis")]), 1.0, "{:?}", m.samples);
     assert_eq!(m.get("bstore_session_loads_total", &[("source", "log")]), None);
+}
+
+/// `/readyz` follows NATS: 503 (with the failing check named) while the
+/// server is down, 200 again once the service has reconnected; `/healthz`
+/// stays 200 throughout.
+#[tokio::test]
+async fn readyz_is_503_while_nats_is_down_and_200_again_once_reconnected() {
+    let mut stack = Stack::start().await;
+    let addr = http_addr(&stack.dir.path().join("data"));
+    ready(addr).await;
+    stack.nats.stop();
+    let start = Instant::now();
+    let checks = loop {
+        let (status, body) = http(addr, "GET", "/readyz").await;
+        if status == 503 {
+            break serde_json::from_str::<serde_json::Value>(&body).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still ready with NATS down: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(checks["ready"], false, "{checks}");
+    assert_eq!(checks["nats_store_connection"], false, "{checks}");
+    assert_eq!(http(addr, "GET", "/healthz").await.0, 200, "the process is alive all the same");
+    assert_eq!(scrape(addr).await.value("bstore_ready", &[]), 0.0);
+    stack.nats.start_again();
+    let checks = ready(addr).await;
+    assert_eq!(checks["jetstream"], true, "{checks}");
 }
