@@ -351,6 +351,16 @@ impl Collector for ProcessCollector {
             "Events refused by replays as not where they were written (copies put back in the log)",
             bstore_log::refused_events(),
         )?;
+        let (written, failed, purged) = bstore_session::snapshot_counts();
+        counter(&mut encoder, "snapshots_written", "Session snapshots written to the log's snapshot stream", written)?;
+        counter(&mut encoder, "snapshots_failed", "Session snapshots that could not be written (loads replay more until the next)", failed)?;
+        counter(
+            &mut encoder,
+            "snapshots_skipped",
+            "Snapshots a load did not believe (unreadable, another session's, or not followed by the log) and passed over",
+            bstore_log::skipped_snapshots(),
+        )?;
+        counter(&mut encoder, "retention_purged_events", "Events the audit retention dropped once a base snapshot stood for them", purged)?;
         counter(
             &mut encoder,
             "log_broken_chains",

@@ -26,10 +26,7 @@ static APPEND_NANOS: AtomicU64 = AtomicU64::new(0);
 /// The label of a load's source. An open set: a new source is a new arm
 /// here and a new label value in the figures, nothing else.
 pub fn source_label(source: &Source) -> &'static str {
-    match source {
-        Source::Redis { .. } => "redis",
-        Source::Log => "log",
-    }
+    source.name()
 }
 
 pub(crate) fn loaded(source: &Source) {
