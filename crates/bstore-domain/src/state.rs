@@ -150,6 +150,45 @@ impl SessionState {
         limit("ids in one keys.get", limits.max_ids_per_call, ids)
     }
 
+    /// Validates the page size of a `keys.list` against the limits.
+    pub fn check_list(limits: &Limits, page: usize) -> Result<(), DomainError> {
+        limit("ids in one keys.list", limits.max_ids_per_call, page)
+    }
+
+    /// One page of the ids stored under `ty`, in byte order: those strictly
+    /// after `after` (all of them without it), at most `limit` (at least
+    /// one), and no more than `max_bytes` of ids in all, though always at
+    /// least one id when any follows. Returns the ids and the cursor of the
+    /// next page: the last id of this one when more follow, else `None`.
+    ///
+    /// It costs one pass over the type's ids plus sorting the page, whatever
+    /// `after` is; nothing is allocated beyond references to the ids.
+    pub fn list_ids(&self, ty: &KeyType, after: Option<&KeyId>, limit: usize, max_bytes: usize) -> (Vec<KeyId>, Option<KeyId>) {
+        let Some(of_type) = self.keys.get(ty) else { return (Vec::new(), None) };
+        let mut page: Vec<&KeyId> = of_type.keys().filter(|id| after.is_none_or(|a| id.as_str() > a.as_str())).collect();
+        let limit = limit.max(1);
+        let mut more = page.len() > limit;
+        if more {
+            page.select_nth_unstable_by(limit, |a, b| a.as_str().cmp(b.as_str()));
+            page.truncate(limit);
+        }
+        page.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut bytes = 0usize;
+        let fits = page
+            .iter()
+            .position(|id| {
+                bytes += id.as_str().len();
+                bytes > max_bytes
+            })
+            .map_or(page.len(), |over| over.max(1));
+        if fits < page.len() {
+            page.truncate(fits);
+            more = true;
+        }
+        let next = if more { page.last().map(|id| (*id).clone()) } else { None };
+        (page.into_iter().cloned().collect(), next)
+    }
+
     /// Decides what a command changes. Returns `None` when it changes nothing
     /// (every value already as asked, every deleted key already absent), so
     /// no event is written; returns an error, and changes nothing, when any
@@ -373,6 +412,90 @@ mod tests {
         fn when(&self, cmd: Command) -> Result<Option<Event>, DomainError> {
             self.0.handle(cmd, &Limits::default(), 9, Some("r1".into()))
         }
+    }
+
+    fn listed(s: &SessionState, ty: &str, after: Option<&str>, limit: usize, max_bytes: usize) -> (Vec<String>, Option<String>) {
+        let after = after.map(id);
+        let (ids, next) = s.list_ids(&t(ty), after.as_ref(), limit, max_bytes);
+        (ids.iter().map(|i| i.as_str().to_owned()).collect(), next.map(|n| n.as_str().to_owned()))
+    }
+
+    #[test]
+    fn list_ids_pages_through_a_type_in_byte_order() {
+        let names = ["b", "a", "10", "9", "1", "é", "Z", "a.b", "a:0"];
+        let entries: Vec<(&str, &str, Option<&str>)> = names.iter().map(|n| ("session", *n, Some("v"))).collect();
+        let Given(s) = given(vec![Command::SetKeys { keys: set(&entries) }, Command::SetKeys { keys: set(&[("pre-key", "x", Some("v"))]) }]);
+        let mut sorted: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        sorted.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        assert_eq!(sorted, ["1", "10", "9", "Z", "a", "a.b", "a:0", "b", "é"], "byte order, not numeric or locale order");
+        // All in one page: no cursor.
+        assert_eq!(listed(&s, "session", None, 100, usize::MAX), (sorted.clone(), None));
+        // Pages of 4: each starts strictly after the previous cursor.
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let (ids, next) = listed(&s, "session", after.as_deref(), 4, usize::MAX);
+            assert!(ids.len() <= 4);
+            pages += 1;
+            all.extend(ids.clone());
+            match next {
+                Some(n) => {
+                    assert_eq!(Some(&n), ids.last(), "the cursor is the page's last id");
+                    after = Some(n);
+                }
+                None => break,
+            }
+        }
+        assert_eq!((all, pages), (sorted.clone(), 3));
+        // A page that ends exactly at the last id says so.
+        assert_eq!(listed(&s, "session", None, 9, usize::MAX).1, None);
+        assert_eq!(listed(&s, "session", None, 8, usize::MAX).1.as_deref(), Some("b"));
+        // A cursor need not be a stored id.
+        assert_eq!(listed(&s, "session", Some("a0"), 2, usize::MAX), (vec!["a:0".into(), "b".into()], Some("b".into())));
+        assert_eq!(listed(&s, "session", Some("é"), 2, usize::MAX), (vec![], None));
+        assert_eq!(listed(&s, "session", Some("zzz"), 2, usize::MAX), (vec!["é".into()], None));
+        // Other types are apart; an absent type is an empty last page.
+        assert_eq!(listed(&s, "pre-key", None, 10, usize::MAX), (vec!["x".into()], None));
+        assert_eq!(listed(&s, "sender-key", None, 10, usize::MAX), (vec![], None));
+        // A limit of 0 is taken as 1, so a page always moves forward.
+        assert_eq!(listed(&s, "session", None, 0, usize::MAX), (vec!["1".into()], Some("1".into())));
+    }
+
+    #[test]
+    fn list_ids_stops_at_the_byte_budget_but_always_moves_forward() {
+        let long = ["a".repeat(300), "b".repeat(300), "c".repeat(300)];
+        let entries: Vec<(&str, &str, Option<&str>)> = long.iter().map(|n| ("session", n.as_str(), Some("v"))).collect();
+        let Given(s) = given(vec![Command::SetKeys { keys: set(&entries) }]);
+        let (ids, next) = listed(&s, "session", None, 10, 700);
+        assert_eq!(ids, long[..2]);
+        assert_eq!(next.as_deref(), Some(long[1].as_str()), "cut by bytes: more follow");
+        // A budget smaller than one id still returns that id.
+        let (ids, next) = listed(&s, "session", None, 10, 10);
+        assert_eq!((ids, next.as_deref()), (vec![long[0].clone()], Some(long[0].as_str())));
+        let (ids, next) = listed(&s, "session", Some(&long[1]), 10, 10);
+        assert_eq!((ids, next), (vec![long[2].clone()], None), "the last id fits exactly: no cursor");
+    }
+
+    #[test]
+    fn deleted_keys_and_sessions_are_not_listed() {
+        let Given(mut s) = given(vec![Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "2", Some("b"))]) }]);
+        let ev = s.handle(Command::SetKeys { keys: set(&[("pre-key", "1", None)]) }, &Limits::default(), 5, None).unwrap().unwrap();
+        s.apply(s.seq() + 1, &ev).unwrap();
+        assert_eq!(listed(&s, "pre-key", None, 10, usize::MAX), (vec!["2".into()], None));
+        let ev = s.handle(Command::DeleteSession, &Limits::default(), 6, None).unwrap().unwrap();
+        s.apply(s.seq() + 1, &ev).unwrap();
+        assert_eq!(listed(&s, "pre-key", None, 10, usize::MAX), (vec![], None));
+    }
+
+    #[test]
+    fn a_page_over_the_id_limit_is_refused() {
+        let limits = Limits { max_ids_per_call: 5, ..Limits::default() };
+        assert_eq!(SessionState::check_list(&limits, 5), Ok(()));
+        assert_eq!(
+            SessionState::check_list(&limits, 6),
+            Err(DomainError::LimitExceeded { what: "ids in one keys.list", limit: 5, actual: 6 })
+        );
     }
 
     #[test]
