@@ -10,7 +10,7 @@ use serde_bytes::ByteBuf;
 
 use bstore_domain::SessionInfo;
 
-use crate::protocol::{CredsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
+use crate::protocol::{CredsReply, IdsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
 
 /// What a request can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +50,17 @@ pub struct SessionClient {
     nc: async_nats::Client,
     base: String,
     timeout: Duration,
+}
+
+/// A page of [`SessionClient::keys_list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdPage {
+    /// The ids, in byte order.
+    pub ids: Vec<String>,
+    /// The `after` of the next page; `None` on the last one.
+    pub next: Option<String>,
+    /// The session's sequence the page was read at.
+    pub seq: u64,
 }
 
 /// Key changes for [`SessionClient::keys_set`]: type → id → value (`None` deletes).
@@ -124,6 +135,30 @@ impl SessionClient {
     pub async fn keys_get_with_seq(&self, ty: &str, ids: &[&str]) -> Result<(HashMap<String, Vec<u8>>, u64), ClientError> {
         let r: KeysReply<HashMap<String, ByteBuf>> = self.call(RequestBody::KeysGet { ty, ids: ids.to_vec() }).await?;
         Ok((r.values.into_iter().map(|(k, v)| (k, v.into_vec())).collect(), r.seq))
+    }
+
+    /// `keys.list`: one page of the ids stored under `ty`, after `after`, at
+    /// most `limit` of them (the service's limit without it).
+    pub async fn keys_list(&self, ty: &str, after: Option<&str>, limit: Option<usize>) -> Result<IdPage, ClientError> {
+        let r: IdsReply<String> = self.call(RequestBody::KeysList { ty, after, limit }).await?;
+        Ok(IdPage { ids: r.ids, next: r.next, seq: r.seq })
+    }
+
+    /// Every id stored under `ty`, in byte order, page after page of at most
+    /// `limit` ids. A page whose cursor does not move forward is an error,
+    /// not a loop.
+    pub async fn keys_list_all(&self, ty: &str, limit: Option<usize>) -> Result<Vec<String>, ClientError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.keys_list(ty, after.as_deref(), limit).await?;
+            all.extend(page.ids);
+            match page.next {
+                Some(next) if after.as_ref().is_none_or(|a| next > *a) => after = Some(next),
+                Some(_) => return Err(ClientError::Other("keys.list: the cursor did not move forward".into())),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// `keys.set`; returns the sequence.

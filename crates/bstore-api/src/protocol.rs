@@ -33,12 +33,14 @@ pub enum ApiOp {
     SessionDelete,
     /// `session.info`: summarize the session.
     SessionInfo,
+    /// `keys.list`: a page of the ids stored under one type.
+    KeysList,
 }
 
 impl ApiOp {
     /// Every op, in the order of `docs/protocol.md`.
-    pub const ALL: [ApiOp; 6] =
-        [ApiOp::CredsGet, ApiOp::CredsPut, ApiOp::KeysGet, ApiOp::KeysSet, ApiOp::SessionDelete, ApiOp::SessionInfo];
+    pub const ALL: [ApiOp; 7] =
+        [ApiOp::CredsGet, ApiOp::CredsPut, ApiOp::KeysGet, ApiOp::KeysSet, ApiOp::SessionDelete, ApiOp::SessionInfo, ApiOp::KeysList];
 
     /// The op named by `token` (`keys.get`, ...), if it is one.
     pub fn parse(token: &str) -> Option<ApiOp> {
@@ -49,6 +51,7 @@ impl ApiOp {
             "keys.set" => ApiOp::KeysSet,
             "session.delete" => ApiOp::SessionDelete,
             "session.info" => ApiOp::SessionInfo,
+            "keys.list" => ApiOp::KeysList,
             _ => return None,
         })
     }
@@ -62,6 +65,7 @@ impl ApiOp {
             ApiOp::KeysSet => "keys.set",
             ApiOp::SessionDelete => "session.delete",
             ApiOp::SessionInfo => "session.info",
+            ApiOp::KeysList => "keys.list",
         }
     }
 
@@ -116,6 +120,15 @@ pub enum RequestBody<'a> {
     },
     /// `session.info`: `{}`.
     SessionInfo,
+    /// `keys.list`: `{ "type": str, "after"?: str, "limit"?: uint }`.
+    KeysList {
+        /// The key type.
+        ty: &'a str,
+        /// The cursor: only ids after this one, in byte order.
+        after: Option<&'a str>,
+        /// Most ids wanted in the page (1 up to the ids-per-call limit).
+        limit: Option<usize>,
+    },
 }
 
 /// Why a request body was refused.
@@ -160,6 +173,7 @@ impl<'a> RequestBody<'a> {
             RequestBody::KeysSet { .. } => ApiOp::KeysSet,
             RequestBody::SessionDelete { .. } => ApiOp::SessionDelete,
             RequestBody::SessionInfo => ApiOp::SessionInfo,
+            RequestBody::KeysList { .. } => ApiOp::KeysList,
         }
     }
 
@@ -174,6 +188,7 @@ impl<'a> RequestBody<'a> {
         }
         let mut seen: Vec<&str> = Vec::with_capacity(fields);
         let (mut rid, mut creds, mut ty, mut ids, mut data) = (None, None, None, None, None);
+        let (mut after, mut limit) = (None, None);
         for _ in 0..fields {
             let name = r.str().map_err(|_| malformed("every field name of the body must be a str"))?;
             if seen.contains(&name) {
@@ -189,6 +204,8 @@ impl<'a> RequestBody<'a> {
                 Some("type") => ty = Some(r.str().map_err(|_| malformed("field `type` must be a str"))?),
                 Some("ids") => ids = Some(read_ids(&mut r, limits)?),
                 Some("data") => data = Some(read_data(&mut r, limits)?),
+                Some("after") => after = Some(r.str().map_err(|_| malformed("field `after` must be a str"))?),
+                Some("limit") => limit = Some(read_limit(&mut r, limits)?),
                 _ => r.skip(MAX_UNKNOWN_DEPTH)?,
             }
         }
@@ -203,6 +220,7 @@ impl<'a> RequestBody<'a> {
             ApiOp::KeysGet => RequestBody::KeysGet { ty: ty.ok_or_else(|| required("type"))?, ids: ids.ok_or_else(|| required("ids"))? },
             ApiOp::KeysSet => RequestBody::KeysSet { rid, data: data.ok_or_else(|| required("data"))? },
             ApiOp::SessionDelete => RequestBody::SessionDelete { rid },
+            ApiOp::KeysList => RequestBody::KeysList { ty: ty.ok_or_else(|| required("type"))?, after, limit },
         })
     }
 
@@ -249,6 +267,19 @@ impl<'a> RequestBody<'a> {
                 w.map(usize::from(rid.is_some()));
                 w.rid(*rid);
             }
+            RequestBody::KeysList { ty, after, limit } => {
+                w.map(1 + usize::from(after.is_some()) + usize::from(limit.is_some()));
+                w.str("type");
+                w.str(ty);
+                if let Some(after) = after {
+                    w.str("after");
+                    w.str(after);
+                }
+                if let Some(limit) = limit {
+                    w.str("limit");
+                    w.uint(*limit as u64);
+                }
+            }
         }
         w.0
     }
@@ -259,7 +290,9 @@ fn known_field(op: ApiOp, name: &str) -> Option<&'static str> {
     Some(match (op, name) {
         (ApiOp::CredsPut | ApiOp::KeysSet | ApiOp::SessionDelete, "rid") => "rid",
         (ApiOp::CredsPut, "creds") => "creds",
-        (ApiOp::KeysGet, "type") => "type",
+        (ApiOp::KeysGet | ApiOp::KeysList, "type") => "type",
+        (ApiOp::KeysList, "after") => "after",
+        (ApiOp::KeysList, "limit") => "limit",
         (ApiOp::KeysGet, "ids") => "ids",
         (ApiOp::KeysSet, "data") => "data",
         _ => return None,
@@ -276,6 +309,18 @@ fn read_ids<'a>(r: &mut Reader<'a>, limits: &Limits) -> Result<Vec<&'a str>, Bod
         ids.push(r.str().map_err(|_| malformed("field `ids` must be an array of str"))?);
     }
     Ok(ids)
+}
+
+/// `limit` of a `keys.list`: a positive integer, at most the ids-per-call
+/// limit.
+fn read_limit(r: &mut Reader<'_>, limits: &Limits) -> Result<usize, BodyError> {
+    let n = r.uint().ok_or_else(|| malformed("field `limit` must be a positive integer"))??;
+    if n == 0 {
+        return Err(malformed("field `limit` must be at least 1"));
+    }
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    over("ids in one keys.list", limits.max_ids_per_call, n)?;
+    Ok(n)
 }
 
 /// `data` of a `keys.set`: the id count (over all types) is checked at each
@@ -406,6 +451,25 @@ impl<'a> Reader<'a> {
             _ => return None,
         };
         Some(n)
+    }
+
+    /// A non-negative integer at the cursor (positive fixint or `uint`
+    /// 8–64), consuming it; `None` if another type is there. A negative or
+    /// float value, even a whole one, is not taken.
+    fn uint(&mut self) -> Option<Result<u64, BodyError>> {
+        let width = match self.peek()? {
+            m @ 0x00..=0x7f => {
+                self.pos += 1;
+                return Some(Ok(u64::from(m)));
+            }
+            0xcc => 1,
+            0xcd => 2,
+            0xce => 4,
+            0xcf => 8,
+            _ => return None,
+        };
+        self.pos += 1;
+        Some(self.take(width).map(|b| b.iter().fold(0u64, |n, &b| (n << 8) | u64::from(b))))
     }
 
     /// The length of a `bin` header at the cursor, consuming the header.
@@ -542,6 +606,25 @@ impl Writer {
         self.0.push(0xc0);
     }
 
+    fn uint(&mut self, n: u64) {
+        match n {
+            0..=0x7f => self.0.push(n as u8),
+            0x80..=0xff => self.0.extend_from_slice(&[0xcc, n as u8]),
+            0x100..=0xffff => {
+                self.0.push(0xcd);
+                self.0.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                self.0.push(0xce);
+                self.0.extend_from_slice(&(n as u32).to_be_bytes());
+            }
+            _ => {
+                self.0.push(0xcf);
+                self.0.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+    }
+
     fn rid(&mut self, rid: Option<&str>) {
         if let Some(rid) = rid {
             self.str("rid");
@@ -568,6 +651,19 @@ pub struct KeysReply<M> {
     /// The ids found and their values.
     pub values: M,
     /// The session's sequence.
+    pub seq: u64,
+}
+
+/// The reply of `keys.list`: `{ "ids": [str, ...], "next": str | nil, "seq":
+/// uint }`; `S` is a string type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdsReply<S> {
+    /// The page's ids, in byte order.
+    pub ids: Vec<S>,
+    /// The `after` of the next page; `None` on the last page.
+    #[serde(default)]
+    pub next: Option<S>,
+    /// The session's sequence the page was read at.
     pub seq: u64,
 }
 
@@ -638,6 +734,10 @@ mod tests {
                     ("empty", vec![]),
                 ],
             },
+            RequestBody::KeysList { ty: "session", after: None, limit: None },
+            RequestBody::KeysList { ty: "session", after: Some(&long_id), limit: Some(1) },
+            RequestBody::KeysList { ty: "session", after: Some("1"), limit: None },
+            RequestBody::KeysList { ty: "session", after: None, limit: Some(10_000) },
         ];
         for body in bodies {
             let bytes = enc(&body);
@@ -692,11 +792,13 @@ mod tests {
         assert!(refused("keys.get", b"").contains("`type`"));
         assert!(refused("keys.get", b"\x81\xa4type\xa1t").contains("`ids`"));
         assert!(refused("keys.set", b"\x80").contains("`data`"));
+        assert!(refused("keys.list", b"").contains("`type`"));
+        assert!(refused("keys.list", b"\x81\xa5after\xa11").contains("`type`"));
     }
 
     #[test]
     fn anything_but_one_map_with_str_keys_is_refused() {
-        for op in ["creds.get", "session.info", "session.delete", "creds.put", "keys.get", "keys.set"] {
+        for op in ["creds.get", "session.info", "session.delete", "creds.put", "keys.get", "keys.set", "keys.list"] {
             for body in [
                 &b"\x90"[..],            // []
                 b"\x91\xa3r-1",          // [rid]
@@ -770,6 +872,82 @@ mod tests {
             decode("keys.set", b"\x81\xa4data\x81\xa1t\x82\xa11\xa1v\xa12\xc0"),
             Ok(RequestBody::KeysSet { rid: None, data: vec![("t", vec![("1", Some(&b"v"[..])), ("2", None)])] })
         );
+    }
+
+    #[test]
+    fn keys_list_takes_a_str_cursor_and_a_positive_integer_limit() {
+        // `{ "type": "t", "limit": <value> }`
+        let with_limit = |value: &[u8]| [&b"\x82\xa4type\xa1t\xa5limit"[..], value].concat();
+        for (value, n) in [
+            (&b"\x01"[..], 1),
+            (b"\x7f", 127),
+            (b"\xcc\x80", 128),
+            (b"\xcd\x01\x2c", 300),
+            (b"\xce\x00\x00\x27\x10", 10_000),
+            (b"\xcf\x00\x00\x00\x00\x00\x00\x00\x05", 5),
+        ] {
+            assert_eq!(
+                decode("keys.list", &with_limit(value)),
+                Ok(RequestBody::KeysList { ty: "t", after: None, limit: Some(n) }),
+                "{value:x?}"
+            );
+        }
+        // Not a positive integer: 0, negative, float (even a whole one), str, nil, bool, bin.
+        for value in [
+            &b"\x00"[..],
+            b"\xff",
+            b"\xd0\xfb",
+            b"\xd3\xff\xff\xff\xff\xff\xff\xff\xff",
+            b"\xcb\x40\x14\x00\x00\x00\x00\x00\x00",
+            b"\xa15",
+            b"\xc0",
+            b"\xc3",
+            b"\xc4\x01\x05",
+        ] {
+            assert!(refused("keys.list", &with_limit(value)).contains("`limit`"), "{value:x?}");
+        }
+        refused("keys.list", &with_limit(b"\xcd\x01"));
+        // Over the ids-per-call limit: 413, however large.
+        let limits = Limits { max_ids_per_call: 5, ..Limits::default() };
+        for (value, actual) in [(&b"\x06"[..], 6), (b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", usize::MAX)] {
+            let body: &'static [u8] = Box::leak(with_limit(value).into_boxed_slice());
+            assert_eq!(
+                RequestBody::decode(ApiOp::KeysList, body, &limits),
+                Err(BodyError::TooLarge { what: "ids in one keys.list", limit: 5, actual })
+            );
+        }
+        // The cursor is a str; nil is not an absent cursor.
+        for value in [&b"\xc0"[..], b"\x01", b"\xc4\x011", b"\x91\xa11"] {
+            assert!(refused("keys.list", &[&b"\x82\xa4type\xa1t\xa5after"[..], value].concat()).contains("`after`"), "{value:x?}");
+        }
+        assert!(refused("keys.list", b"\x82\xa4type\xa1t\xa4type\xa1u").contains("`type`"));
+        assert!(refused("keys.list", b"\x83\xa4type\xa1t\xa5limit\x01\xa5limit\x02").contains("`limit`"));
+        // Fields of other ops are unknown here, and skipped.
+        assert_eq!(
+            decode("keys.list", b"\x83\xa4type\xa1t\xa3ids\x91\xa11\xa3rid\x01"),
+            Ok(RequestBody::KeysList { ty: "t", after: None, limit: None })
+        );
+        // What a general encoder writes, and the client's encoder writes the same.
+        #[derive(Serialize)]
+        struct List<'a> {
+            #[serde(rename = "type")]
+            ty: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            after: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            limit: Option<u64>,
+        }
+        for (after, limit) in [
+            (None, None),
+            (Some("x@s.whatsapp.net"), Some(1u64)),
+            (None, Some(200)),
+            (Some("a"), Some(70_000)),
+            (Some("a"), Some(5_000_000_000)),
+        ] {
+            let general = rmp_serde::to_vec_named(&List { ty: "session", after, limit }).unwrap();
+            let ours = RequestBody::KeysList { ty: "session", after, limit: limit.map(|n| n as usize) }.encode();
+            assert_eq!(ours, general, "{after:?} {limit:?}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bstore_session::{Op, Reply, SessionError};
 use bytes::Bytes;
 
 use crate::ErrorCode;
-use crate::protocol::{ApiOp, BodyError, CredsReply, KeysReply, RequestBody, WrittenReply};
+use crate::protocol::{ApiOp, BodyError, CredsReply, IdsReply, KeysReply, RequestBody, WrittenReply};
 
 /// A refused request: its code and a message for humans. The message names
 /// the op token or the field at fault, never the subject, tenant or session.
@@ -146,6 +146,13 @@ pub(crate) fn parse_body(op: ApiOp, body: &[u8], limits: &Limits, max_request_by
             Op::Write { cmd: Command::SetKeys { keys }, rid }
         }
         RequestBody::SessionDelete { rid } => Op::Write { cmd: Command::DeleteSession, rid: check_rid(rid)? },
+        RequestBody::KeysList { ty, after, limit } => {
+            let ty = KeyType::parse(ty)?;
+            // The cursor is an id (the last of the previous page), so it
+            // follows the rules of one.
+            let after = after.map(KeyId::parse).transpose().map_err(|e| IdError { what: "cursor `after` (a key id)", ..e })?;
+            Op::ListIds { ty, after, limit }
+        }
     })
 }
 
@@ -175,6 +182,11 @@ pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
         }
         Reply::Written { seq } => rmp_serde::to_vec_named(&WrittenReply { seq: *seq }),
         Reply::Info(info) => rmp_serde::to_vec_named(info),
+        Reply::Ids { ids, next, seq } => rmp_serde::to_vec_named(&IdsReply {
+            ids: ids.iter().map(KeyId::as_str).collect(),
+            next: next.as_ref().map(KeyId::as_str),
+            seq: *seq,
+        }),
     };
     named.expect("replies are plain data")
 }
@@ -468,6 +480,39 @@ mod tests {
         // A malformed type is refused even with no ids under it.
         let body = rmp_serde::to_vec_named(&serde_json::json!({"data": {"bad type": {}}})).unwrap();
         assert_eq!(code(parse("keys.set", &body)), 422);
+    }
+
+    #[test]
+    fn keys_list_bodies_become_list_ops_and_bad_ids_in_them_are_422() {
+        let body = |v: serde_json::Value| rmp_serde::to_vec_named(&v).unwrap();
+        let Ok(Op::ListIds { ty, after, limit }) =
+            parse("keys.list", &body(serde_json::json!({"type": "session", "after": "1.0", "limit": 5})))
+        else {
+            panic!()
+        };
+        assert_eq!((ty.as_str(), after.as_ref().map(KeyId::as_str), limit), ("session", Some("1.0"), Some(5)));
+        assert!(matches!(parse("keys.list", &body(serde_json::json!({"type": "x"}))), Ok(Op::ListIds { after: None, limit: None, .. })));
+        assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "bad type"})))), 422);
+        let secret = "victimcorp-bot-4471";
+        for after in [String::new(), format!("{secret}\n"), "x".repeat(513)] {
+            let Refusal(c, message) = parse("keys.list", &body(serde_json::json!({"type": "session", "after": after}))).unwrap_err();
+            assert_eq!(c.number(), 422);
+            assert!(message.contains("cursor `after`") && !message.contains(secret), "{message}");
+        }
+        assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "session", "after": null})))), 400);
+        assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "session", "limit": 0})))), 400);
+        assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "session", "limit": 10_001})))), 413);
+    }
+
+    #[test]
+    fn a_page_of_ids_is_a_map_of_ids_next_and_seq() {
+        let id = |s: &str| KeyId::parse(s).unwrap();
+        let bytes = encode_reply(&Reply::Ids { ids: vec![id("1"), id("2")], next: Some(id("2")), seq: 7 });
+        let decoded: IdsReply<String> = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(decoded, IdsReply { ids: vec!["1".into(), "2".into()], next: Some("2".into()), seq: 7 });
+        // The last page says so with `next: nil`.
+        let bytes = encode_reply(&Reply::Ids { ids: vec![], next: None, seq: 0 });
+        assert_eq!(bytes, b"\x83\xa3ids\x90\xa4next\xc0\xa3seq\x00");
     }
 
     #[test]

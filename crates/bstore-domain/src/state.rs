@@ -424,7 +424,8 @@ mod tests {
     fn list_ids_pages_through_a_type_in_byte_order() {
         let names = ["b", "a", "10", "9", "1", "é", "Z", "a.b", "a:0"];
         let entries: Vec<(&str, &str, Option<&str>)> = names.iter().map(|n| ("session", *n, Some("v"))).collect();
-        let Given(s) = given(vec![Command::SetKeys { keys: set(&entries) }, Command::SetKeys { keys: set(&[("pre-key", "x", Some("v"))]) }]);
+        let Given(s) =
+            given(vec![Command::SetKeys { keys: set(&entries) }, Command::SetKeys { keys: set(&[("pre-key", "x", Some("v"))]) }]);
         let mut sorted: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         sorted.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         assert_eq!(sorted, ["1", "10", "9", "Z", "a", "a.b", "a:0", "b", "é"], "byte order, not numeric or locale order");

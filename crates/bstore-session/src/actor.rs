@@ -237,6 +237,15 @@ async fn process(env: &Env, key: &SessionKey, partition: u32, projector: Option<
         Op::GetKeys { ty, ids } => SessionState::check_get(&env.limits, ids.len())
             .map(|()| Reply::Keys { values: live.st.get_keys(&ty, &ids), seq: live.st.seq() })
             .map_err(SessionError::from),
+        Op::ListIds { ty, after, limit } => {
+            let limit = limit.unwrap_or(env.limits.max_ids_per_call);
+            SessionState::check_list(&env.limits, limit)
+                .map(|()| {
+                    let (ids, next) = live.st.list_ids(&ty, after.as_ref(), limit, crate::MAX_LIST_BYTES);
+                    Reply::Ids { ids, next, seq: live.st.seq() }
+                })
+                .map_err(SessionError::from)
+        }
         Op::Info => Ok(Reply::Info(live.st.info())),
         Op::Write { cmd, rid } => write(env, key, projector, &mut live, cmd, rid, req.deadline).await,
     };

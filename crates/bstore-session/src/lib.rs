@@ -137,6 +137,15 @@ pub enum Op {
     },
     /// Summarize the session.
     Info,
+    /// A page of the ids stored under one type, in byte order.
+    ListIds {
+        /// The type.
+        ty: KeyType,
+        /// Only ids after this one; from the first without it.
+        after: Option<KeyId>,
+        /// Most ids in the page; the ids-per-call limit without it.
+        limit: Option<usize>,
+    },
     /// Change the session.
     Write {
         /// What to change.
@@ -145,6 +154,11 @@ pub enum Op {
         rid: Option<String>,
     },
 }
+
+/// Most bytes of ids in one page of [`Op::ListIds`]: a page stops there
+/// even below its count (and says that more follow), so that a page of long
+/// ids fits in a reply under NATS's default 1 MB `max_payload`.
+pub const MAX_LIST_BYTES: usize = 512 << 10;
 
 /// One request routed to a session.
 #[derive(Debug, Clone)]
@@ -185,6 +199,15 @@ pub enum Reply {
     },
     /// The session summary.
     Info(SessionInfo),
+    /// A page of ids of one type.
+    Ids {
+        /// The ids, in byte order.
+        ids: Vec<KeyId>,
+        /// The cursor of the next page, if more ids follow.
+        next: Option<KeyId>,
+        /// The session's sequence the page was read at.
+        seq: u64,
+    },
 }
 
 /// Why a request failed, grouped by what the caller should do.
