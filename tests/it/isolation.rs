@@ -21,7 +21,7 @@ const STREAM: &str = "BSTORE_EVENTS";
 const QUIET: Duration = Duration::from_millis(400);
 
 /// A nats-server with the shipped accounts and the service on it.
-struct Fleet {
+pub(crate) struct Fleet {
     service: ServiceProcess,
     nats: NatsServer,
     passwords: HashMap<String, String>,
@@ -51,7 +51,7 @@ fn shipped_accounts() -> (String, HashMap<String, String>) {
 }
 
 impl Fleet {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with_accounts("").await
     }
 
@@ -87,7 +87,7 @@ impl Fleet {
     }
 
     /// A bot of `tenant`.
-    async fn bot(&self, tenant: &str) -> async_nats::Client {
+    pub(crate) async fn bot(&self, tenant: &str) -> async_nats::Client {
         self.connect_as(&format!("{tenant}-bot")).await
     }
 
@@ -96,7 +96,7 @@ impl Fleet {
         jetstream::new(self.connect_as("bstore").await)
     }
 
-    fn session(&self, nc: &async_nats::Client, tenant: &str, session: &str) -> SessionClient {
+    pub(crate) fn session(&self, nc: &async_nats::Client, tenant: &str, session: &str) -> SessionClient {
         SessionClient::new(nc.clone(), "bstore", tenant, session).with_timeout(Duration::from_secs(3))
     }
 }

@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod cluster;
 mod deltas;
+mod enumeration;
 mod erasure;
 mod faults;
 mod harness;
