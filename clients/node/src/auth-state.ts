@@ -5,8 +5,21 @@ import { BaileysStoreClient, type EncodedKeyData, type StoreOptions } from './cl
 import { decodeValue, encodeValue } from './codec.js'
 import { BaileysStoreError } from './errors.js'
 
+/**
+ * Baileys' key store with enumeration: `list` and `listIds`, which Baileys' development line adds
+ * to `SignalKeyStore` as optional methods (its `migrateAuthState` reads a whole store through
+ * them). Both page through `keys.list` in byte order of the ids, one request per page, so a type
+ * of any size streams without being held in memory at once.
+ */
+export type EnumerableSignalKeyStore = SignalKeyStore & {
+	/** Every `[id, value]` stored under `type`; a key deleted while the listing runs may be left out. */
+	list<T extends keyof SignalDataTypeMap>(type: T): AsyncIterable<readonly [id: string, value: SignalDataTypeMap[T]]>
+	/** Every id stored under `type`, without reading the values. */
+	listIds<T extends keyof SignalDataTypeMap>(type: T): AsyncIterable<string>
+}
+
 export interface NatsAuthState {
-	state: AuthenticationState
+	state: AuthenticationState & { keys: EnumerableSignalKeyStore }
 	/** Writes the whole creds object as it is at the time of the call. */
 	saveCreds: () => Promise<void>
 	/** Deletes the creds and every key of the session (logout). */
@@ -30,17 +43,47 @@ export async function useNatsAuthState(nc: NatsConnection, options: StoreOptions
 	// New creds are not written until the app calls saveCreds, as with useMultiFileAuthState.
 	const creds = stored ? (decodeStored('creds.get', 'creds', stored) as AuthenticationCreds) : initAuthCreds()
 
-	const keys: SignalKeyStore = {
+	const decodeKey = <T extends keyof SignalDataTypeMap>(type: T, id: string, bytes: Uint8Array): SignalDataTypeMap[T] => {
+		let value = decodeStored('keys.get', `${type}/${id}`, bytes)
+		// Same as useMultiFileAuthState: Baileys expects the protobuf object here (its timestamp may be a Long).
+		if (type === 'app-state-sync-key') value = proto.Message.AppStateSyncKeyData.fromObject(value as object)
+		return value as SignalDataTypeMap[T]
+	}
+
+	// The pages of `keys.list`, each as one array of ids; a cursor that does not move forward is a bad reply, not a loop.
+	async function* pages(type: string): AsyncGenerator<string[]> {
+		let after: string | undefined
+		for (;;) {
+			const page = await store.listKeys(type, after)
+			if (page.ids.length > 0) yield page.ids
+			if (page.next === null) return
+			if (after !== undefined && !(Buffer.compare(Buffer.from(page.next), Buffer.from(after)) > 0)) {
+				throw new BaileysStoreError('BAD_REPLY', 'keys.list', 'the cursor did not move forward')
+			}
+			after = page.next
+		}
+	}
+
+	const keys: EnumerableSignalKeyStore = {
 		async get<T extends keyof SignalDataTypeMap>(type: T, ids: string[]) {
 			const found = await store.getKeys(type, ids)
 			const out: { [id: string]: SignalDataTypeMap[T] } = {}
-			for (const [id, bytes] of Object.entries(found)) {
-				let value = decodeStored('keys.get', `${type}/${id}`, bytes)
-				// Same as useMultiFileAuthState: Baileys expects the protobuf object here (its timestamp may be a Long).
-				if (type === 'app-state-sync-key') value = proto.Message.AppStateSyncKeyData.fromObject(value as object)
-				out[id] = value as SignalDataTypeMap[T]
-			}
+			for (const [id, bytes] of Object.entries(found)) out[id] = decodeKey(type, id, bytes)
 			return out
+		},
+		async *listIds<T extends keyof SignalDataTypeMap>(type: T): AsyncGenerator<string> {
+			for await (const ids of pages(type)) yield* ids
+		},
+		async *list<T extends keyof SignalDataTypeMap>(type: T): AsyncGenerator<readonly [id: string, value: SignalDataTypeMap[T]]> {
+			for await (const ids of pages(type)) {
+				// The values of one page in one keys.get (split further by the client if they are large).
+				const found = await store.getKeys(type, ids)
+				for (const id of ids) {
+					// Not there: deleted since the page was read.
+					if (!Object.hasOwn(found, id)) continue
+					yield [id, decodeKey(type, id, found[id] as Uint8Array)] as const
+				}
+			}
 		},
 		async set(data: SignalDataSet) {
 			// Encoded before any await: Baileys may change these objects right after calling set.

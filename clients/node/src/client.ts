@@ -155,6 +155,33 @@ export class BaileysStoreClient {
 		}
 	}
 
+	/**
+	 * One page of the ids stored under `type`, in byte order: those after `after` (from the first
+	 * without it), at most `limit` (the service's `limits.max_ids_per_call` without it; more is
+	 * refused with 413). `next` is the `after` of the next page, `null` on the last one; a page may
+	 * hold fewer ids than `limit` and still have a `next`. `seq` is the session's sequence the page
+	 * was read at.
+	 */
+	async listKeys(type: string, after?: string, limit?: number): Promise<{ ids: string[]; next: string | null; seq: number }> {
+		assertKey('keys.list', type)
+		const body: Record<string, unknown> = { type }
+		if (after !== undefined) {
+			assertKey('keys.list', type, after)
+			body.after = after
+		}
+		if (limit !== undefined) {
+			if (!Number.isSafeInteger(limit) || limit < 1) {
+				throw new BaileysStoreError('INVALID_VALUE', 'keys.list', `limit must be a positive integer, got ${String(limit)}`)
+			}
+			body.limit = limit
+		}
+		const reply = await this.request('keys.list', body)
+		const { ids, next } = reply
+		if (!Array.isArray(ids) || !ids.every((id) => typeof id === 'string')) throw badReply('keys.list', 'ids is not an array of str')
+		if (next !== null && next !== undefined && typeof next !== 'string') throw badReply('keys.list', 'next is neither str nor nil')
+		return { ids, next: next ?? null, seq: seqOf('keys.list', reply) }
+	}
+
 	/** Writes and deletes (`null`) keys of any number of types in one atomic request. */
 	async setKeys(data: EncodedKeyData): Promise<number | undefined> {
 		// Copied into a body of exactly the protocol's shape: bin or nil, nothing else.
