@@ -139,6 +139,28 @@ async fn corrupt_and_foreign_snapshots_are_refused_and_the_load_falls_back_to_an
     stack.service.restart();
     assert_eq!(a.creds_get().await.unwrap().as_deref(), Some(&b"creds 48"[..]));
     assert!(stack.service.log_text().contains("skipping a snapshot"), "the refusal is logged");
+
+    // `verify` names the session whose snapshots do not hold, and passes b.
+    let (ok, out) = verify(&stack, &[]);
+    assert!(!ok, "verify must fail:\n{out}");
+    assert!(out.contains("DIFF snapshot t/a") && out.contains("does not open as this session's state"), "{out}");
+    assert!(!out.contains("DIFF snapshot t/b"), "b's snapshots are sound:\n{out}");
+    let (ok, out) = verify(&stack, &["--tenant", "t", "--session", "b"]);
+    assert!(ok, "b verifies:\n{out}");
+}
+
+/// `baileys-store verify <args>`: whether it passed, and what it printed.
+fn verify(stack: &Stack, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(service_bin())
+        .arg("verify")
+        .args(args)
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", KEY1)
+        .env("BSTORE_DATA_DIR", stack.dir.path().join("tool"))
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 #[tokio::test]

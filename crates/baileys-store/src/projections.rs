@@ -209,6 +209,29 @@ pub struct Verified {
     pub failing: Vec<String>,
 }
 
+/// Every stored snapshot of `key` must open as its state and equal the
+/// log's events folded up to the sequence it covers.
+async fn check_snapshots(diffs: &mut Diffs, log: &EventLog, key: &SessionKey) -> anyhow::Result<()> {
+    let stored = log.stored_snapshots(key).await?;
+    let usable = log.snapshots(key).await?;
+    let erased = log.data_key_state(key).await?.erased.map(|e| e.marker);
+    for snap in &stored {
+        let opens = usable.iter().any(|s| Some(s.seq()) == snap.covers);
+        let before_erasure = snap.covers.zip(erased).is_some_and(|(c, m)| c < m);
+        if !opens && !before_erasure {
+            diffs.add("snapshot", key, format!("snapshot {} does not open as this session's state", snap.stream_seq));
+        }
+    }
+    for snapshot in usable {
+        let covers = snapshot.seq();
+        let (replayed, _, _) = log.fold(key, Some(covers), false, &mut |_, _| {}).await?;
+        if replayed != snapshot {
+            diffs.add("snapshot", key, format!("the snapshot covering sequence {covers} differs from the log's events up to it"));
+        }
+    }
+    Ok(())
+}
+
 /// `baileys-store verify`: replays the log — every event must open and sit
 /// where it was written, and the chain of each session must hold — and
 /// compares each configured projection with it. With no projection
@@ -252,6 +275,7 @@ pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool) -> anyhow
             }
         };
         if let Some(truth) = &truth {
+            check_snapshots(&mut diffs, &log, key).await?;
             compare_projections(&mut diffs, key, truth, redis.as_ref(), mongo.as_ref()).await?;
         }
         let problems = diffs.count - before;
