@@ -67,7 +67,9 @@ pub struct SessionInfo {
 pub struct SessionState {
     seq: u64,
     creds: Option<Bytes>,
-    keys: HashMap<KeyType, HashMap<KeyId, Bytes>>,
+    /// Per type, the ids in byte order: a page of `keys.list` is a range,
+    /// whatever the number of ids.
+    keys: HashMap<KeyType, BTreeMap<KeyId, Bytes>>,
     bytes: u64,
     updated_at_ms: Option<u64>,
     events: u64,
@@ -85,7 +87,7 @@ impl SessionState {
         updated_at_ms: Option<u64>,
         events: u64,
     ) -> Self {
-        let mut map: HashMap<KeyType, HashMap<KeyId, Bytes>> = HashMap::new();
+        let mut map: HashMap<KeyType, BTreeMap<KeyId, Bytes>> = HashMap::new();
         let mut bytes = creds.as_ref().map_or(0, |c| c.len() as u64);
         for (ty, id, value) in keys {
             bytes += value.len() as u64;
@@ -161,32 +163,28 @@ impl SessionState {
     /// least one id when any follows. Returns the ids and the cursor of the
     /// next page: the last id of this one when more follow, else `None`.
     ///
-    /// It costs one pass over the type's ids plus sorting the page, whatever
-    /// `after` is; nothing is allocated beyond references to the ids.
+    /// Each type's ids are kept in byte order, so a page is a range: its cost
+    /// grows with the page, not with the number of ids stored (a bot cannot
+    /// make its pages slow for other tenants by storing many ids).
     pub fn list_ids(&self, ty: &KeyType, after: Option<&KeyId>, limit: usize, max_bytes: usize) -> (Vec<KeyId>, Option<KeyId>) {
+        use std::ops::Bound::{Excluded, Unbounded};
         let Some(of_type) = self.keys.get(ty) else { return (Vec::new(), None) };
-        let mut page: Vec<&KeyId> = of_type.keys().filter(|id| after.is_none_or(|a| id.as_str() > a.as_str())).collect();
         let limit = limit.max(1);
-        let mut more = page.len() > limit;
-        if more {
-            page.select_nth_unstable_by(limit, |a, b| a.as_str().cmp(b.as_str()));
-            page.truncate(limit);
+        let from = after.map_or(Unbounded, Excluded);
+        let mut range = of_type.range::<KeyId, _>((from, Unbounded)).map(|(id, _)| id);
+        let (mut page, mut bytes, mut more) = (Vec::new(), 0usize, false);
+        for id in range.by_ref() {
+            let len = id.as_str().len();
+            // At least one id per page, however long.
+            if !page.is_empty() && (page.len() == limit || bytes + len > max_bytes) {
+                more = true;
+                break;
+            }
+            bytes += len;
+            page.push(id.clone());
         }
-        page.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
-        let mut bytes = 0usize;
-        let fits = page
-            .iter()
-            .position(|id| {
-                bytes += id.as_str().len();
-                bytes > max_bytes
-            })
-            .map_or(page.len(), |over| over.max(1));
-        if fits < page.len() {
-            page.truncate(fits);
-            more = true;
-        }
-        let next = if more { page.last().map(|id| (*id).clone()) } else { None };
-        (page.into_iter().cloned().collect(), next)
+        let next = if more { page.last().cloned() } else { None };
+        (page, next)
     }
 
     /// Decides what a command changes. Returns `None` when it changes nothing
