@@ -237,6 +237,10 @@ async fn a_retention_drops_only_events_a_base_snapshot_stands_for_and_history_li
     assert_eq!(lines[0]["retained_from_seq"], cut + 1, "{:?}", lines[0]);
     let listed: Vec<u64> = lines.iter().filter_map(|l| l["seq"].as_u64()).collect();
     assert_eq!(listed, kept);
+    // That tool ran without the retention setting and left the stream as
+    // it was made: purges allowed, for the retention.
+    let config = js.get_stream("BSTORE_EVENTS").await.unwrap().info().await.unwrap().config.clone();
+    assert!(!config.deny_purge && config.deny_delete, "a process without the setting does not deny purges for good");
 }
 
 #[tokio::test]

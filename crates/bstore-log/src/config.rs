@@ -71,6 +71,10 @@ impl Default for LogConfig {
     }
 }
 
+/// The event stream's metadata entry saying it was made for an audit
+/// retention (and so allows subject purges on purpose).
+pub const RETENTION_METADATA: &str = "bstore_retention_secs";
+
 impl LogConfig {
     /// The snapshot stream's settings: the last [`crate::SNAPSHOTS_KEPT`]
     /// messages of each session's subject are kept, older ones dropped by the
@@ -112,8 +116,14 @@ impl LogConfig {
             duplicate_window: self.duplicate_window,
             allow_direct: true,
             deny_delete: true,
-            // Purges of a subject are the retention's (`retention.rs`).
+            // Purges of a subject are the retention's (`retention.rs`);
+            // a stream made for one says so in its metadata.
             deny_purge: self.retention_secs == 0,
+            metadata: if self.retention_secs > 0 {
+                [(RETENTION_METADATA.to_string(), self.retention_secs.to_string())].into()
+            } else {
+                Default::default()
+            },
             ..Default::default()
         }
     }

@@ -166,10 +166,11 @@ impl EventLog {
                 wanted.name
             )));
         }
-        if !have.deny_purge && wanted.deny_purge {
+        if !have.deny_purge && wanted.deny_purge && have.metadata.contains_key(config::RETENTION_METADATA) {
             // Made with a retention. Denying purges cannot be undone, so a
             // process configured without one (a tool run with the defaults)
-            // does not do it; it only says so.
+            // does not do it; it only says so. (A stream of an older release
+            // allowed purges without this mark: it is brought in line.)
             tracing::warn!(stream = %wanted.name, "the event stream allows subject purges (it was made with a retention) but stream.retention_secs is 0 here");
             wanted.deny_purge = false;
         }
