@@ -88,6 +88,11 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
     let log = bstore_log::EventLog::attach(js.clone(), cfg.stream.clone(), codec.clone());
     let rewrapped = log.rewrap_data_keys().await.context("re-wrapping the sessions' data keys")?;
     println!("re-wrapped {rewrapped} sessions' data keys under key {id}");
+    let mut resealed = 0;
+    for key in crate::projections::log_sessions(&client, &cfg.stream).await? {
+        resealed += log.reseal_snapshots(&key).await.with_context(|| format!("re-sealing the snapshots of {key}"))?;
+    }
+    println!("re-sealed {resealed} snapshots under key {id}");
     if reseal {
         tokio::time::sleep(SETTLE).await;
         if cfg.redis.url.is_some() {

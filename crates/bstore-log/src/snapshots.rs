@@ -151,6 +151,33 @@ impl EventLog {
         Ok(out)
     }
 
+    /// Seals again under the current ring key every snapshot of `session`
+    /// (its base snapshot included) that is sealed under another ring key,
+    /// so that retiring that key leaves every snapshot readable; returns how
+    /// many were written. Snapshots under the session's data key are left
+    /// as they are (the key itself is re-wrapped). The regular ones are
+    /// written again oldest first, so the newest stays the newest.
+    pub async fn reseal_snapshots(&self, session: &SessionKey) -> Result<u64, LogError> {
+        let current = self.codec.keyring().current();
+        let stale = |payload: &[u8]| matches!(bstore_codec::sealed_under(payload), Some(bstore_codec::SealedUnder::Ring(k)) if k != current);
+        let mut written = 0;
+        for subject in [self.snapshot_subject(session), self.base_subject(session)] {
+            let stored = self.stored_on(&subject).await?;
+            if !stored.iter().any(|s| stale(&s.payload)) {
+                continue;
+            }
+            for snap in stored.iter().rev() {
+                let state = self.open_snapshot(session, &snap.payload).await?;
+                let payload = self.codec.encode_snapshot(session, &state);
+                let mut headers = HeaderMap::new();
+                headers.insert(COVERS_HEADER, state.seq().to_string().as_str());
+                self.js.publish_with_headers(subject.clone(), headers, payload.into()).await.map_err(unavailable)?.await.map_err(unavailable)?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
     /// Removes every snapshot of `session` (an erasure).
     pub async fn purge_snapshots(&self, session: &SessionKey) -> Result<(), LogError> {
         let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
