@@ -48,7 +48,7 @@ pub struct Report {
 }
 
 /// The sessions of `tenant` the log or the data-key bucket knows.
-async fn sessions_of(js: &jetstream::Context, cfg: &Config, tenant: &TenantId) -> anyhow::Result<Vec<SessionKey>> {
+pub(crate) async fn sessions_of(js: &jetstream::Context, cfg: &Config, tenant: &TenantId) -> anyhow::Result<Vec<SessionKey>> {
     let mut out = std::collections::BTreeSet::new();
     if let Ok(stream) = js.get_stream(&cfg.stream.stream).await {
         let prefix = format!("{}.{tenant}.", cfg.stream.subject_prefix);

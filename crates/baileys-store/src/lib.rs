@@ -16,6 +16,7 @@ pub mod projections;
 pub mod rotation;
 pub mod state_at;
 pub mod telemetry;
+pub mod tools;
 
 use std::future::Future;
 

@@ -119,6 +119,63 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write sessions out as `useMultiFileAuthState` folders (`OUT/<session>/creds.json` and
+    /// `<type>-<id>.json`, each file as Baileys would have written it), read from the log.
+    ///
+    /// Nothing is overwritten without --force; every file is converted before any is written.
+    /// Example: `baileys-store export --tenant acme --session bot-1 --out ./auth` gives
+    /// `./auth/bot-1`, which `useMultiFileAuthState('./auth/bot-1')` opens; without --session every
+    /// session of the tenant is written.
+    Export {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Only this session; without it, every session of the tenant.
+        #[arg(long)]
+        session: Option<String>,
+        /// The parent folder of the session folders.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite files that exist.
+        #[arg(long)]
+        force: bool,
+        /// One JSON object per session instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move `useMultiFileAuthState` folders into the store through the running service, so bots
+    /// switch to `useNatsAuthState` without pairing again.
+    ///
+    /// A folder holding creds.json is one session (--session names it); with --all, every such
+    /// folder under --from is imported as the session its name says. Values are stored exactly as
+    /// the Node client would store them; a file that does not read is skipped and reported. A
+    /// session with state is refused unless --force (or reported unchanged if it holds exactly
+    /// this already); running the same import again writes nothing new.
+    /// Example: `baileys-store import --tenant acme --session bot-1 --from ./auth_info_baileys`, or
+    /// `baileys-store import --tenant acme --all --from /srv/bots/auth --dry-run`.
+    Import {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// The session to import the folder --from into.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        session: Option<String>,
+        /// Import every session folder under --from.
+        #[arg(long)]
+        all: bool,
+        /// The session's folder, or with --all their parent.
+        #[arg(long)]
+        from: PathBuf,
+        /// Read and check everything, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Import into sessions that already have state.
+        #[arg(long)]
+        force: bool,
+        /// One JSON object per session instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the Mongo materializer alone (no request serving) until SIGINT or SIGTERM.
     ///
     /// Example: `BSTORE_NATS_URL=nats://n1:4222 BSTORE_MONGO_URL=mongodb://m1/ baileys-store materialize`;
@@ -277,6 +334,24 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             use baileys_store::state_at::Point;
             let to = to.map_or(Point::Seq(u64::MAX), Point::Seq);
             actix::System::new().block_on(baileys_store::state_at::run_diff(cfg, key, Point::Seq(from), to, json))
+        }
+        Cmd::Export { tenant, session, out, force, json } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let tenant = bstore_domain::TenantId::parse(&tenant)?;
+            let only = session.map(|s| bstore_domain::SessionKey::parse(tenant.as_str(), &s)).transpose()?;
+            actix::System::new().block_on(baileys_store::tools::export::run(cfg, tenant, only, out, force, json))
+        }
+        Cmd::Import { tenant, session, all: _, from, dry_run, force, json } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let tenant = bstore_domain::TenantId::parse(&tenant)?;
+            use baileys_store::tools::import::{Options, Source};
+            let source = match session {
+                Some(session) => Source::One { session, dir: from },
+                None => Source::All { parent: from },
+            };
+            actix::System::new().block_on(baileys_store::tools::import::run(cfg, tenant, source, Options { dry_run, force, json }))
         }
         Cmd::Materialize => {
             let cfg = Config::load(cli.config.as_deref())?;

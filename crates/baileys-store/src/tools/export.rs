@@ -1,0 +1,115 @@
+//! `baileys-store export`: sessions written out as `useMultiFileAuthState`
+//! folders, read from the log (no service needed), so nobody is locked in.
+//!
+//! Each value becomes the text Baileys would have written for it
+//! (`bufferjson`), under the file name Baileys gives it. Every file of every
+//! session is converted before anything is written, and nothing is
+//! overwritten without `--force`: a failed export leaves no folder half
+//! written by it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use bstore_domain::{SessionKey, TenantId};
+use bstore_log::EventLog;
+use serde::Serialize;
+
+use super::bufferjson;
+use crate::Config;
+
+/// What was written of one session.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Session id.
+    pub session: String,
+    /// The folder.
+    pub dir: PathBuf,
+    /// The sequence of the state exported.
+    pub seq: u64,
+    /// Whether `creds.json` was written.
+    pub creds: bool,
+    /// Keys written, by type.
+    pub keys: BTreeMap<String, u64>,
+    /// Bytes of the files written.
+    pub bytes: u64,
+}
+
+/// One session's files, converted.
+struct Folder {
+    report: Report,
+    files: Vec<(String, String)>,
+}
+
+/// Exports `only` (one session) or every session of `tenant` under `out`.
+pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, out: PathBuf, force: bool, json: bool) -> anyhow::Result<()> {
+    let (client, codec) = crate::connect_tool(&cfg).await?;
+    let js = jetstream::new(client.clone());
+    let log = EventLog::attach(js.clone(), cfg.stream.clone(), codec);
+    let targets = match only {
+        Some(key) => vec![key],
+        None => crate::erase::sessions_of(&js, &cfg, &tenant).await?,
+    };
+    let mut folders = Vec::new();
+    for key in &targets {
+        let (state, _) = bstore_session::load::from_snapshots(&log, key).await.with_context(|| format!("reading {key}"))?;
+        if !state.exists() {
+            eprintln!("{key}: empty, not exported");
+            continue;
+        }
+        folders.push(convert(key, &state, &out.join(key.session.as_str()))?);
+    }
+    anyhow::ensure!(!folders.is_empty(), "tenant {tenant}: no session with state to export");
+    if !force {
+        for f in &folders {
+            for (name, _) in &f.files {
+                let path = f.report.dir.join(name);
+                anyhow::ensure!(!path.exists(), "{} exists (--force overwrites)", path.display());
+            }
+        }
+    }
+    for f in &folders {
+        write_folder(&f.report.dir, &f.files)?;
+        let r = &f.report;
+        if json {
+            println!("{}", serde_json::to_string(r)?);
+        } else {
+            let keys: u64 = r.keys.values().sum();
+            eprintln!("{}/{}: {} keys{} ({} B) at sequence {} -> {}", tenant, r.session, keys, if r.creds { " and creds" } else { "" }, r.bytes, r.seq, r.dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn convert(key: &SessionKey, state: &bstore_domain::SessionState, dir: &Path) -> anyhow::Result<Folder> {
+    let mut files = Vec::new();
+    let mut report = Report { session: key.session.to_string(), dir: dir.to_owned(), seq: state.seq(), creds: false, keys: BTreeMap::new(), bytes: 0 };
+    if let Some(creds) = state.creds() {
+        let v = bufferjson::from_msgpack(creds).map_err(|e| anyhow::anyhow!("{key}: the creds are not a value the Node client wrote: {e}"))?;
+        files.push(("creds.json".to_owned(), bufferjson::to_file(&v)));
+        report.creds = true;
+    }
+    for (ty, id, value) in state.iter_keys() {
+        let v = bufferjson::from_msgpack(value).map_err(|e| anyhow::anyhow!("{key}: {ty} {id} is not a value the Node client wrote: {e}"))?;
+        let name = super::file_name(ty.as_str(), id.as_str());
+        anyhow::ensure!(!name.contains(['\\', '\0']) && name != "creds.json", "{key}: {ty} {id} has no safe file name");
+        files.push((name, bufferjson::to_file(&v)));
+        *report.keys.entry(ty.to_string()).or_default() += 1;
+    }
+    report.bytes = files.iter().map(|(_, t)| t.len() as u64).sum();
+    Ok(Folder { report, files })
+}
+
+/// Writes each file through a temporary name and a rename, so a file is
+/// either the old one or the new one whole.
+fn write_folder(dir: &Path, files: &[(String, String)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in files {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.export-tmp"));
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! `baileys-store import`: `useMultiFileAuthState` folders moved into the
+//! store through the service's own write path, so a bot switches to
+//! `useNatsAuthState` without pairing again.
+//!
+//! A folder holding `creds.json` is one session; a parent of such folders
+//! is a fleet (`--all`), each folder named as its session. Each file is read
+//! as Baileys reads it and stored as the Node client would store the object
+//! it gives (`bufferjson`), byte for byte. A session is written by a few
+//! `keys.set` requests (one per key type, split within the service's
+//! limits) and a last `creds.put` — creds last, so a session cut off half
+//! way has no creds and is plainly incomplete. Every request id is derived
+//! from the session and the files, so running the same import again writes
+//! nothing new. A session that already has state is refused unless
+//! `--force`, except when it holds exactly what the import would write
+//! (then it is reported unchanged).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use bstore_api::client::{ClientError, KeyData, SessionClient};
+use bstore_domain::{KeyId, KeyType, SessionId, SessionKey, TenantId};
+use serde::Serialize;
+use serde_bytes::ByteBuf;
+
+use super::bufferjson;
+use crate::Config;
+
+/// Where the folders are.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// One session's folder.
+    One { session: String, dir: PathBuf },
+    /// A parent of session folders, each named as its session.
+    All { parent: PathBuf },
+}
+
+/// A file left out, and why.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Skipped {
+    /// The file name.
+    pub file: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What became of one session.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Session id.
+    pub session: String,
+    /// The folder read.
+    pub dir: PathBuf,
+    /// `imported`, `unchanged` (it already held exactly this), `would-import`
+    /// (dry run), `refused` (it has state; --force) or `failed`.
+    pub status: &'static str,
+    /// Why, when refused or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the folder has creds.
+    pub creds: bool,
+    /// Keys read, by type.
+    pub keys: BTreeMap<String, u64>,
+    /// Bytes of the stored values.
+    pub bytes: u64,
+    /// Requests the import is made of.
+    pub requests: u64,
+    /// The session's sequence after the import.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Files left out, and why.
+    pub skipped: Vec<Skipped>,
+}
+
+/// One folder, read and converted.
+pub struct Folder {
+    /// The session's creds in the stored form.
+    pub creds: Option<Vec<u8>>,
+    /// type → id → stored value.
+    pub keys: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Files left out.
+    pub skipped: Vec<Skipped>,
+    /// SHA-256 over every file name and content read, for request ids.
+    pub digest: String,
+}
+
+/// Reads a `useMultiFileAuthState` folder. A file that does not read is
+/// skipped with its reason; an unreadable folder is an error.
+pub fn read_folder(dir: &Path, max_value_bytes: usize) -> anyhow::Result<Folder> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        names.push((entry.file_name(), entry.file_type()?.is_file()));
+    }
+    names.sort();
+    let mut out = Folder { creds: None, keys: BTreeMap::new(), skipped: Vec::new(), digest: String::new() };
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut from_file: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (name, is_file) in names {
+        let Some(name) = name.to_str().map(str::to_owned) else {
+            out.skipped.push(Skipped { file: name.to_string_lossy().into_owned(), reason: "the name is not UTF-8".into() });
+            continue;
+        };
+        let mut skip = |reason: String| out.skipped.push(Skipped { file: name.clone(), reason });
+        if !is_file {
+            skip("not a regular file".into());
+            continue;
+        }
+        let key = if name == "creds.json" {
+            None
+        } else {
+            match super::key_of_file(&name) {
+                Some((ty, id)) => Some((ty.to_owned(), id)),
+                None => {
+                    skip("not a file name useMultiFileAuthState writes for a known key type".into());
+                    continue;
+                }
+            }
+        };
+        if let Some((ty, id)) = &key {
+            if let Err(e) = KeyType::parse(ty).and(KeyId::parse(id)) {
+                skip(format!("not a key the store takes: {e}"));
+                continue;
+            }
+            if let Some(first) = from_file.get(&(ty.clone(), id.clone())) {
+                skip(format!("the same key as {first}"));
+                continue;
+            }
+        }
+        let path = dir.join(&name);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let value = std::str::from_utf8(&bytes)
+            .map_err(|_| "not UTF-8 text".to_owned())
+            .and_then(bufferjson::parse_file)
+            .map(|v| bufferjson::to_msgpack(&v));
+        let value = match value {
+            Ok(v) if v.len() > max_value_bytes => {
+                skip(format!("the value is {} bytes, over the service's limit of {max_value_bytes}", v.len()));
+                continue;
+            }
+            Ok(v) => v,
+            Err(e) => {
+                skip(format!("Baileys would not read it back: {e}"));
+                continue;
+            }
+        };
+        digest.update(name.as_bytes());
+        digest.update(&[0]);
+        digest.update(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        match key {
+            None => out.creds = Some(value),
+            Some((ty, id)) => {
+                from_file.insert((ty.clone(), id.clone()), name.clone());
+                out.keys.entry(ty).or_default().insert(id, value);
+            }
+        }
+    }
+    out.digest = hex(digest.finish().as_ref());
+    Ok(out)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The folders to import, as (session, folder).
+fn folders(source: &Source) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    match source {
+        Source::One { session, dir } => {
+            anyhow::ensure!(dir.is_dir(), "{} is not a folder", dir.display());
+            anyhow::ensure!(
+                dir.join("creds.json").is_file(),
+                "{} holds no creds.json: not a useMultiFileAuthState folder (a parent of several? use --all)",
+                dir.display()
+            );
+            Ok(vec![(session.clone(), dir.clone())])
+        }
+        Source::All { parent } => {
+            anyhow::ensure!(parent.is_dir(), "{} is not a folder", parent.display());
+            anyhow::ensure!(
+                !parent.join("creds.json").exists(),
+                "{} is itself a session's folder (it holds creds.json): use --session",
+                parent.display()
+            );
+            let mut out = Vec::new();
+            for entry in std::fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))? {
+                let entry = entry?;
+                let dir = entry.path();
+                if dir.is_dir() && dir.join("creds.json").is_file() {
+                    let name = entry.file_name().to_str().map(str::to_owned).with_context(|| format!("{}: the name is not UTF-8", dir.display()))?;
+                    out.push((name, dir));
+                }
+            }
+            out.sort();
+            anyhow::ensure!(!out.is_empty(), "{} holds no folder with a creds.json", parent.display());
+            Ok(out)
+        }
+    }
+}
+
+/// The requests of one session's import: `keys.set` batches, then the creds.
+fn batches(folder: &Folder, max_ids: usize, max_bytes: usize) -> Vec<KeyData> {
+    // Room for the envelope (op fields, rid) and each entry's framing.
+    let budget = max_bytes.saturating_sub(1024).max(1);
+    let mut out = Vec::new();
+    for (ty, ids) in &folder.keys {
+        let mut batch: BTreeMap<String, Option<ByteBuf>> = BTreeMap::new();
+        let mut size = 0;
+        for (id, value) in ids {
+            let entry = id.len() + value.len() + 16;
+            if !batch.is_empty() && (batch.len() >= max_ids || size + entry > budget) {
+                out.push(KeyData::from([(ty.clone(), std::mem::take(&mut batch))]));
+                size = 0;
+            }
+            size += entry;
+            batch.insert(id.clone(), Some(ByteBuf::from(value.clone())));
+        }
+        if !batch.is_empty() {
+            out.push(KeyData::from([(ty.clone(), batch)]));
+        }
+    }
+    out
+}
+
+/// Whether the session already holds exactly what the folder holds.
+async fn holds_exactly(client: &SessionClient, info: &bstore_domain::SessionInfo, folder: &Folder, max_ids: usize) -> Result<bool, ClientError> {
+    let counts: BTreeMap<String, u64> = folder.keys.iter().map(|(ty, ids)| (ty.clone(), ids.len() as u64)).collect();
+    let stored: BTreeMap<String, u64> = info.keys.iter().filter(|(_, n)| **n > 0).map(|(t, n)| (t.clone(), *n)).collect();
+    if counts != stored || info.creds != folder.creds.is_some() {
+        return Ok(false);
+    }
+    if client.creds_get().await? != folder.creds {
+        return Ok(false);
+    }
+    for (ty, ids) in &folder.keys {
+        let ids: Vec<&str> = ids.keys().map(String::as_str).collect();
+        for chunk in ids.chunks(max_ids.clamp(1, 500)) {
+            let got = client.keys_get(ty, chunk).await?;
+            if chunk.iter().any(|id| got.get(*id) != folder.keys[ty].get(*id)) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Options of a run.
+pub struct Options {
+    /// Write nothing; say what would be written.
+    pub dry_run: bool,
+    /// Import into sessions that already have state.
+    pub force: bool,
+    /// One JSON object per session on stdout.
+    pub json: bool,
+}
+
+/// Imports the folders of `source` into `tenant`. Fails (after the whole
+/// report) if any session was refused or failed.
+pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -> anyhow::Result<()> {
+    let targets = folders(&source)?;
+    for (session, _) in &targets {
+        SessionId::parse(session).with_context(|| format!("folder {session:?} is not a session id (rename it)"))?;
+    }
+    let (nc, _codec) = crate::connect_tool(&cfg).await?;
+    let max_ids = cfg.limits.max_ids_per_call;
+    let max_bytes = cfg.limits.max_set_bytes.min(cfg.api.max_request_bytes);
+    let total = targets.len();
+    let mut reports = Vec::new();
+    for (n, (session, dir)) in targets.into_iter().enumerate() {
+        let key = SessionKey::parse(tenant.as_str(), &session)?;
+        let report = import_one(&nc, &cfg, &key, &dir, &opts, max_ids, max_bytes).await;
+        let keys: u64 = report.keys.values().sum();
+        eprintln!(
+            "[{}/{total}] {key}: {} — {keys} keys{}, {} B, {} requests{}{}",
+            n + 1,
+            report.status,
+            if report.creds { " and creds" } else { "" },
+            report.bytes,
+            report.requests,
+            if report.skipped.is_empty() { String::new() } else { format!(", {} files skipped", report.skipped.len()) },
+            report.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
+        );
+        reports.push(report);
+    }
+    for r in &reports {
+        if opts.json {
+            println!("{}", serde_json::to_string(r)?);
+        } else {
+            println!("{} ({}): {}", r.session, r.dir.display(), r.status);
+            for (ty, n) in &r.keys {
+                println!("  {ty:<24} {n:>7}");
+            }
+            println!("  creds: {}; {} B in {} requests{}", if r.creds { "yes" } else { "no" }, r.bytes, r.requests, r.seq.map(|s| format!("; at sequence {s}")).unwrap_or_default());
+            for s in &r.skipped {
+                println!("  skipped {}: {}", s.file, s.reason);
+            }
+            if let Some(e) = &r.error {
+                println!("  {e}");
+            }
+        }
+    }
+    let bad: Vec<&str> = reports.iter().filter(|r| matches!(r.status, "refused" | "failed")).map(|r| r.session.as_str()).collect();
+    anyhow::ensure!(bad.is_empty(), "not imported: {}", bad.join(", "));
+    Ok(())
+}
+
+async fn import_one(nc: &async_nats::Client, cfg: &Config, key: &SessionKey, dir: &Path, opts: &Options, max_ids: usize, max_bytes: usize) -> Report {
+    let mut report = Report {
+        session: key.session.to_string(),
+        dir: dir.to_owned(),
+        status: "failed",
+        error: None,
+        creds: false,
+        keys: BTreeMap::new(),
+        bytes: 0,
+        requests: 0,
+        seq: None,
+        skipped: Vec::new(),
+    };
+    let folder = match read_folder(dir, cfg.limits.max_value_bytes) {
+        Ok(f) => f,
+        Err(e) => {
+            report.error = Some(format!("{e:#}"));
+            return report;
+        }
+    };
+    report.creds = folder.creds.is_some();
+    report.keys = folder.keys.iter().map(|(ty, ids)| (ty.clone(), ids.len() as u64)).collect();
+    report.bytes = folder.creds.as_ref().map_or(0, |c| c.len() as u64) + folder.keys.values().flat_map(|ids| ids.values()).map(|v| v.len() as u64).sum::<u64>();
+    report.skipped = folder.skipped.clone();
+    let Some(creds) = &folder.creds else {
+        report.error = Some("creds.json does not read: nothing imported".into());
+        return report;
+    };
+    let batches = batches(&folder, max_ids, max_bytes);
+    report.requests = batches.len() as u64 + 1;
+    let client = SessionClient::new(nc.clone(), &cfg.api.prefix, key.tenant.as_str(), key.session.as_str()).with_timeout(std::time::Duration::from_secs(30));
+    let outcome: Result<(), ClientError> = async {
+        let info = client.info().await?;
+        if info.exists && !opts.force {
+            if holds_exactly(&client, &info, &folder, max_ids).await? {
+                report.status = "unchanged";
+                report.seq = Some(info.seq);
+            } else {
+                report.status = "refused";
+                report.error = Some(format!("the session already has state (sequence {}); --force imports over it", info.seq));
+            }
+            return Ok(());
+        }
+        if opts.dry_run {
+            report.status = "would-import";
+            return Ok(());
+        }
+        // Request ids: the session, the files, the request's place.
+        let base = {
+            let d = ring::digest::digest(&ring::digest::SHA256, format!("{key}\0{}", folder.digest).as_bytes());
+            format!("imp-{}", &hex(d.as_ref())[..32])
+        };
+        let mut seq = 0;
+        for (i, data) in batches.iter().enumerate() {
+            seq = client.keys_set(&format!("{base}-{i}"), data).await?;
+        }
+        seq = seq.max(client.creds_put(&format!("{base}-c"), creds).await?);
+        report.seq = Some(seq);
+        report.status = "imported";
+        Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        report.status = "failed";
+        report.error = Some(format!("{e} (running the same import again resumes it)"));
+    }
+    report
+}

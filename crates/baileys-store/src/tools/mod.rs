@@ -1,0 +1,71 @@
+//! Operators' tools that move sessions in and out of the store:
+//! `import` from `useMultiFileAuthState` folders and `export` back to them.
+
+pub mod bufferjson;
+pub mod export;
+pub mod import;
+
+/// The key types Baileys (v7) writes, longest first so that a file name
+/// `sender-key-memory-…` is not read as a `sender-key`.
+pub const KNOWN_TYPES: &[&str] = &[
+    "app-state-sync-version",
+    "app-state-sync-key",
+    "sender-key-memory",
+    "identity-key",
+    "device-list",
+    "lid-mapping",
+    "sender-key",
+    "pre-key",
+    "session",
+    "tctoken",
+];
+
+/// The name `useMultiFileAuthState` gives a key's file: `<type>-<id>.json`
+/// with `fixFileName` applied (`/` → `__`, `:` → `-`).
+pub fn file_name(ty: &str, id: &str) -> String {
+    format!("{ty}-{id}.json").replace('/', "__").replace(':', "-")
+}
+
+/// The key a file name stands for. `fixFileName` loses information (`-`
+/// and `__` exist in ids too), so the id is given back per type, from what
+/// each type's ids are made of: app-state-sync-key ids are base64 (`__` was
+/// `/`), sender-key ids are `<group>::<user>::<device>` (`--` was `::`);
+/// the ids of the other types hold neither `/` nor `:` (`tctoken`'s
+/// `__index` and the `-` of old group jids stay as they are). `None`: not a
+/// key file of a known type.
+pub fn key_of_file(name: &str) -> Option<(&'static str, String)> {
+    let stem = name.strip_suffix(".json")?;
+    let ty = KNOWN_TYPES.iter().find(|ty| stem.strip_prefix(**ty).is_some_and(|rest| rest.starts_with('-') && rest.len() > 1))?;
+    let raw = &stem[ty.len() + 1..];
+    let id = match *ty {
+        "app-state-sync-key" => raw.replace("__", "/"),
+        "sender-key" => raw.replace("--", "::"),
+        _ => raw.to_owned(),
+    };
+    Some((ty, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_read_back_as_the_keys_they_were_written_for() {
+        for (ty, id) in [
+            ("pre-key", "17"),
+            ("session", "491511234_1.0"),
+            ("sender-key", "1203630@g.us::4915_1::3"),
+            ("sender-key-memory", "4915-1600@g.us"),
+            ("app-state-sync-key", "AAAA/b+c="),
+            ("tctoken", "__index"),
+            ("app-state-sync-version", "regular_high"),
+        ] {
+            let name = file_name(ty, id);
+            assert_eq!(key_of_file(&name), Some((ty, id.to_owned())), "{name}");
+        }
+        assert_eq!(file_name("sender-key", "g@g.us::u::0"), "sender-key-g@g.us--u--0.json");
+        assert_eq!(key_of_file("creds.json"), None);
+        assert_eq!(key_of_file("unknown-1.json"), None);
+        assert_eq!(key_of_file("pre-key-.json"), None);
+    }
+}
