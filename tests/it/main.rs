@@ -17,6 +17,7 @@ mod keys;
 mod mapping;
 mod materializer_concurrency;
 mod metrics;
+mod migration;
 mod ownership;
 mod projections;
 mod snapshots;

@@ -230,6 +230,24 @@ async fn open_log(client: &async_nats::Client, cfg: &Config, codec: &Codec) -> a
 /// or to the running embedded one, as its service user) and the codec,
 /// sealing under the cluster's current key.
 pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Client, Codec)> {
+    let (nats_cfg, urls, embedded) = tool_nats(cfg)?;
+    let keyring = keys::load_for_tool(&cfg.keys, &cfg.data_dir, embedded)?;
+    let client = nats::connect(&nats_cfg, &urls, nats::Role::Tool).await?;
+    let codec = Codec::new(keyring);
+    rotation::adopt_for_tool(&client, cfg, &codec).await?;
+    Ok((client, codec))
+}
+
+/// A tool's connection for requests to the service (as the service's
+/// identity, replies to `_INBOX.`); no keys are needed for it.
+pub(crate) async fn connect_requester(cfg: &Config) -> anyhow::Result<async_nats::Client> {
+    let (nats_cfg, urls, _) = tool_nats(cfg)?;
+    nats::connect(&nats_cfg, &urls, nats::Role::Requester).await
+}
+
+/// The NATS settings and URLs a tool connects with, and whether they are
+/// the embedded server's.
+fn tool_nats(cfg: &Config) -> anyhow::Result<(config::NatsConfig, Vec<String>, bool)> {
     let embedded = cfg.nats.urls.is_empty();
     let mut nats_cfg = cfg.nats.clone();
     let urls = if embedded {
@@ -242,11 +260,7 @@ pub(crate) async fn connect_tool(cfg: &Config) -> anyhow::Result<(async_nats::Cl
     } else {
         cfg.nats.urls.clone()
     };
-    let keyring = keys::load_for_tool(&cfg.keys, &cfg.data_dir, embedded)?;
-    let client = nats::connect(&nats_cfg, &urls, nats::Role::Tool).await?;
-    let codec = Codec::new(keyring);
-    rotation::adopt_for_tool(&client, cfg, &codec).await?;
-    Ok((client, codec))
+    Ok((nats_cfg, urls, embedded))
 }
 
 /// Which events `history` lists: those that changed keys of a type (and

@@ -33,6 +33,10 @@ pub enum Role {
     Store,
     /// A command-line tool.
     Tool,
+    /// A command-line tool that sends requests to the service as a bot
+    /// does (`import`): its replies come to `_INBOX.`, which the service
+    /// answers, not to the store's own prefix, which it refuses.
+    Requester,
 }
 
 impl Role {
@@ -41,6 +45,7 @@ impl Role {
             Role::Serve => "baileys-store",
             Role::Store => "baileys-store-store",
             Role::Tool => "baileys-store-tool",
+            Role::Requester => "baileys-store-requester",
         }
     }
 }

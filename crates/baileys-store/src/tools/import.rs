@@ -261,7 +261,7 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
     for (session, _) in &targets {
         SessionId::parse(session).with_context(|| format!("folder {session:?} is not a session id (rename it)"))?;
     }
-    let (nc, _codec) = crate::connect_tool(&cfg).await?;
+    let nc = crate::connect_requester(&cfg).await?;
     let max_ids = cfg.limits.max_ids_per_call;
     let max_bytes = cfg.limits.max_set_bytes.min(cfg.api.max_request_bytes);
     let total = targets.len();

@@ -1,0 +1,192 @@
+//! `import` and `export`: `useMultiFileAuthState` folders into the store
+//! through the running service, and back out from the log.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::harness::{KEY1, Stack, service_bin};
+
+/// Runs the command; (succeeded, stdout lines as JSON, stderr).
+fn cli(stack: &Stack, args: &[&str]) -> (bool, Vec<Value>, String) {
+    let out = std::process::Command::new(service_bin())
+        .args(args)
+        .env("BSTORE_NATS_URL", stack.nats.url())
+        .env("BSTORE_KEYS", KEY1)
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .expect("running baileys-store");
+    let lines = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+    (out.status.success(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn import(stack: &Stack, session: &str, from: &Path, extra: &[&str]) -> (bool, Value) {
+    let mut args = vec!["import", "--tenant", "mig", "--session", session, "--from", from.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let (ok, mut lines, err) = cli(stack, &args);
+    assert_eq!(lines.len(), 1, "one report: {err}");
+    (ok, lines.remove(0))
+}
+
+async fn events(stack: &Stack) -> u64 {
+    let js = async_nats::jetstream::new(stack.nc.clone());
+    js.get_stream("BSTORE_EVENTS").await.unwrap().info().await.unwrap().state.last_sequence
+}
+
+/// Files as Baileys' `useMultiFileAuthState` writes them (no new line, the
+/// replacer's Buffer form), with ids that its file-name escaping changes.
+const FILES: &[(&str, &str)] = &[
+    (
+        "creds.json",
+        r#"{"noiseKey":{"private":{"type":"Buffer","data":"AQID"},"public":{"type":"Buffer","data":"BAUG"}},"registrationId":1234,"advSecretKey":"c2VjcmV0","nextPreKeyId":813,"me":{"id":"4915112345:7@s.whatsapp.net","name":"bot"},"accountSyncCounter":0,"accountSettings":{"unarchiveChats":false},"registered":true,"lastPropHash":"3Yz","routingInfo":{"type":"Buffer","data":"CAUIAg=="},"platform":null}"#,
+    ),
+    ("pre-key-1.json", r#"{"private":{"type":"Buffer","data":"AQI="},"public":{"type":"Buffer","data":"AwQ="}}"#),
+    ("pre-key-2.json", r#"{"private":{"type":"Buffer","data":"BQY="},"public":{"type":"Buffer","data":"Bwg="}}"#),
+    ("session-4915112345.0.json", r#"{"_sessions":{"BQk=":{"registrationId":42,"currentRatchet":{"rootKey":"q83v","previousCounter":-1.5e-7}}},"version":"v1"}"#),
+    ("sender-key-120363@g.us--4915112345--0.json", r#"{"type":"Buffer","data":"W3sia2V5IjoxfV0="}"#),
+    ("sender-key-memory-4915-1600@g.us.json", r#"{"4915112345:3@s.whatsapp.net":true}"#),
+    ("app-state-sync-key-AAAA__b+c=.json", r#"{"keyData":"AAEC","fingerprint":{"rawId":1,"currentIndex":2,"deviceIndexes":[0,3]},"timestamp":"1700000000000"}"#),
+    ("tctoken-__index.json", r#"["4915112345@s.whatsapp.net"]"#),
+    ("lid-mapping-4915112345.json", r#""123456789""#),
+];
+
+/// The keys FILES stand for: file names un-escaped.
+const KEYS: &[(&str, &str)] = &[
+    ("pre-key", "1"),
+    ("pre-key", "2"),
+    ("session", "4915112345.0"),
+    ("sender-key", "120363@g.us::4915112345::0"),
+    ("sender-key-memory", "4915-1600@g.us"),
+    ("app-state-sync-key", "AAAA/b+c="),
+    ("tctoken", "__index"),
+    ("lid-mapping", "4915112345"),
+];
+
+/// A folder is imported (junk skipped and reported, file names un-escaped,
+/// values in the Node client's form), exported back to the very files
+/// Baileys wrote, and that export imported into another session holds every
+/// value byte for byte; running an import again adds no event; a session
+/// with state is refused without --force; --dry-run writes nothing.
+#[tokio::test]
+async fn folders_move_in_and_out_byte_for_byte_and_imports_are_idempotent() {
+    let stack = Stack::start().await;
+    let src = stack.dir.path().join("auth-a");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, text) in FILES {
+        std::fs::write(src.join(name), text).unwrap();
+    }
+    std::fs::write(src.join("pre-key-9.json"), "{\"private\":").unwrap();
+    std::fs::write(src.join("notes.txt"), "hello").unwrap();
+
+    // A dry run reads everything and writes nothing.
+    let before = events(&stack).await;
+    let (ok, dry) = import(&stack, "a", &src, &["--dry-run"]);
+    assert!(ok, "{dry}");
+    assert_eq!(dry["status"], "would-import");
+    assert_eq!(events(&stack).await, before, "a dry run appends nothing");
+    assert!(!stack.session("mig", "a").info().await.unwrap().exists);
+
+    let (ok, rep) = import(&stack, "a", &src, &[]);
+    assert!(ok, "{rep}");
+    assert_eq!(rep["status"], "imported");
+    assert_eq!(rep["creds"], true);
+    assert_eq!(rep["keys"]["pre-key"], 2);
+    assert_eq!(rep["keys"]["sender-key"], 1);
+    let skipped: Vec<&str> = rep["skipped"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap()).collect();
+    assert_eq!(skipped, ["notes.txt", "pre-key-9.json"], "{rep}");
+    assert!(rep["skipped"][1]["reason"].as_str().unwrap().contains("would not read"), "{rep}");
+    // One keys.set per type and the creds: few events.
+    assert_eq!(events(&stack).await - before, 8, "{rep}");
+
+    let a = stack.session("mig", "a");
+    // The stored form is the Node client's: MessagePack, Buffers as bin.
+    let pk = a.keys_get("pre-key", &["1"]).await.unwrap();
+    assert_eq!(pk["1"], b"\x82\xa7private\xc4\x02\x01\x02\xa6public\xc4\x02\x03\x04");
+    let lid = a.keys_get("lid-mapping", &["4915112345"]).await.unwrap();
+    assert_eq!(lid["4915112345"], b"\xa9123456789");
+    for (ty, id) in KEYS {
+        assert!(a.keys_get(ty, &[id]).await.unwrap().contains_key(*id), "{ty} {id} imported under its un-escaped id");
+    }
+    assert!(a.keys_get("pre-key", &["9"]).await.unwrap().is_empty(), "the junk file was not imported");
+
+    // Export: the files Baileys wrote, exactly.
+    let out = stack.dir.path().join("out");
+    let (ok, lines, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "a", "--out", out.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(lines[0]["keys"]["pre-key"], 2);
+    let exported = out.join("a");
+    let mut names: Vec<String> = std::fs::read_dir(&exported).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    let mut expected: Vec<String> = FILES.iter().map(|(n, _)| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    for (name, text) in FILES {
+        assert_eq!(std::fs::read_to_string(exported.join(name)).unwrap(), *text, "{name} as Baileys wrote it");
+    }
+    // Nothing is overwritten without --force.
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "a", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("--force"), "{err}");
+
+    // The export imported into another session: every value byte for byte.
+    let (ok, rep) = import(&stack, "b", &exported, &[]);
+    assert!(ok, "{rep}");
+    assert!(rep["skipped"].as_array().unwrap().is_empty(), "{rep}");
+    let b = stack.session("mig", "b");
+    assert_eq!(b.creds_get().await.unwrap(), a.creds_get().await.unwrap());
+    for (ty, id) in KEYS {
+        assert_eq!(b.keys_get(ty, &[id]).await.unwrap(), a.keys_get(ty, &[id]).await.unwrap(), "{ty} {id}");
+    }
+    let info_a = a.info().await.unwrap();
+    let info_b = b.info().await.unwrap();
+    assert_eq!((info_a.keys, info_a.bytes), (info_b.keys, info_b.bytes));
+
+    // Again: unchanged, and with --force the same request ids: no event.
+    let last = events(&stack).await;
+    let (ok, rep) = import(&stack, "b", &exported, &[]);
+    assert!(ok, "{rep}");
+    assert_eq!(rep["status"], "unchanged");
+    let (ok, rep) = import(&stack, "b", &exported, &["--force"]);
+    assert!(ok, "{rep}");
+    assert_eq!(rep["status"], "imported");
+    assert_eq!(events(&stack).await, last, "a re-run appends nothing");
+
+    // Different files into a session with state: refused without --force.
+    std::fs::write(exported.join("pre-key-3.json"), FILES[1].1).unwrap();
+    let (ok, rep) = import(&stack, "b", &exported, &[]);
+    assert!(!ok, "{rep}");
+    assert_eq!(rep["status"], "refused");
+    assert_eq!(events(&stack).await, last, "a refused import appends nothing");
+    let (ok, rep) = import(&stack, "b", &exported, &["--dry-run", "--force"]);
+    assert!(ok && rep["status"] == "would-import", "{rep}");
+    assert_eq!(events(&stack).await, last, "a dry run appends nothing");
+    let (ok, rep) = import(&stack, "b", &exported, &["--force"]);
+    assert!(ok, "{rep}");
+    assert!(b.keys_get("pre-key", &["3"]).await.unwrap().contains_key("3"));
+}
+
+/// `--all` imports every session folder under a parent; a parent given as
+/// one session, or a session folder given as a parent, is an error.
+#[tokio::test]
+async fn a_parent_of_folders_imports_each_as_its_session() {
+    let stack = Stack::start().await;
+    let parent = stack.dir.path().join("fleet");
+    for s in ["bot-1", "bot-2"] {
+        std::fs::create_dir_all(parent.join(s)).unwrap();
+        std::fs::write(parent.join(s).join("creds.json"), FILES[0].1).unwrap();
+        std::fs::write(parent.join(s).join("pre-key-1.json"), FILES[1].1).unwrap();
+    }
+    std::fs::create_dir_all(parent.join("empty")).unwrap();
+    let p = parent.to_str().unwrap();
+    let (ok, _, err) = cli(&stack, &["import", "--tenant", "mig", "--session", "x", "--from", p]);
+    assert!(!ok && err.contains("--all"), "{err}");
+    let (ok, _, err) = cli(&stack, &["import", "--tenant", "mig", "--all", "--from", parent.join("bot-1").to_str().unwrap()]);
+    assert!(!ok && err.contains("--session"), "{err}");
+    let (ok, lines, err) = cli(&stack, &["import", "--tenant", "mig", "--all", "--from", p, "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(lines.iter().map(|l| l["session"].as_str().unwrap()).collect::<Vec<_>>(), ["bot-1", "bot-2"]);
+    assert!(err.contains("[2/2] mig/bot-2: imported"), "{err}");
+    for s in ["bot-1", "bot-2"] {
+        let info = stack.session("mig", s).info().await.unwrap();
+        assert!(info.creds && info.keys["pre-key"] == 1, "{s}: {info:?}");
+    }
+}
