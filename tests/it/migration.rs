@@ -16,7 +16,8 @@ fn cli(stack: &Stack, args: &[&str]) -> (bool, Vec<Value>, String) {
         .env("BSTORE_LOG", "warn")
         .output()
         .expect("running baileys-store");
-    let lines = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+    let lines =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
     (out.status.success(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -42,10 +43,16 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("pre-key-1.json", r#"{"private":{"type":"Buffer","data":"AQI="},"public":{"type":"Buffer","data":"AwQ="}}"#),
     ("pre-key-2.json", r#"{"private":{"type":"Buffer","data":"BQY="},"public":{"type":"Buffer","data":"Bwg="}}"#),
-    ("session-4915112345.0.json", r#"{"_sessions":{"BQk=":{"registrationId":42,"currentRatchet":{"rootKey":"q83v","previousCounter":-1.5e-7}}},"version":"v1"}"#),
+    (
+        "session-4915112345.0.json",
+        r#"{"_sessions":{"BQk=":{"registrationId":42,"currentRatchet":{"rootKey":"q83v","previousCounter":-1.5e-7}}},"version":"v1"}"#,
+    ),
     ("sender-key-120363@g.us--4915112345--0.json", r#"{"type":"Buffer","data":"W3sia2V5IjoxfV0="}"#),
     ("sender-key-memory-4915-1600@g.us.json", r#"{"4915112345:3@s.whatsapp.net":true}"#),
-    ("app-state-sync-key-AAAA__b+c=.json", r#"{"keyData":"AAEC","fingerprint":{"rawId":1,"currentIndex":2,"deviceIndexes":[0,3]},"timestamp":"1700000000000"}"#),
+    (
+        "app-state-sync-key-AAAA__b+c=.json",
+        r#"{"keyData":"AAEC","fingerprint":{"rawId":1,"currentIndex":2,"deviceIndexes":[0,3]},"timestamp":"1700000000000"}"#,
+    ),
     ("tctoken-__index.json", r#"["4915112345@s.whatsapp.net"]"#),
     ("lid-mapping-4915112345.json", r#""123456789""#),
 ];

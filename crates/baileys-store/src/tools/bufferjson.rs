@@ -642,7 +642,10 @@ mod tests {
         let text = r#"{"b":1,"2":{"type":"Buffer","data":"AQID"},"a":[1.5,-33,300,"x"],"1":{"0":1,"1":2},"b":true}"#;
         let v = parse_file(text).unwrap();
         // Index keys first; the duplicate `b` keeps its place with the last value.
-        assert_eq!(to_file(&v), r#"{"1":{"type":"Buffer","data":"AQI="},"2":{"type":"Buffer","data":"AQID"},"b":true,"a":[1.5,-33,300,"x"]}"#);
+        assert_eq!(
+            to_file(&v),
+            r#"{"1":{"type":"Buffer","data":"AQI="},"2":{"type":"Buffer","data":"AQID"},"b":true,"a":[1.5,-33,300,"x"]}"#
+        );
         let packed = to_msgpack(&v);
         assert_eq!(from_msgpack(&packed).unwrap(), v);
         assert_eq!(packed[0], 0x84);

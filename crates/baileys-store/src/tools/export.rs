@@ -76,7 +76,16 @@ pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, out: P
             println!("{}", serde_json::to_string(r)?);
         } else {
             let keys: u64 = r.keys.values().sum();
-            eprintln!("{}/{}: {} keys{} ({} B) at sequence {} -> {}", tenant, r.session, keys, if r.creds { " and creds" } else { "" }, r.bytes, r.seq, r.dir.display());
+            eprintln!(
+                "{}/{}: {} keys{} ({} B) at sequence {} -> {}",
+                tenant,
+                r.session,
+                keys,
+                if r.creds { " and creds" } else { "" },
+                r.bytes,
+                r.seq,
+                r.dir.display()
+            );
         }
     }
     Ok(())
@@ -84,14 +93,17 @@ pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, out: P
 
 fn convert(key: &SessionKey, state: &bstore_domain::SessionState, dir: &Path) -> anyhow::Result<Folder> {
     let mut files = Vec::new();
-    let mut report = Report { session: key.session.to_string(), dir: dir.to_owned(), seq: state.seq(), creds: false, keys: BTreeMap::new(), bytes: 0 };
+    let mut report =
+        Report { session: key.session.to_string(), dir: dir.to_owned(), seq: state.seq(), creds: false, keys: BTreeMap::new(), bytes: 0 };
     if let Some(creds) = state.creds() {
-        let v = bufferjson::from_msgpack(creds).map_err(|e| anyhow::anyhow!("{key}: the creds are not a value the Node client wrote: {e}"))?;
+        let v =
+            bufferjson::from_msgpack(creds).map_err(|e| anyhow::anyhow!("{key}: the creds are not a value the Node client wrote: {e}"))?;
         files.push(("creds.json".to_owned(), bufferjson::to_file(&v)));
         report.creds = true;
     }
     for (ty, id, value) in state.iter_keys() {
-        let v = bufferjson::from_msgpack(value).map_err(|e| anyhow::anyhow!("{key}: {ty} {id} is not a value the Node client wrote: {e}"))?;
+        let v =
+            bufferjson::from_msgpack(value).map_err(|e| anyhow::anyhow!("{key}: {ty} {id} is not a value the Node client wrote: {e}"))?;
         let name = super::file_name(ty.as_str(), id.as_str());
         anyhow::ensure!(!name.contains(['\\', '\0']) && name != "creds.json", "{key}: {ty} {id} has no safe file name");
         files.push((name, bufferjson::to_file(&v)));

@@ -187,7 +187,11 @@ fn folders(source: &Source) -> anyhow::Result<Vec<(String, PathBuf)>> {
                 let entry = entry?;
                 let dir = entry.path();
                 if dir.is_dir() && dir.join("creds.json").is_file() {
-                    let name = entry.file_name().to_str().map(str::to_owned).with_context(|| format!("{}: the name is not UTF-8", dir.display()))?;
+                    let name = entry
+                        .file_name()
+                        .to_str()
+                        .map(str::to_owned)
+                        .with_context(|| format!("{}: the name is not UTF-8", dir.display()))?;
                     out.push((name, dir));
                 }
             }
@@ -223,7 +227,12 @@ fn batches(folder: &Folder, max_ids: usize, max_bytes: usize) -> Vec<KeyData> {
 }
 
 /// Whether the session already holds exactly what the folder holds.
-async fn holds_exactly(client: &SessionClient, info: &bstore_domain::SessionInfo, folder: &Folder, max_ids: usize) -> Result<bool, ClientError> {
+async fn holds_exactly(
+    client: &SessionClient,
+    info: &bstore_domain::SessionInfo,
+    folder: &Folder,
+    max_ids: usize,
+) -> Result<bool, ClientError> {
     let counts: BTreeMap<String, u64> = folder.keys.iter().map(|(ty, ids)| (ty.clone(), ids.len() as u64)).collect();
     let stored: BTreeMap<String, u64> = info.keys.iter().filter(|(_, n)| **n > 0).map(|(t, n)| (t.clone(), *n)).collect();
     if counts != stored || info.creds != folder.creds.is_some() {
@@ -290,7 +299,13 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
             for (ty, n) in &r.keys {
                 println!("  {ty:<24} {n:>7}");
             }
-            println!("  creds: {}; {} B in {} requests{}", if r.creds { "yes" } else { "no" }, r.bytes, r.requests, r.seq.map(|s| format!("; at sequence {s}")).unwrap_or_default());
+            println!(
+                "  creds: {}; {} B in {} requests{}",
+                if r.creds { "yes" } else { "no" },
+                r.bytes,
+                r.requests,
+                r.seq.map(|s| format!("; at sequence {s}")).unwrap_or_default()
+            );
             for s in &r.skipped {
                 println!("  skipped {}: {}", s.file, s.reason);
             }
@@ -304,7 +319,15 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
     Ok(())
 }
 
-async fn import_one(nc: &async_nats::Client, cfg: &Config, key: &SessionKey, dir: &Path, opts: &Options, max_ids: usize, max_bytes: usize) -> Report {
+async fn import_one(
+    nc: &async_nats::Client,
+    cfg: &Config,
+    key: &SessionKey,
+    dir: &Path,
+    opts: &Options,
+    max_ids: usize,
+    max_bytes: usize,
+) -> Report {
     let mut report = Report {
         session: key.session.to_string(),
         dir: dir.to_owned(),
@@ -326,7 +349,8 @@ async fn import_one(nc: &async_nats::Client, cfg: &Config, key: &SessionKey, dir
     };
     report.creds = folder.creds.is_some();
     report.keys = folder.keys.iter().map(|(ty, ids)| (ty.clone(), ids.len() as u64)).collect();
-    report.bytes = folder.creds.as_ref().map_or(0, |c| c.len() as u64) + folder.keys.values().flat_map(|ids| ids.values()).map(|v| v.len() as u64).sum::<u64>();
+    report.bytes = folder.creds.as_ref().map_or(0, |c| c.len() as u64)
+        + folder.keys.values().flat_map(|ids| ids.values()).map(|v| v.len() as u64).sum::<u64>();
     report.skipped = folder.skipped.clone();
     let Some(creds) = &folder.creds else {
         report.error = Some("creds.json does not read: nothing imported".into());
@@ -334,7 +358,8 @@ async fn import_one(nc: &async_nats::Client, cfg: &Config, key: &SessionKey, dir
     };
     let batches = batches(&folder, max_ids, max_bytes);
     report.requests = batches.len() as u64 + 1;
-    let client = SessionClient::new(nc.clone(), &cfg.api.prefix, key.tenant.as_str(), key.session.as_str()).with_timeout(std::time::Duration::from_secs(30));
+    let client = SessionClient::new(nc.clone(), &cfg.api.prefix, key.tenant.as_str(), key.session.as_str())
+        .with_timeout(std::time::Duration::from_secs(30));
     let outcome: Result<(), ClientError> = async {
         let info = client.info().await?;
         if info.exists && !opts.force {
