@@ -100,7 +100,7 @@ export class NatsServer {
 /** The baileys-store service; restarts keep its data dir and sealing key. */
 export class Service {
 	private child?: ChildProcess
-	private readonly env: NodeJS.ProcessEnv
+	readonly env: NodeJS.ProcessEnv
 
 	constructor(
 		readonly bin: string,
