@@ -197,3 +197,36 @@ async fn a_parent_of_folders_imports_each_as_its_session() {
         assert!(info.creds && info.keys["pre-key"] == 1, "{s}: {info:?}");
     }
 }
+
+/// An export that could not be faithful writes nothing: a value that is not
+/// the Node client's MessagePack, or two ids that Baileys' escaping gives
+/// one file name.
+#[tokio::test]
+async fn an_export_that_cannot_be_faithful_writes_nothing() {
+    use bstore_api::client::key_data;
+    let stack = Stack::start().await;
+    let good = stack.session("mig", "good");
+    good.creds_put(&crate::harness::rid(), b"\x80").await.unwrap();
+    let bad = stack.session("mig", "bad");
+    bad.creds_put(&crate::harness::rid(), b"\x80").await.unwrap();
+    bad.keys_set(&crate::harness::rid(), &key_data([("pre-key", "1", Some(&b"junk"[..]))])).await.unwrap();
+    let twins = stack.session("mig", "twins");
+    twins.creds_put(&crate::harness::rid(), b"\x80").await.unwrap();
+    twins
+        .keys_set(
+            &crate::harness::rid(),
+            &key_data([("app-state-sync-key", "x/y", Some(&b"\xc0"[..])), ("app-state-sync-key", "x__y", Some(&b"\xc0"[..]))]),
+        )
+        .await
+        .unwrap();
+    let out = stack.dir.path().join("out");
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("pre-key 1 is not a value the Node client wrote"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "twins", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("the same file name app-state-sync-key-x__y.json"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "good", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("good/creds.json")).unwrap(), "{}");
+}

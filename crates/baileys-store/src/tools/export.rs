@@ -105,9 +105,16 @@ fn convert(key: &SessionKey, state: &bstore_domain::SessionState, dir: &Path) ->
         let v =
             bufferjson::from_msgpack(value).map_err(|e| anyhow::anyhow!("{key}: {ty} {id} is not a value the Node client wrote: {e}"))?;
         let name = super::file_name(ty.as_str(), id.as_str());
-        anyhow::ensure!(!name.contains(['\\', '\0']) && name != "creds.json", "{key}: {ty} {id} has no safe file name");
+        // A file system takes names of up to 255 bytes; found here, before anything is written.
+        anyhow::ensure!(name.len() <= 255, "{key}: {ty} {id} makes a file name longer than 255 bytes, which no file system takes");
         files.push((name, bufferjson::to_file(&v)));
         *report.keys.entry(ty.to_string()).or_default() += 1;
+    }
+    // Baileys' escaping can give two ids one name (`a/b` and `a__b`): refused rather than one lost.
+    let mut names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        anyhow::bail!("{key}: two keys make the same file name {}", w[0]);
     }
     report.bytes = files.iter().map(|(_, t)| t.len() as u64).sum();
     Ok(Folder { report, files })

@@ -272,7 +272,8 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
     }
     let nc = crate::connect_requester(&cfg).await?;
     let max_ids = cfg.limits.max_ids_per_call;
-    let max_bytes = cfg.limits.max_set_bytes.min(cfg.api.max_request_bytes);
+    // The service lowers its request limit to the server's max_payload (less room for headers).
+    let max_bytes = cfg.limits.max_set_bytes.min(cfg.api.max_request_bytes).min(nc.server_info().max_payload.saturating_sub(8 << 10));
     let total = targets.len();
     let mut reports = Vec::new();
     for (n, (session, dir)) in targets.into_iter().enumerate() {
