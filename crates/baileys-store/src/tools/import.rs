@@ -275,12 +275,19 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
     // The service lowers its request limit to the server's max_payload (less room for headers).
     let max_bytes = cfg.limits.max_set_bytes.min(cfg.api.max_request_bytes).min(nc.server_info().max_payload.saturating_sub(8 << 10));
     let total = targets.len();
+    // A bar on a terminal (over many sessions); a line per session either way.
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sessions, {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut reports = Vec::new();
     for (n, (session, dir)) in targets.into_iter().enumerate() {
         let key = SessionKey::parse(tenant.as_str(), &session)?;
+        bar.set_message(key.to_string());
         let report = import_one(&nc, &cfg, &key, &dir, &opts, max_ids, max_bytes).await;
         let keys: u64 = report.keys.values().sum();
-        eprintln!(
+        let line = format!(
             "[{}/{total}] {key}: {} — {keys} keys{}, {} B, {} requests{}{}",
             n + 1,
             report.status,
@@ -290,8 +297,16 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
             if report.skipped.is_empty() { String::new() } else { format!(", {} files skipped", report.skipped.len()) },
             report.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
         );
+        // The bar draws nothing off a terminal, and prints nothing either.
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+        bar.inc(1);
         reports.push(report);
     }
+    bar.finish_and_clear();
     for r in &reports {
         if opts.json {
             println!("{}", serde_json::to_string(r)?);
