@@ -6,12 +6,12 @@
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { readdirSync, readFileSync } from 'node:fs'
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import type { NatsConnection } from 'nats'
 import { BufferJSON } from '@whiskeysockets/baileys'
-import { BaileysStoreClient, encodeValue } from '../src/index.js'
+import { BaileysStoreClient, decodeValue, encodeValue } from '../src/index.js'
 import { findServiceBinary, NatsServer, removeDir, Service, tempDir } from './support/servers.js'
 import { type OpenAuth, World } from './support/signal-world.js'
 import { fileStore, natsStore } from './support/stores.js'
@@ -152,5 +152,49 @@ describe('moving between useMultiFileAuthState and baileys-store', () => {
 			world.logger.problems.filter((p) => p.startsWith('error')),
 			[]
 		)
+	})
+
+	it('stores what useNatsAuthState stores and writes what Baileys writes, for JSON at its corners', async () => {
+		// Property order (index keys first), duplicate keys, the reviver's Buffer forms, numbers
+		// of every MessagePack width and JavaScript's printing of them, escapes, long strings.
+		const texts = [
+			'{"b":1,"a":2,"10":3,"2":4,"b":5}',
+			'{"n":[0,-0,1.5,-1e-7,1e21,123456789012345678,9007199254740993,-2147483649,4294967296,1e400,255,256,65536,-32,-33,-128,-129,-32769,0.1,5e-324]}',
+			'{"s":"\\u00e9\\ud83d\\ude00\\n\\t\\u0001\\"\\\\\\/ \\u2028 é"}',
+			'{"0":1,"1":300,"2":-1.7}',
+			'{" 1":1,"+2":2,"3x":3}',
+			'{"type":"Buffer","data":[1,2,300]}',
+			'{"x":{"type":"Buffer","data":""},"y":{"type":"Buffer","data":"AQIDBA"}}',
+			JSON.stringify({ long: 'x'.repeat(40), longer: 'y'.repeat(300), list: Array.from({ length: 20 }, (_, i) => i * 1000) }),
+			JSON.stringify(Object.fromEntries(Array.from({ length: 20 }, (_, i) => [`k${i}`, { deep: [[[i]]] }]))),
+			'[]',
+			'{}',
+			'"just a string"',
+			'[true,false,null,{"a":[]}]',
+			' \n{ "spaced" : [ 1 , 2 ] }\t'
+		]
+		const folder = join(tempDir('bstore-corners-'), 'corners')
+		dirs.push(folder)
+		mkdirSync(folder, { recursive: true })
+		writeFileSync(join(folder, 'creds.json'), texts[0]!)
+		texts.forEach((t, i) => writeFileSync(join(folder, `pre-key-${i + 1}.json`), t))
+		const [report] = await cli(['import', '--tenant', tenant, '--session', 'corners', '--from', folder, '--json'])
+		assert.equal(report!.status, 'imported', JSON.stringify(report))
+		assert.deepEqual(report!.skipped, [])
+		const client = new BaileysStoreClient(nc, { ...options, session: 'corners' })
+		const stored = await client.getKeys(
+			'pre-key',
+			texts.map((_, i) => String(i + 1))
+		)
+		const exported = tempDir('bstore-corners-out-')
+		dirs.push(exported)
+		await cli(['export', '--tenant', tenant, '--session', 'corners', '--out', exported])
+		for (const [i, t] of texts.entries()) {
+			const id = String(i + 1)
+			const expected = Buffer.from(encodeValue(JSON.parse(t, BufferJSON.reviver)))
+			assert.deepEqual(Buffer.from(stored[id]!), expected, `stored form of ${t}`)
+			const written = JSON.stringify(decodeValue(stored[id]!), BufferJSON.replacer)
+			assert.equal(readFileSync(join(exported, 'corners', `pre-key-${id}.json`), 'utf8'), written, `exported form of ${t}`)
+		}
 	})
 })

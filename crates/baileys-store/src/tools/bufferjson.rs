@@ -42,13 +42,14 @@ fn array_index(k: &str) -> Option<u32> {
 
 /// An object's properties as JavaScript keeps them.
 #[derive(Default)]
-struct Props(Vec<(String, Js)>);
+struct Props(Vec<(String, Js)>, std::collections::HashMap<String, usize>);
 
 impl Props {
     fn set(&mut self, k: String, v: Js) {
-        if let Some(slot) = self.0.iter_mut().find(|(key, _)| *key == k) {
-            slot.1 = v;
+        if let Some(&at) = self.1.get(&k) {
+            self.0[at].1 = v;
         } else {
+            self.1.insert(k.clone(), self.0.len());
             self.0.push((k, v));
         }
     }
@@ -279,7 +280,8 @@ impl Parser<'_> {
 
 /// `parseInt(k, 10)` is a number (leading white space, a sign, a digit).
 fn parses_as_int(k: &str) -> bool {
-    let t = k.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    // JavaScript's white space: Rust's but U+0085, and U+FEFF.
+    let t = k.trim_start_matches(|c: char| (c.is_whitespace() && c != '\u{85}') || c == '\u{feff}');
     let t = t.strip_prefix(['+', '-']).unwrap_or(t);
     t.starts_with(|c: char| c.is_ascii_digit())
 }
