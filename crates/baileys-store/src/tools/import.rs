@@ -409,7 +409,8 @@ async fn import_one(
     .await;
     if let Err(e) = outcome {
         report.status = "failed";
-        report.error = Some(format!("{e}; if part of it was written (the creds go last), run the same import again with --force to finish it"));
+        report.error =
+            Some(format!("{e}; if part of it was written (the creds go last), run the same import again with --force to finish it"));
     }
     report
 }
