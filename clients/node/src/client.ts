@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
-import { decode, encode } from '@msgpack/msgpack'
-import type { Msg, NatsConnection } from 'nats'
+import { performance } from 'node:perf_hooks'
+import { Decoder, Encoder } from '@msgpack/msgpack'
+import { createInbox, ErrorCode, Events, type Msg, type NatsConnection, NatsError, type Subscription } from 'nats'
 import { BaileysStoreError } from './errors.js'
 import { type RetryClock, type RetryOptions, RetryPolicy, systemClock } from './retry.js'
 
@@ -16,7 +17,10 @@ export interface StoreOptions extends RetryOptions {
 	session: string
 	/** Subject prefix the service listens on (`api.prefix`). Default `bstore`. */
 	prefix?: string
-	/** How long to wait for one reply, per attempt. Default 5000 ms. */
+	/**
+	 * How long to wait for one reply, per attempt. Default 5000 ms. Waiting requests are checked
+	 * every tenth of it (at most every 50 ms), so a time-out is reported up to that much later.
+	 */
 	timeoutMs?: number
 	/** Largest request body sent; must not exceed the service's `api.max_request_bytes`. Default 4 MiB. */
 	maxRequestBytes?: number
@@ -71,8 +75,21 @@ function assertKey(op: string, type: string, id?: string): void {
 	}
 }
 
-/** A write's request id: 22 characters of base64url (128 random bits). */
-const newRid = (): string => randomBytes(16).toString('base64url')
+/**
+ * A write's request id: 22 characters of base64url (128 random bits). The bits are drawn from the
+ * CSPRNG 256 ids at a time: one call into it per request cost as much as the rest of the request's
+ * encoding.
+ */
+function newRid(): string {
+	if (ridAt === ridPool.length) {
+		ridPool = randomBytes(16 * 256)
+		ridAt = 0
+	}
+	ridAt += 16
+	return ridPool.toString('base64url', ridAt - 16, ridAt)
+}
+let ridPool = Buffer.alloc(0)
+let ridAt = 0
 
 /**
  * One session of baileys-store: the six operations of the wire protocol, with
@@ -86,9 +103,12 @@ export class BaileysStoreClient {
 	private readonly maxRequestBytes: number
 	private readonly maxValueBytes: number
 	private readonly maxIdsPerGet: number
+	/** The connection's shared reply subscription; undefined for a stand-in that has only `request`. */
+	private readonly mux: RequestMux | undefined
 
 	constructor(
-		// Only `request` is used, so tests can pass a stand-in.
+		// A real connection is used through one reply subscription it shares with every client on it
+		// (RequestMux); a stand-in with only `request` (tests) goes through `request`.
 		private readonly nc: Pick<NatsConnection, 'request'>,
 		private readonly options: StoreOptions
 	) {
@@ -104,6 +124,7 @@ export class BaileysStoreClient {
 		this.maxRequestBytes = options.maxRequestBytes ?? 4 * MiB
 		this.maxValueBytes = options.maxValueBytes ?? 2 * MiB
 		this.maxIdsPerGet = options.maxIdsPerGet ?? 1000
+		this.mux = RequestMux.of(nc, this.timeoutMs)
 	}
 
 	/** The stored creds, or null when the session has none. */
@@ -128,9 +149,14 @@ export class BaileysStoreClient {
 		const unique = [...new Set(ids)]
 		for (const id of unique) assertKey('keys.get', type, id)
 		if (unique.length === 0) return {}
-		const chunks: string[][] = []
-		for (let i = 0; i < unique.length; i += this.maxIdsPerGet) chunks.push(unique.slice(i, i + this.maxIdsPerGet))
-		const replies = (await Promise.all(chunks.map((chunk) => this.getChunk(type, chunk)))).flat()
+		let replies: Record<string, unknown>[]
+		if (unique.length <= this.maxIdsPerGet) {
+			replies = await this.getChunk(type, unique)
+		} else {
+			const chunks: string[][] = []
+			for (let i = 0; i < unique.length; i += this.maxIdsPerGet) chunks.push(unique.slice(i, i + this.maxIdsPerGet))
+			replies = (await Promise.all(chunks.map((chunk) => this.getChunk(type, chunk)))).flat()
+		}
 		const out: Record<string, Uint8Array> = {}
 		for (const reply of replies) {
 			const values = reply.values
@@ -143,16 +169,17 @@ export class BaileysStoreClient {
 		return out
 	}
 
-	private async getChunk(type: string, ids: string[]): Promise<Record<string, unknown>[]> {
-		try {
-			return [await this.request('keys.get', { type, ids })]
-		} catch (err) {
-			// The service answers 413 when the values would not fit in one NATS message: ask for halves.
-			if (!(err instanceof BaileysStoreError && err.code === 413 && ids.length > 1)) throw err
-			const half = Math.ceil(ids.length / 2)
-			const parts = await Promise.all([this.getChunk(type, ids.slice(0, half)), this.getChunk(type, ids.slice(half))])
-			return parts.flat()
-		}
+	private getChunk(type: string, ids: string[]): Promise<Record<string, unknown>[]> {
+		return this.request('keys.get', { type, ids }).then(
+			(reply) => [reply],
+			async (err) => {
+				// The service answers 413 when the values would not fit in one NATS message: ask for halves.
+				if (!(err instanceof BaileysStoreError && err.code === 413 && ids.length > 1)) throw err
+				const half = Math.ceil(ids.length / 2)
+				const parts = await Promise.all([this.getChunk(type, ids.slice(0, half)), this.getChunk(type, ids.slice(half))])
+				return parts.flat()
+			}
+		)
 	}
 
 	/**
@@ -228,10 +255,11 @@ export class BaileysStoreClient {
 	}
 
 	/** Sends one request, retrying with the same body (and so the same `rid`) when that may help. */
-	private async request(op: string, body: Record<string, unknown>): Promise<Record<string, unknown>> {
-		const data = encode(body)
+	private request(op: string, body: Record<string, unknown>): Promise<Record<string, unknown>> {
+		// Not an async function: the promise of the attempt that succeeds is the one handed back.
+		const data = bodyEncoder.encode(body)
 		if (data.byteLength > this.maxRequestBytes) {
-			throw new BaileysStoreError('TOO_LARGE', op, `request is ${data.byteLength} bytes, over maxRequestBytes ${this.maxRequestBytes}`)
+			return Promise.reject(new BaileysStoreError('TOO_LARGE', op, `request is ${data.byteLength} bytes, over maxRequestBytes ${this.maxRequestBytes}`))
 		}
 		const subject = `${this.subjectBase}.${op}`
 		const logger = this.options.logger
@@ -246,28 +274,207 @@ export class BaileysStoreClient {
 		)
 	}
 
-	private async requestOnce(op: string, subject: string, data: Uint8Array): Promise<Record<string, unknown>> {
-		let msg: Msg
-		try {
-			msg = await this.nc.request(subject, data, { timeout: this.timeoutMs })
-		} catch (err) {
-			throw fromNatsError(op, err)
-		}
-		const code = msg.headers?.get('Nats-Service-Error-Code')
+	/** One attempt: resolves with the reply's map, rejects with a BaileysStoreError. */
+	private requestOnce(op: string, subject: string, data: Uint8Array): Promise<Record<string, unknown>> {
+		if (this.mux) return this.mux.request(op, subject, data, this.timeoutMs)
+		return this.nc.request(subject, data, { timeout: this.timeoutMs }).then(
+			(msg) => readReply(op, msg),
+			(err) => {
+				throw fromNatsError(op, err)
+			}
+		)
+	}
+}
+
+/** One encoder for every request body (its buffer is reused; `encode` returns a copy of the bytes). */
+const bodyEncoder = new Encoder()
+const replyDecoder = new Decoder()
+
+/** The reply's map, or the BaileysStoreError its headers or its body make. */
+function readReply(op: string, msg: Msg): Record<string, unknown> {
+	const headers = msg.headers
+	if (headers) {
+		const code = headers.get('Nats-Service-Error-Code')
 		if (code) {
-			const message = msg.headers?.get('Nats-Service-Error') || 'service error'
+			const message = headers.get('Nats-Service-Error') || 'service error'
 			const num = Number(code)
 			if (!Number.isInteger(num)) throw badReply(op, `unexpected error code ${JSON.stringify(code)}: ${message}`)
 			throw new BaileysStoreError(num, op, message)
 		}
-		let reply: unknown
-		try {
-			reply = decode(msg.data)
-		} catch (err) {
-			throw new BaileysStoreError('BAD_REPLY', op, 'reply is not MessagePack', { cause: err })
+	}
+	let reply: unknown
+	try {
+		reply = replyDecoder.decode(msg.data)
+	} catch (err) {
+		throw new BaileysStoreError('BAD_REPLY', op, 'reply is not MessagePack', { cause: err })
+	}
+	if (!isMap(reply)) throw badReply(op, 'reply is not a map')
+	return reply
+}
+
+/** What the multiplexer uses of a NATS connection. */
+type MuxConnection = Pick<NatsConnection, 'publish' | 'subscribe' | 'closed' | 'status' | 'isDraining'> & {
+	/** NatsConnectionImpl's options: the inbox prefix the connection was opened with. */
+	readonly options?: { inboxPrefix?: string }
+}
+
+const isMuxConnection = (nc: object): nc is MuxConnection =>
+	['publish', 'subscribe', 'closed', 'status', 'isDraining'].every((name) => typeof (nc as Record<string, unknown>)[name] === 'function')
+
+/** A request waiting for its reply. */
+interface Pending {
+	readonly op: string
+	readonly subject: string
+	/** performance.now() after which the attempt has timed out. */
+	readonly deadline: number
+	readonly resolve: (reply: Record<string, unknown>) => void
+	readonly reject: (err: BaileysStoreError) => void
+}
+
+/**
+ * Request-reply over one subscription per connection, `<inbox prefix>.<nuid>.*`, shared by every
+ * client on that connection: each request publishes with the reply subject `<that>.<token>` and
+ * waits in a map by token; one interval timer, running only while requests wait, times them out.
+ * nats.js's own `request()` does the same demultiplexing but builds Errors (a stack for a possible
+ * time-out, a "cancelled" rejection) and a timer for every request; here the success path makes one
+ * promise and no Error. The subscription is an ordinary one: nats.js sends it again after a
+ * reconnect, as it does its own, and a request lost in a disconnect times out as before. The
+ * server's "no responders" status (503, no body) is NO_RESPONDERS, as nats.js's 503 was.
+ */
+class RequestMux {
+	private static readonly byConnection = new WeakMap<object, RequestMux>()
+
+	/** The multiplexer of `nc`, made (and subscribed) by the first client on it; undefined for a stand-in. */
+	static of(nc: object, timeoutMs: number): RequestMux | undefined {
+		if (!isMuxConnection(nc)) return undefined
+		let mux = RequestMux.byConnection.get(nc)
+		if (!mux) {
+			mux = new RequestMux(nc)
+			RequestMux.byConnection.set(nc, mux)
 		}
-		if (!isMap(reply)) throw badReply(op, 'reply is not a map')
-		return reply
+		mux.useTimeout(timeoutMs)
+		return mux
+	}
+
+	/** `<inbox prefix>.<nuid>.`: a reply subject is this and a token. */
+	private readonly inbox: string
+	private sub: Subscription | undefined
+	private readonly pending = new Map<string, Pending>()
+	private nextToken = 0
+	private timer: ReturnType<typeof setInterval> | undefined
+	/** How often waiting requests are checked for their deadline: a tenth of the shortest time-out, 1-50 ms. */
+	private tickMs = 50
+
+	private constructor(private readonly nc: MuxConnection) {
+		// The connection's own prefix: a bot may be allowed to subscribe under its own inbox prefix only.
+		this.inbox = `${createInbox(nc.options?.inboxPrefix)}.`
+		try {
+			this.subscribe()
+		} catch {
+			// Closed or draining: the first request tries again and reports why it cannot.
+		}
+		void nc.closed().then(() => this.failAll(NatsError.errorForCode(ErrorCode.ConnectionClosed)))
+		void this.watchPermissions()
+	}
+
+	request(op: string, subject: string, data: Uint8Array, timeoutMs: number): Promise<Record<string, unknown>> {
+		try {
+			if (this.nc.isDraining()) throw NatsError.errorForCode(ErrorCode.ConnectionDraining)
+			if (!this.sub) this.subscribe()
+			const token = (this.nextToken++).toString(36)
+			this.nc.publish(subject, data, { reply: this.inbox + token })
+			const deadline = performance.now() + timeoutMs
+			if (this.timer === undefined) this.startTimer()
+			return new Promise((resolve, reject) => {
+				this.pending.set(token, { op, subject, deadline, resolve, reject })
+			})
+		} catch (err) {
+			return Promise.reject(fromNatsError(op, err))
+		}
+	}
+
+	private useTimeout(timeoutMs: number): void {
+		const tick = Math.min(50, Math.max(1, Math.ceil(timeoutMs / 10)))
+		if (tick >= this.tickMs) return
+		this.tickMs = tick
+		if (this.timer !== undefined) {
+			clearInterval(this.timer)
+			this.startTimer()
+		}
+	}
+
+	private subscribe(): void {
+		this.sub = this.nc.subscribe(`${this.inbox}*`, { callback: this.onMessage })
+	}
+
+	private readonly onMessage = (err: NatsError | null, msg: Msg): void => {
+		if (err) {
+			// The subscription is gone (a permissions violation): whatever waits on it fails, and the next request subscribes again.
+			this.sub = undefined
+			this.failAll(err)
+			return
+		}
+		const token = msg.subject.slice(this.inbox.length)
+		const p = this.pending.get(token)
+		if (!p) return // timed out already, or not ours
+		this.pending.delete(token)
+		if (msg.data.length === 0 && msg.headers?.code === 503) {
+			// The server's answer when nothing is subscribed to the request subject.
+			p.reject(new BaileysStoreError('NO_RESPONDERS', p.op, 'no service instance is listening'))
+			return
+		}
+		let reply: Record<string, unknown>
+		try {
+			reply = readReply(p.op, msg)
+		} catch (e) {
+			p.reject(e as BaileysStoreError)
+			return
+		}
+		p.resolve(reply)
+	}
+
+	private startTimer(): void {
+		this.timer = setInterval(this.sweep, this.tickMs)
+		// It never keeps the process alive by itself: a waiting request has the connection's socket for that.
+		this.timer.unref()
+	}
+
+	private readonly sweep = (): void => {
+		if (this.pending.size === 0) {
+			clearInterval(this.timer)
+			this.timer = undefined
+			return
+		}
+		const now = performance.now()
+		for (const [token, p] of this.pending) {
+			if (p.deadline > now) continue
+			this.pending.delete(token)
+			p.reject(new BaileysStoreError('TIMEOUT', p.op, 'no reply in time'))
+		}
+	}
+
+	private failAll(err: unknown): void {
+		const waiting = [...this.pending.values()]
+		this.pending.clear()
+		for (const p of waiting) p.reject(fromNatsError(p.op, err))
+	}
+
+	/**
+	 * A publish the connection may not make is refused by the server with an -ERR that names the
+	 * subject but not the request: the oldest request waiting on that subject fails at once, as with
+	 * nats.js's `request()`, rather than waiting for its time-out.
+	 */
+	private async watchPermissions(): Promise<void> {
+		for await (const status of this.nc.status()) {
+			const ctx = status.permissionContext
+			if (status.type !== Events.Error || ctx?.operation !== 'publish') continue
+			for (const [token, p] of this.pending) {
+				if (p.subject !== ctx.subject) continue
+				this.pending.delete(token)
+				p.reject(fromNatsError(p.op, new NatsError(`Permissions Violation for Publish to "${ctx.subject}"`, ErrorCode.PermissionsViolation)))
+				break
+			}
+		}
 	}
 }
 

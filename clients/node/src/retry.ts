@@ -93,20 +93,35 @@ export class RetryPolicy {
 		return this.clock.random() * pauseCeiling(retry, this)
 	}
 
-	async run<T>(attempt: () => Promise<T>, onRetry?: (event: RetryEvent) => void): Promise<T> {
+	/**
+	 * The first attempt's promise is passed on as it is when it succeeds: the retry loop, and
+	 * its promises, exist only once an attempt has failed.
+	 */
+	run<T>(attempt: () => Promise<T>, onRetry?: (event: RetryEvent) => void): Promise<T> {
 		const start = this.clock.now()
+		let first: Promise<T>
+		try {
+			first = attempt()
+		} catch (err) {
+			first = Promise.reject(err)
+		}
+		return first.catch((err: unknown) => this.retryAfter(err, start, attempt, onRetry))
+	}
+
+	private async retryAfter<T>(err: unknown, start: number, attempt: () => Promise<T>, onRetry?: (event: RetryEvent) => void): Promise<T> {
 		for (let retry = 0; ; retry++) {
+			if (!(err instanceof BaileysStoreError) || !err.retryable || retry >= this.retries) throw err
+			const elapsedMs = this.clock.now() - start
+			const left = this.budgetMs - elapsedMs
+			if (left <= 0) throw err
+			// The last pause is cut short so that one attempt is made at the end of the budget.
+			const pauseMs = Math.min(this.pause(retry), left)
+			onRetry?.({ error: err, retry: retry + 1, pauseMs, elapsedMs })
+			await this.clock.sleep(pauseMs)
 			try {
 				return await attempt()
-			} catch (err) {
-				if (!(err instanceof BaileysStoreError) || !err.retryable || retry >= this.retries) throw err
-				const elapsedMs = this.clock.now() - start
-				const left = this.budgetMs - elapsedMs
-				if (left <= 0) throw err
-				// The last pause is cut short so that one attempt is made at the end of the budget.
-				const pauseMs = Math.min(this.pause(retry), left)
-				onRetry?.({ error: err, retry: retry + 1, pauseMs, elapsedMs })
-				await this.clock.sleep(pauseMs)
+			} catch (next) {
+				err = next
 			}
 		}
 	}

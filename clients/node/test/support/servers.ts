@@ -56,17 +56,25 @@ function exited(child: ChildProcess): Promise<void> {
 export class NatsServer {
 	private constructor(
 		readonly url: string,
-		private readonly child: ChildProcess,
+		/** The monitoring endpoint (`/connz`, `/healthz`, ...). */
+		readonly monitorUrl: string,
+		private child: ChildProcess,
 		private readonly dir: string
 	) {}
 
-	static async start(): Promise<NatsServer> {
+	/** `config` is added to the server's config file (e.g. an `authorization` block). */
+	static async start(config = ''): Promise<NatsServer> {
 		const dir = mkdtempSync(join(tmpdir(), 'bstore-nats-'))
 		// max_payload is not a command-line flag; Baileys' largest requests need more than the 1 MB default.
-		writeFileSync(join(dir, 'nats.conf'), 'max_payload: 8MB\n')
+		writeFileSync(join(dir, 'nats.conf'), `max_payload: 8MB\n${config}\n`)
+		const { child, ports } = await NatsServer.spawn(dir, '-1', '-1')
+		return new NatsServer(ports.nats[0]!, ports.monitoring[0]!, child, dir)
+	}
+
+	private static async spawn(dir: string, port: string, monitorPort: string) {
 		const child = spawn(
 			findNatsServer(),
-			['-c', join(dir, 'nats.conf'), '-js', '-a', '127.0.0.1', '-p', '-1', '-m', '-1', '-sd', join(dir, 'js'), '--ports_file_dir', dir],
+			['-c', join(dir, 'nats.conf'), '-js', '-a', '127.0.0.1', '-p', port, '-m', monitorPort, '-sd', join(dir, 'js'), '--ports_file_dir', dir],
 			// Its log goes to a file: the test runner's output stays readable.
 			{ stdio: ['ignore', 'ignore', openSync(join(dir, 'nats.log'), 'a')] }
 		)
@@ -78,7 +86,14 @@ export class NatsServer {
 			const res = await fetch(`${ports.monitoring[0]}/healthz?js-enabled-only=true`)
 			return res.ok ? true : undefined
 		})
-		return new NatsServer(ports.nats[0]!, child, dir)
+		return { child, ports }
+	}
+
+	/** Stops the server and starts it again on the same ports, with the same config and store: clients reconnect. */
+	async restart(): Promise<void> {
+		this.child.kill('SIGTERM')
+		await exited(this.child)
+		this.child = (await NatsServer.spawn(this.dir, new URL(this.url).port, new URL(this.monitorUrl).port)).child
 	}
 
 	/** CPU seconds the nats-server process has used. */
