@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { describe, it } from 'node:test'
+import { encode } from '@msgpack/msgpack'
 import { BufferJSON, initAuthCreds, proto } from '@whiskeysockets/baileys'
 import { decodeValue, encodeValue } from '../src/codec.js'
 
@@ -128,6 +129,66 @@ describe('value codec', () => {
 			'identity-key': randomBytes(33)
 		}
 		for (const value of Object.values(values)) assertSameAsBufferJSON(value)
+	})
+
+	it('writes the bytes @msgpack/msgpack writes for the JSON round trip, for random values', () => {
+		// A seeded generator: the same values on every run.
+		let seed = 0x2545f491
+		const rand = (n: number) => {
+			seed ^= seed << 13
+			seed ^= seed >>> 17
+			seed ^= seed << 5
+			return (seed >>> 0) % n
+		}
+		const pick = <T>(xs: readonly T[]): T => xs[rand(xs.length)]!
+		const numbers = [0, 1, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1, 2 ** 60, -1, -32, -33, -128, -129, -32768, -32769]
+		const moreNumbers = [-(2 ** 31), -(2 ** 31) - 1, -(2 ** 53 - 1), 1.5, -0.25, 1e300, NaN, Infinity, -Infinity, -0]
+		const text = (n: number, chars: string) => Array.from({ length: n }, () => pick([...chars])).join('')
+		const strings = () =>
+			pick([
+				'',
+				text(rand(40), 'abcXYZ019+/=@.:_-'),
+				text(pick([31, 32, 63, 64, 65, 255, 256, 300, rand(200) ? 1000 : 70_000]), 'abAB09'),
+				text(rand(80), 'aé✓😀\u0000\u007f\u0080'),
+				text(pick([31, 32, 255, 256]), 'é')
+			])
+		const leaf = (): unknown =>
+			pick([
+				() => pick([...numbers, ...moreNumbers]),
+				strings,
+				() => pick([true, false, null]),
+				() => randomBytes(rand(200) ? pick([0, 1, 31, 255, 256]) : pick([65535, 65536])),
+				() => new Uint8Array(randomBytes(rand(20))),
+				() => new Date(1_700_000_000_000 + rand(1e9)),
+				() => ({ type: 'Buffer', data: Array.from({ length: rand(5) }, () => rand(256)) }),
+				() => Object.fromEntries(Array.from({ length: 1 + rand(4) }, (_, i) => [String(i), rand(256)])),
+				() => ({ toJSON: (key: string) => `toJSON of ${key}` })
+			])()
+		const value = (depth: number): unknown => {
+			if (depth > 3 || rand(3) === 0) return leaf()
+			if (rand(2)) return Array.from({ length: depth > 1 ? pick([0, 1, 2]) : pick([0, 1, 2, 15, 16, 17]) }, () => (rand(8) ? value(depth + 1) : undefined))
+			const n = depth > 1 ? pick([0, 1, 3]) : pick([0, 1, 3, 15, 16, 17, 40])
+			const obj: Record<string, unknown> = {}
+			// Left-out properties only where the map header cannot shrink past a size class (15 or fewer keys).
+			for (let i = 0; i < n; i++) obj[pick([`k${i}`, `${i}x`, String(i), strings() + i])] = n < 16 && rand(8) === 0 ? pick([undefined, () => 1]) : value(depth + 1)
+			return obj
+		}
+		for (let i = 0; i < 200; i++) {
+			const v = value(0)
+			const bytes = encodeValue(v)
+			assert.deepStrictEqual(Buffer.from(bytes), Buffer.from(encode(viaBufferJSON(v) ?? null)), `value ${i}`)
+			assertSameAsBufferJSON(v)
+		}
+	})
+
+	it('leaves out properties of a large object and still counts the rest right', () => {
+		const obj: Record<string, unknown> = {}
+		for (let i = 0; i < 20; i++) obj[`k${i}`] = i % 3 ? i : undefined
+		assertSameAsBufferJSON(obj)
+		const big: Record<string, unknown> = {}
+		for (let i = 0; i < 70_000; i++) big[`k${i}`] = i < 10 ? i : undefined
+		assertSameAsBufferJSON(big)
+		assertSameAsBufferJSON([obj, big, { a: undefined }])
 	})
 
 	it('refuses a BigInt like JSON does', () => {
