@@ -10,7 +10,9 @@
 //   BENCH_SECONDS=2 BENCH_STORES=memory,baileys-store npm run bench
 //
 // Environment: BENCH_SECONDS (per row, default 4), BENCH_RUNS (default 1), BENCH_STORES
-// (memory,multi-file,redis,baileys-store), BENCH_CACHE (both|on|off), REDIS_URL (use a running
+// (memory,multi-file,redis,baileys-store; add bstore-request for the client over nats.js
+// request() instead of its reply multiplexer, as it was before issue 13), BENCH_WORKLOADS
+// (1:1,group,multi-device), BENCH_CACHE (both|on|off), REDIS_URL (use a running
 // Redis instead of starting redis-server; its CPU is then not counted), REDIS_SERVER_BIN,
 // BSTORE_BIN (default target/release/baileys-store, then target/ci, target/debug),
 // BENCH_PROJECT_REDIS=1 (give the service BSTORE_REDIS_URL: the Redis projection on).
@@ -36,10 +38,10 @@ const cacheModes = { both: [true, false], on: [true], off: [false] }[process.env
 
 type Workload = '1:1' | 'group' | 'multi-device'
 const WORKLOADS: { name: Workload; what: string }[] = [
-	{ name: '1:1', what: '4 accounts x 1 device, every device to every other account' },
-	{ name: 'group', what: '4 accounts x 1 device, one group, every device sends' },
-	{ name: 'multi-device', what: '3 accounts x 2 devices, 1:1 to each other account (fan-out to 3 devices)' }
-]
+	{ name: '1:1' as const, what: '4 accounts x 1 device, every device to every other account' },
+	{ name: 'group' as const, what: '4 accounts x 1 device, one group, every device sends' },
+	{ name: 'multi-device' as const, what: '3 accounts x 2 devices, 1:1 to each other account (fan-out to 3 devices)' }
+].filter((w) => !process.env.BENCH_WORKLOADS || process.env.BENCH_WORKLOADS.split(',').includes(w.name))
 
 /** A process whose CPU counts as part of the system under test. */
 interface Proc {
@@ -244,7 +246,7 @@ const cleanups: (() => Promise<void> | void)[] = []
 const stores: StoreUnderTest[] = []
 let redisUrl = process.env.REDIS_URL
 let redisProcs: Proc[] = []
-const wantRedis = storeNames.includes('redis') || (storeNames.includes('baileys-store') && process.env.BENCH_PROJECT_REDIS === '1')
+const wantRedis = storeNames.includes('redis') || (storeNames.some((s) => s === 'baileys-store' || s === 'bstore-request') && process.env.BENCH_PROJECT_REDIS === '1')
 if (wantRedis && !redisUrl) {
 	const r = await startRedis()
 	redisUrl = r.url
@@ -254,6 +256,29 @@ if (wantRedis && !redisUrl) {
 		r.child.kill('SIGTERM')
 		rmSync(r.dir, { recursive: true, force: true })
 	})
+}
+
+/** nats-server and the service, shared by the baileys-store rows of both client paths. */
+let bstore: { nc: NatsConnection; procs: Proc[] } | undefined
+
+async function startBstore(bin: string): Promise<{ nc: NatsConnection; procs: Proc[] }> {
+	if (process.env.BENCH_PROJECT_REDIS === '1') process.env.BSTORE_REDIS_URL = redisUrl
+	const nats = await NatsServer.start()
+	cleanups.push(() => nats.stop())
+	const nc: NatsConnection = await nats.connect()
+	const service = new Service(bin, nats.url)
+	cleanups.push(async () => {
+		await nc.close()
+		await service.dispose()
+	})
+	await service.start(nc)
+	console.error(`baileys-store: ${bin}${process.env.BSTORE_REDIS_URL ? ' (Redis projection on)' : ''}`)
+	const procs: Proc[] = [
+		{ name: 'service', cpuSeconds: () => service.cpuSeconds() },
+		{ name: 'nats', cpuSeconds: () => nats.cpuSeconds() },
+		...(process.env.BSTORE_REDIS_URL ? redisProcs : [])
+	]
+	return { nc, procs }
 }
 
 try {
@@ -267,32 +292,17 @@ try {
 			const redis = new Redis(redisUrl!)
 			cleanups.push(() => void redis.disconnect())
 			stores.push({ name, open: (label) => redisStore(redis, `bench:${label}`), procs: redisProcs })
-		} else if (name === 'baileys-store') {
+		} else if (name === 'baileys-store' || name === 'bstore-request') {
 			const bin = serviceBinary()
 			if (!bin) {
 				console.log('baileys-store binary not found (BSTORE_BIN, target/release, target/ci or target/debug): skipping it')
 				continue
 			}
-			if (process.env.BENCH_PROJECT_REDIS === '1') process.env.BSTORE_REDIS_URL = redisUrl
-			const nats = await NatsServer.start()
-			cleanups.push(() => nats.stop())
-			const nc: NatsConnection = await nats.connect()
-			const service = new Service(bin, nats.url)
-			cleanups.push(async () => {
-				await nc.close()
-				await service.dispose()
-			})
-			await service.start(nc)
-			console.error(`baileys-store: ${bin}${process.env.BSTORE_REDIS_URL ? ' (Redis projection on)' : ''}`)
-			stores.push({
-				name,
-				open: (label) => natsStore(nc, { tenant: `bench-${label}` }),
-				procs: [
-					{ name: 'service', cpuSeconds: () => service.cpuSeconds() },
-					{ name: 'nats', cpuSeconds: () => nats.cpuSeconds() },
-					...(process.env.BSTORE_REDIS_URL ? redisProcs : [])
-				]
-			})
+			bstore ??= await startBstore(bin)
+			const { nc, procs } = bstore
+			// bstore-request: the same client over nats.js request() instead of its reply multiplexer (the client before issue 13).
+			const conn = name === 'baileys-store' ? nc : ({ request: nc.request.bind(nc) } as unknown as NatsConnection)
+			stores.push({ name, open: (label) => natsStore(conn, { tenant: `bench-${name}-${label}` }), procs })
 		} else throw new Error(`unknown store ${name}`)
 	}
 
