@@ -25,7 +25,6 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use bstore_domain::{SessionKey, TenantId};
 use bstore_log::EventLog;
-use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::Config;
@@ -47,22 +46,9 @@ pub struct Report {
     pub redis_cleared: Option<bool>,
 }
 
-/// The sessions of `tenant` the log or the data-key bucket knows.
-pub(crate) async fn sessions_of(js: &jetstream::Context, cfg: &Config, tenant: &TenantId) -> anyhow::Result<Vec<SessionKey>> {
-    let mut out = std::collections::BTreeSet::new();
-    if let Ok(stream) = js.get_stream(&cfg.stream.stream).await {
-        let prefix = format!("{}.{tenant}.", cfg.stream.subject_prefix);
-        let mut subjects = stream.info_with_subjects(format!("{prefix}*")).await.context("listing the tenant's sessions")?;
-        while let Some(item) = subjects.next().await {
-            let (subject, _) = item.context("listing the tenant's sessions")?;
-            if let Some(session) = subject.strip_prefix(&prefix)
-                && let Ok(key) = SessionKey::parse(tenant.as_str(), session)
-            {
-                out.insert(key);
-            }
-        }
-    }
-    Ok(out.into_iter().collect())
+/// The sessions of `tenant` the log knows.
+pub(crate) async fn sessions_of(log: &EventLog, tenant: &TenantId) -> anyhow::Result<Vec<SessionKey>> {
+    log.sessions(Some(tenant.as_str())).await.context("listing the tenant's sessions")
 }
 
 /// Erases `only` (one session) or every session of `tenant`. Without `yes`
@@ -73,7 +59,7 @@ pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, yes: b
     let log = EventLog::attach(js.clone(), cfg.stream.clone(), codec.clone());
     let targets = match only {
         Some(key) => vec![key],
-        None => sessions_of(&js, &cfg, &tenant).await?,
+        None => sessions_of(&log, &tenant).await?,
     };
     if !yes {
         for key in &targets {

@@ -17,14 +17,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use bstore_codec::{Codec, Keyring, SealedUnder, sealed_under};
-use bstore_log::LogConfig;
+
 use bstore_mongo::Store;
 use bstore_mongo::mongodb::bson::{Bson, Document, doc};
 use bstore_redis::RedisProjection;
 use bstore_redis::redis::AsyncCommands as _;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use serde::Serialize;
 
 use crate::Config;
@@ -89,7 +89,7 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
     let rewrapped = log.rewrap_data_keys().await.context("re-wrapping the sessions' data keys")?;
     println!("re-wrapped {rewrapped} sessions' data keys under key {id}");
     let mut resealed = 0;
-    for key in crate::projections::log_sessions(&client, &cfg.stream).await? {
+    for key in crate::projections::log_sessions(&log).await? {
         resealed += log.reseal_snapshots(&key).await.with_context(|| format!("re-sealing the snapshots of {key}"))?;
     }
     println!("re-sealed {resealed} snapshots under key {id}");
@@ -368,8 +368,9 @@ async fn gather(cfg: &Config, client: &async_nats::Client, codec: &Codec) -> any
     let announced: BTreeSet<&str> = instances.iter().map(|r| r.instance.as_str()).collect();
     let unannounced: Vec<String> =
         lease_members(&js, &cfg.cluster.bucket).await?.into_iter().filter(|m| !announced.contains(m.as_str())).collect();
-    let events = count_log(&js, &cfg.stream).await?;
     let log = bstore_log::EventLog::attach(js.clone(), cfg.stream.clone(), codec.clone());
+    let mut events = Counts::default();
+    log.scan_raw(|payload| events.add(payload)).await.context("reading the event stream")?;
     let records = log.data_key_records().await.context("reading the data-key records")?;
     let mut wrapped: BTreeMap<u32, u64> = BTreeMap::new();
     for (_, under, _, _) in &records {
@@ -572,38 +573,6 @@ impl Status {
         }
         out
     }
-}
-
-/// Every event payload of the stream, through one ordered consumer over
-/// the whole stream (deleted as soon as it is read out).
-async fn count_log(js: &jetstream::Context, log: &LogConfig) -> anyhow::Result<Counts> {
-    let mut counts = Counts::default();
-    let Ok(mut stream) = js.get_stream(&log.stream).await else { return Ok(counts) };
-    if stream.info().await.context("reading the event stream")?.state.messages == 0 {
-        return Ok(counts);
-    }
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
-        .await
-        .context("reading the event stream")?;
-    let name = consumer.cached_info().name.clone();
-    let result = async {
-        let mut messages = consumer.messages().await?;
-        loop {
-            let msg = tokio::time::timeout(log.request_timeout, messages.next())
-                .await
-                .map_err(|_| anyhow::anyhow!("reading the event stream stalled"))?
-                .ok_or_else(|| anyhow::anyhow!("the event stream ended early"))??;
-            counts.add(&msg.payload);
-            if msg.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending == 0 {
-                return anyhow::Ok(());
-            }
-        }
-    }
-    .await;
-    let _ = stream.delete_consumer(&name).await;
-    result.context("reading the event stream")?;
-    Ok(counts)
 }
 
 /// Every field value of every session hash of the projection that is a

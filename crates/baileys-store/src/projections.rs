@@ -13,10 +13,9 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use bstore_codec::Codec;
 use bstore_domain::{SessionKey, SessionState};
-use bstore_log::{EventLog, LogConfig};
+use bstore_log::EventLog;
 use bstore_mongo::{Materializer, Store, StoredSession};
 use bstore_redis::{RedisError, RedisProjection, SnapshotMode};
-use futures_util::StreamExt;
 
 use crate::Config;
 
@@ -95,20 +94,8 @@ pub async fn materialize(cfg: Config, shutdown: impl Future<Output = ()>) -> any
 }
 
 /// Every session with at least one event in the log.
-pub async fn log_sessions(client: &async_nats::Client, log: &LogConfig) -> anyhow::Result<Vec<SessionKey>> {
-    let js = jetstream::new(client.clone());
-    let stream = js.get_stream(&log.stream).await.context("opening the event stream")?;
-    let mut subjects = stream.info_with_subjects(format!("{}.>", log.subject_prefix)).await?;
-    let mut out = Vec::new();
-    while let Some(item) = subjects.next().await {
-        let (subject, _) = item?;
-        match bstore_mongo::session_of(&log.subject_prefix, &subject) {
-            Some(key) => out.push(key),
-            None => tracing::warn!(%subject, "a subject in the event stream names no session"),
-        }
-    }
-    out.sort();
-    Ok(out)
+pub async fn log_sessions(log: &EventLog) -> anyhow::Result<Vec<SessionKey>> {
+    log.sessions(None).await.context("listing the sessions of the event stream")
 }
 
 /// Which projection `rebuild` writes.
@@ -131,7 +118,7 @@ pub async fn rebuild(cfg: Config, target: Target, from_scratch: bool) -> anyhow:
         Target::Redis => {
             anyhow::ensure!(cfg.redis.url.is_some(), "no redis url configured (set BSTORE_REDIS_URL or redis.url)");
             let redis = RedisProjection::new(cfg.redis.clone(), codec)?;
-            let sessions = log_sessions(&client, &cfg.stream).await?;
+            let sessions = log_sessions(&log).await?;
             let mut from_snapshots = 0;
             for key in &sessions {
                 let state = if from_scratch {
@@ -177,20 +164,19 @@ pub(crate) async fn rebuild_mongo(cfg: &Config, client: &async_nats::Client, cod
         "mongo cannot be rebuilt from a log under an audit retention: the events the retention dropped are not there to replay \
          (the sessions' base snapshots stand for them, and the materializer does not read snapshots yet)"
     );
-    let js = jetstream::new(client.clone());
-    let mut stream = js.get_stream(&cfg.stream.stream).await.context("opening the event stream")?;
-    let target = stream.info().await.context("reading the event stream")?.state.last_sequence;
+    let log = EventLog::attach(jetstream::new(client.clone()), cfg.stream.clone(), codec.clone());
+    let target = log.stream_last_seq().await.context("reading the event stream")?;
     let store = Store::connect(&cfg.mongo, codec.clone()).await?;
     store.drop_all().await?;
     // Materializers running in the instances find their consumer gone and
     // make it again from the (now empty) checkpoint, as this one does: they
     // replay too, which is harmless because every write is guarded.
-    let _ = stream.delete_consumer(&cfg.mongo.consumer).await;
+    log.delete_durable(&cfg.mongo.consumer).await?;
     let m = Materializer::new(client.clone(), cfg.stream.clone(), cfg.mongo.clone(), store, codec.clone());
     m.run(async {
         loop {
-            match bstore_mongo::lag(&js, &cfg.stream.stream, &cfg.mongo.consumer).await {
-                Ok(lag) if lag.applied_seq >= target => return,
+            match log.durable_lag(&cfg.mongo.consumer).await {
+                Ok((_, applied)) if applied >= target => return,
                 _ => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
             }
         }
@@ -242,7 +228,7 @@ pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool) -> anyhow
     let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
     let sessions = match &only {
         Some(key) => vec![key.clone()],
-        None => log_sessions(&client, &cfg.stream).await?,
+        None => log_sessions(&log).await?,
     };
     let redis = cfg.redis.url.as_ref().map(|_| RedisProjection::new(cfg.redis.clone(), codec.clone())).transpose()?;
     let mongo = match &cfg.mongo.url {

@@ -21,7 +21,9 @@
 
 mod config;
 mod datakeys;
+mod durable;
 mod fold;
+mod listing;
 mod retention;
 mod snapshots;
 
@@ -36,6 +38,7 @@ use futures_util::StreamExt;
 
 pub use config::{LogConfig, Storage};
 pub use datakeys::{DATA_KEYS_BUCKET, Erasure};
+pub use durable::{Delivered, Durable, DurableConfig, Undecoded, durable_lag, session_of};
 pub use fold::{FoldStart, Folded};
 pub use retention::Retained;
 pub use snapshots::{COVERS_HEADER, SNAPSHOTS_KEPT, StoredSnapshot, skipped_snapshots};

@@ -29,7 +29,8 @@ mod quarantine;
 mod store;
 
 pub use config::MongoConfig;
-pub use materializer::{Lag, Materializer, Stats, lag, session_of};
+pub use bstore_log::session_of;
+pub use materializer::{Lag, Materializer, Stats, lag};
 /// The MongoDB driver, for tools and tests that read the documents.
 pub use mongodb;
 pub use quarantine::{QuarantineKind, Quarantined};

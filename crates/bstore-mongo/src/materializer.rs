@@ -23,13 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind, consumer};
-use bstore_codec::{Codec, CodecError, SealError};
+use async_nats::jetstream;
+use bstore_codec::Codec;
 use bstore_domain::delta::Delta;
 use bstore_domain::{Change, KeyId, KeyType, SessionKey};
-use bstore_log::{EventLog, LogConfig, LogError};
+use bstore_log::{Delivered, Durable, DurableConfig, EventLog, LogConfig, LogError};
 use bytes::Bytes;
-use futures_util::StreamExt;
 
 use crate::plan::{Base, KeyPlace, Seen, displaced};
 use crate::store::{Applied, LoggedEvent, Store};
@@ -59,12 +58,7 @@ impl Lag {
 /// Asks JetStream how far `consumer` is behind `stream`. Needs only NATS, so
 /// it answers while Mongo is down.
 pub async fn lag(js: &jetstream::Context, stream: &str, consumer: &str) -> Result<Lag, MongoError> {
-    let mut s = js.get_stream(stream).await.map_err(nats)?;
-    let last_seq = s.info().await.map_err(nats)?.state.last_sequence;
-    let applied_seq = match s.get_consumer::<consumer::pull::Config>(consumer).await {
-        Ok(mut c) => c.info().await.map_err(nats)?.ack_floor.stream_sequence,
-        Err(_) => 0,
-    };
+    let (last_seq, applied_seq) = bstore_log::durable_lag(js, stream, consumer).await.map_err(nats)?;
     Ok(Lag { last_seq, applied_seq })
 }
 
@@ -115,17 +109,6 @@ pub struct Materializer {
 struct Written {
     applied: Applied,
     set_aside: Vec<Quarantined>,
-}
-
-/// Why a message could not be turned into an event, naming no value.
-struct Undecodable {
-    seq: u64,
-    session: Option<SessionKey>,
-    reason: String,
-    /// Another instance may read it: written by a newer schema.
-    defer: bool,
-    /// An event of an erased session from before its erasure.
-    erased: bool,
 }
 
 impl Materializer {
@@ -259,7 +242,7 @@ impl Materializer {
     /// holds), said without naming the key.
     async fn value_from_log(&self, session: &SessionKey, seq: u64, ty: &KeyType, kid: &KeyId, delta: &Delta) -> Result<Bytes, MongoError> {
         tracing::info!(%session, seq, key = %format!("{ty}/{kid}"), "patch base not in mongo; folding the session from the log");
-        let log = EventLog::attach(self.js.clone(), self.log.clone(), self.codec.clone());
+        let log = &self.events;
         // The session just before the event: from its newest snapshot
         // before it, plus the events between.
         let state = match log.fold(session, Some(seq - 1), true, &mut |_, _| {}).await {
@@ -372,38 +355,16 @@ impl Materializer {
     /// in Mongo if there is one, so a lost consumer does not mean a replay of
     /// the whole log. One made by an earlier release, without a bound on
     /// redeliveries, is given `mongo.max_deliver`.
-    async fn consumer(&self) -> Result<consumer::PullConsumer, MongoError> {
-        let stream = self.js.get_stream(&self.log.stream).await.map_err(nats)?;
-        if let Ok(c) = stream.get_consumer::<consumer::pull::Config>(&self.cfg.consumer).await {
-            let config = &c.cached_info().config;
-            if config.max_deliver == self.max_deliver() {
-                return Ok(c);
-            }
-            tracing::info!(consumer = %self.cfg.consumer, max_deliver = self.max_deliver(), "bounding the materializer's redeliveries");
-            return stream.update_consumer(self.consumer_config(config.deliver_policy)).await.map_err(nats);
-        }
-        let checkpoint = self.store.checkpoint(&self.cfg.consumer).await.unwrap_or(0);
-        let deliver_policy = match checkpoint {
-            0 => consumer::DeliverPolicy::All,
-            n => consumer::DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
-        };
-        tracing::info!(consumer = %self.cfg.consumer, from = checkpoint + 1, "creating the materializer's durable consumer");
-        stream.get_or_create_consumer(&self.cfg.consumer, self.consumer_config(deliver_policy)).await.map_err(nats)
-    }
-
-    fn consumer_config(&self, deliver_policy: consumer::DeliverPolicy) -> consumer::pull::Config {
-        consumer::pull::Config {
-            durable_name: Some(self.cfg.consumer.clone()),
-            description: Some("baileys-store mongo materializer".into()),
-            filter_subject: format!("{}.>", self.log.subject_prefix),
-            deliver_policy,
-            ack_policy: consumer::AckPolicy::Explicit,
+    async fn consumer(&self) -> Result<Durable, MongoError> {
+        let cfg = DurableConfig {
+            name: self.cfg.consumer.clone(),
+            description: "baileys-store mongo materializer".into(),
             ack_wait: self.cfg.ack_wait,
             max_deliver: self.max_deliver(),
-            max_ack_pending: (self.cfg.batch_size.max(1) * 4) as i64,
-            max_batch: self.cfg.batch_size.max(1) as i64,
-            ..Default::default()
-        }
+            batch: self.cfg.batch_size.max(1),
+            batch_wait: self.cfg.batch_wait,
+        };
+        self.events.durable(&cfg, || async { self.store.checkpoint(&self.cfg.consumer).await.unwrap_or(0) }).await.map_err(nats)
     }
 
     fn max_deliver(&self) -> i64 {
@@ -413,24 +374,23 @@ impl Materializer {
     /// Fetches one batch, writes it (retrying while Mongo fails), records
     /// what fails for good in quarantine, and acknowledges the batch.
     /// Returns how many messages came.
-    async fn step(&self, consumer: &consumer::PullConsumer) -> Result<usize, MongoError> {
-        let mut batch =
-            consumer.batch().max_messages(self.cfg.batch_size.max(1)).expires(self.cfg.batch_wait).messages().await.map_err(nats)?;
-        let mut messages = Vec::new();
-        while let Some(m) = batch.next().await {
-            messages.push(m.map_err(nats)?);
-        }
+    async fn step(&self, consumer: &Durable) -> Result<usize, MongoError> {
+        let messages = consumer.fetch(&self.events).await.map_err(nats)?;
         if messages.is_empty() {
             return Ok(0);
         }
         let mut events = Vec::with_capacity(messages.len());
         let mut set_aside = Vec::new();
         // Messages this call acknowledges, by sequence.
-        let mut pending: HashMap<u64, &jetstream::Message> = HashMap::new();
+        let mut pending: HashMap<u64, &Delivered> = HashMap::new();
         for m in &messages {
-            let delivered = m.info().map_or(1, |i| i.delivered);
+            let delivered = m.delivered;
             let last_delivery = delivered >= self.max_deliver();
-            match self.decode_fresh(m).await {
+            let decoded = match &m.event {
+                Ok((session, event)) => Ok(LoggedEvent { seq: m.seq, session: session.clone(), event: event.clone() }),
+                Err(u) => Err(u),
+            };
+            match decoded {
                 // Each delivery before this one failed to finish: an event
                 // that makes an instance die, or hang past the ack wait.
                 Ok(e) if last_delivery => {
@@ -444,17 +404,17 @@ impl Materializer {
                 }
                 Err(u) if u.erased => {
                     self.counters.erased_events.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(subject = %m.subject, seq = u.seq, "skipping an event erased with its session");
-                    pending.insert(u.seq, m);
+                    tracing::debug!(subject = %m.subject, seq = m.seq, "skipping an event erased with its session");
+                    pending.insert(m.seq, m);
                 }
                 Err(u) if u.defer && !last_delivery => {
                     self.counters.deferred_events.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(subject = %m.subject, seq = u.seq, reason = %u.reason, delivered, "cannot read an event here; handing it back for another instance");
-                    let _ = m.ack_with(AckKind::Nak(Some(self.cfg.ack_wait))).await;
+                    tracing::warn!(subject = %m.subject, seq = m.seq, reason = %u.reason, delivered, "cannot read an event here; handing it back for another instance");
+                    let _ = m.nak(self.cfg.ack_wait).await;
                 }
                 Err(u) => {
-                    set_aside.push(Quarantined::event(&m.subject, u.session.as_ref(), u.seq, u.reason));
-                    pending.insert(u.seq, m);
+                    set_aside.push(Quarantined::event(&m.subject, u.session.as_ref(), m.seq, u.reason.clone()));
+                    pending.insert(m.seq, m);
                 }
             }
         }
@@ -509,7 +469,7 @@ impl Materializer {
                 done = &mut write => break done,
                 _ = keep_alive.tick() => {
                     for m in pending.values() {
-                        let _ = m.ack_with(AckKind::Progress).await;
+                        let _ = m.progress().await;
                     }
                 }
             }
@@ -543,9 +503,9 @@ impl Materializer {
     /// from it would skip them. Every event up to the ack floor was
     /// acknowledged, so applied. (Acks are asynchronous: the floor read may
     /// not include this batch yet; a later batch records it.)
-    async fn save_checkpoint(&self, consumer: &consumer::PullConsumer) {
-        let floor = match consumer.get_info().await {
-            Ok(info) => info.ack_floor.stream_sequence,
+    async fn save_checkpoint(&self, consumer: &Durable) {
+        let floor = match consumer.ack_floor().await {
+            Ok(floor) => floor,
             Err(e) => {
                 tracing::debug!(error = %e, "could not read the consumer's ack floor; checkpoint not moved");
                 return;
@@ -557,63 +517,6 @@ impl Materializer {
             tracing::debug!(error = %e, "could not save the checkpoint; a later batch will");
         }
     }
-
-    fn decode(&self, m: &jetstream::Message) -> Result<LoggedEvent, Undecodable> {
-        let seq = m.info().map_or(0, |i| i.stream_sequence);
-        let Some(session) = session_of(&self.log.subject_prefix, &m.subject) else {
-            return Err(Undecodable { seq, session: None, reason: "its subject names no session".into(), defer: false, erased: false });
-        };
-        match self.codec.decode_event(&session, &m.payload) {
-            Ok(event) => Ok(LoggedEvent { seq, session, event }),
-            Err(e) => {
-                let (reason, defer) = match &e {
-                    // Only a newer build can tell: during a rolling upgrade,
-                    // an upgraded instance takes it. (The version is sealed:
-                    // nobody without the key makes such an event.)
-                    CodecError::UnknownSchema(_) => (e.to_string(), true),
-                    // Not deferred: in a cluster every instance reads with
-                    // the same keys (a new key is accepted for reading
-                    // everywhere before it seals), and a forged header
-                    // naming any key id must not hold delivery up.
-                    CodecError::Seal(SealError::UnknownKey(id)) => {
-                        (format!("sealed under key {id}, which is not in the keyring (add it, then `rebuild mongo`)"), false)
-                    }
-                    // What does not decode may be quoted in the message.
-                    CodecError::Decode(_) => ("it opens but does not decode as an event".into(), false),
-                    _ => (format!("it does not open: {e}"), false),
-                };
-                Err(Undecodable { seq, session: Some(session), reason, defer, erased: false })
-            }
-        }
-    }
-
-    /// [`Materializer::decode`], looking the session's data key up when the
-    /// event is sealed under one this process does not have (first sight,
-    /// or a generation made since); an event from before the session's
-    /// erasure is told apart from an unreadable one.
-    async fn decode_fresh(&self, m: &jetstream::Message) -> Result<LoggedEvent, Undecodable> {
-        let first = self.decode(m);
-        let Err(u) = &first else { return first };
-        let Some(session) = u.session.clone() else { return first };
-        if !self.codec.open_needs_data_key(&m.payload) {
-            return first;
-        }
-        match self.events.refresh_data_key(&session).await {
-            Ok(state) if state.erased.is_some_and(|e| u.seq < e.marker) => {
-                Err(Undecodable { seq: u.seq, session: Some(session), reason: "erased with its session".into(), defer: false, erased: true })
-            }
-            Ok(_) => self.decode(m),
-            // The key store is unreachable: handed back, tried again later.
-            Err(e) => Err(Undecodable { seq: u.seq, session: Some(session), reason: format!("its data key cannot be looked up: {e}"), defer: true, erased: false }),
-        }
-    }
-}
-
-/// The session a subject `<prefix>.<tenant>.<session>` belongs to.
-pub fn session_of(prefix: &str, subject: &str) -> Option<SessionKey> {
-    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
-    let (tenant, session) = rest.split_once('.')?;
-    SessionKey::parse(tenant, session).ok()
 }
 
 struct Backoff {
