@@ -236,6 +236,11 @@ enum Cmd {
         /// One JSON object (per-session reports, differences, failing sessions) instead of lines.
         #[arg(long)]
         json: bool,
+        /// Replay every event of each session and compare every snapshot with the events up to
+        /// it, instead of checking each session from its newest snapshot on (time proportional to
+        /// the history rather than to the state).
+        #[arg(long)]
+        from_scratch: bool,
     },
 }
 
@@ -363,14 +368,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&cfg.telemetry)?;
             actix::System::new().block_on(baileys_store::projections::rebuild(cfg, target, from_scratch))
         }
-        Cmd::Verify { tenant, session, json } => {
+        Cmd::Verify { tenant, session, json, from_scratch } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let only = match (tenant, session) {
                 (Some(t), Some(s)) => Some(bstore_domain::SessionKey::parse(&t, &s)?),
                 _ => None,
             };
-            let found = actix::System::new().block_on(baileys_store::projections::verify(cfg, only, json))?;
+            let found = actix::System::new().block_on(baileys_store::projections::verify(cfg, only, json, from_scratch))?;
             anyhow::ensure!(
                 found.differences == 0,
                 "{} differences or failures; failing sessions: {}",

@@ -197,7 +197,7 @@ pub struct Verified {
 
 /// Every stored snapshot of `key` must open as its state and equal the
 /// log's events folded up to the sequence it covers.
-async fn check_snapshots(diffs: &mut Diffs, log: &EventLog, key: &SessionKey) -> anyhow::Result<()> {
+async fn check_snapshots(diffs: &mut Diffs, log: &EventLog, key: &SessionKey, from_scratch: bool) -> anyhow::Result<()> {
     let stored = log.stored_snapshots(key).await?;
     let usable = log.snapshots(key).await?;
     let erased = log.data_key_state(key).await?.erased.map(|e| e.marker);
@@ -208,7 +208,9 @@ async fn check_snapshots(diffs: &mut Diffs, log: &EventLog, key: &SessionKey) ->
             diffs.add("snapshot", key, format!("snapshot {} does not open as this session's state", snap.stream_seq));
         }
     }
-    for snapshot in usable {
+    // Comparing a snapshot with the events up to it reads the history
+    // before it: only in a full check.
+    for snapshot in usable.into_iter().filter(|_| from_scratch) {
         let covers = snapshot.seq();
         let (replayed, _, _) = log.fold(key, Some(covers), false, &mut |_, _| {}).await?;
         if replayed != snapshot {
@@ -223,7 +225,7 @@ async fn check_snapshots(diffs: &mut Diffs, log: &EventLog, key: &SessionKey) ->
 /// compares each configured projection with it. With no projection
 /// configured (the embedded default) it checks the log alone. Reports every
 /// session (and every difference); with `json`, as one JSON object.
-pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool) -> anyhow::Result<Verified> {
+pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool, from_scratch: bool) -> anyhow::Result<Verified> {
     let (client, codec) = crate::connect_tool(&cfg).await?;
     let log = EventLog::open(client.clone(), cfg.stream.clone(), codec.clone()).await.context("opening the event stream")?;
     let sessions = match &only {
@@ -239,7 +241,7 @@ pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool) -> anyhow
     let mut reports = Vec::new();
     for key in &sessions {
         let before = diffs.count;
-        let checked = check_log(&log, key).await?;
+        let checked = check_log(&log, key, from_scratch).await?;
         if !checked.refused.is_empty() {
             let seqs: Vec<String> = checked.refused.iter().map(u64::to_string).collect();
             diffs.add(
@@ -261,7 +263,7 @@ pub async fn verify(cfg: Config, only: Option<SessionKey>, json: bool) -> anyhow
             }
         };
         if let Some(truth) = &truth {
-            check_snapshots(&mut diffs, &log, key).await?;
+            check_snapshots(&mut diffs, &log, key, from_scratch).await?;
             compare_projections(&mut diffs, key, truth, redis.as_ref(), mongo.as_ref()).await?;
         }
         let problems = diffs.count - before;
@@ -372,11 +374,26 @@ struct LogCheck {
 /// Replays every event of `key` as a load does (checking each against the
 /// chain, applying those that fit, passing over refused ones) and says what
 /// it found. Only an unreachable log is an error: the rest is the report.
-async fn check_log(log: &EventLog, key: &SessionKey) -> anyhow::Result<LogCheck> {
-    let mut state = SessionState::default();
+async fn check_log(log: &EventLog, key: &SessionKey, from_scratch: bool) -> anyhow::Result<LogCheck> {
+    if !from_scratch
+        && let Some(snapshot) = log.newest_snapshot(key).await.with_context(|| format!("reading {key}'s snapshot"))?
+    {
+        // From the newest snapshot: the events after it must open and
+        // follow it. Anything amiss is looked at again from the start.
+        let check = check_log_from(log, key, snapshot).await?;
+        if check.failure.is_none() && check.refused.is_empty() {
+            return Ok(check);
+        }
+    }
+    let start = log.start_state(key).await.with_context(|| format!("reading the start of {key}'s history"))?;
+    check_log_from(log, key, start).await
+}
+
+/// Replays `key`'s events after `state` into it, checking each.
+async fn check_log_from(log: &EventLog, key: &SessionKey, mut state: SessionState) -> anyhow::Result<LogCheck> {
     let (mut events, mut refused, mut failure) = (0, Vec::new(), None);
     let replayed = log
-        .replay_checked(key, 0, |seq, replayed| {
+        .replay_checked(key, state.seq(), |seq, replayed| {
             if failure.is_some() {
                 return;
             }
