@@ -92,6 +92,14 @@ async fn a_long_history_loads_from_its_latest_snapshot_plus_the_tail_and_equals_
     assert_eq!(session["491511234.0"], b"session record after message 127");
     let pre_keys = client.keys_get("pre-key", &["125", "126", "129"]).await.unwrap();
     assert_eq!(pre_keys.keys().collect::<Vec<_>>(), vec!["129"], "deleted pre-keys stay deleted: {pre_keys:?}");
+    // `verify` checks it from the snapshot on, or every event with --from-scratch.
+    let (ok, out) = verify(&stack, &["--tenant", "t", "--session", "long", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap_or("{}")).unwrap();
+    let checked = report["sessions"][0]["events"].as_u64().unwrap_or(u64::MAX);
+    assert!(ok && checked < 40, "from the snapshot on, only the tail is read ({checked} events):\n{out}");
+    let (ok, out) = verify(&stack, &["--tenant", "t", "--session", "long", "--json", "--from-scratch"]);
+    let report: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap_or("{}")).unwrap();
+    assert!(ok && report["sessions"][0]["events"].as_u64() == Some(130), "every event read:\n{out}");
     let log_text = stack.service.log_text();
     let loaded = log_text.lines().rev().find(|l| l.contains("session loaded") && l.contains("t/long")).unwrap_or_default();
     assert!(loaded.contains("Snapshot"), "the service loaded from a snapshot: {loaded}");
@@ -147,6 +155,8 @@ async fn corrupt_and_foreign_snapshots_are_refused_and_the_load_falls_back_to_an
     assert!(!out.contains("DIFF snapshot t/b"), "b's snapshots are sound:\n{out}");
     let (ok, out) = verify(&stack, &["--tenant", "t", "--session", "b"]);
     assert!(ok, "b verifies:\n{out}");
+    let (ok, out) = verify(&stack, &["--tenant", "t", "--session", "b", "--from-scratch"]);
+    assert!(ok, "b verifies from its first event, its snapshots equal to the events up to them:\n{out}");
 }
 
 /// `baileys-store verify <args>`: whether it passed, and what it printed.
