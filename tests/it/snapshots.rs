@@ -272,3 +272,51 @@ async fn a_retention_cannot_be_set_on_a_log_made_to_deny_purges() {
     let events = js.get_stream("BSTORE_EVENTS").await.unwrap();
     assert!(events.purge().filter("bstore-events.t.a").await.is_err(), "the history still cannot be purged");
 }
+
+#[tokio::test]
+async fn a_rotation_reseals_snapshots_left_under_the_old_ring_key() {
+    use async_nats::jetstream::kv;
+    use bstore_codec::{SealedUnder, sealed_under};
+
+    // A cluster upgraded from a release before data keys: its record names
+    // key 1 and says nothing of data keys, so everything seals under the ring.
+    let nats = bstore_testkit::NatsServer::start();
+    let nc = crate::harness::connect(&nats.url()).await;
+    let js = async_nats::jetstream::new(nc.clone());
+    let meta = js
+        .create_key_value(kv::Config { bucket: "BSTORE_META".into(), history: 16, ..Default::default() })
+        .await
+        .unwrap();
+    meta.put("seal.current", br#"{"id":1,"at_ms":0,"by":"an earlier release"}"#.as_slice().into()).await.unwrap();
+    let both = format!("{KEY1},{}", crate::harness::KEY2);
+    let dir = bstore_testkit::TempDir::new("it");
+    let _service = crate::harness::start_service(&nats, &dir, &[("BSTORE_KEYS", &both), ("BSTORE__SESSIONS__SNAPSHOT_EVERY_EVENTS", "5")]);
+    let client = bstore_api::client::SessionClient::new(nc.clone(), "bstore", "t", "old");
+    let key = SessionKey::parse("t", "old").unwrap();
+    traffic(&client, 12).await;
+    let codec = Codec::new(Keyring::new(Keyring::parse_entries(&both).unwrap(), None).unwrap());
+    let log = EventLog::attach(js.clone(), LogConfig::default(), codec);
+    newest_snapshot_covering(&log, &key, 10).await;
+    let under = |stored: &[bstore_log::StoredSnapshot]| stored.iter().map(|s| sealed_under(&s.payload)).collect::<Vec<_>>();
+    let before = log.stored_snapshots(&key).await.unwrap();
+    assert!(under(&before).iter().all(|u| *u == Some(SealedUnder::Ring(1))), "sealed under key 1: {:?}", under(&before));
+
+    let out = std::process::Command::new(service_bin())
+        .args(["rotate-key", "2"])
+        .env("BSTORE_NATS_URL", nats.url())
+        .env("BSTORE_KEYS", &both)
+        .env("BSTORE_DATA_DIR", dir.path().join("tool"))
+        .env("BSTORE_LOG", "warn")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "rotate-key failed:\n{said}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("re-sealed 2 snapshots under key 2"), "{said}");
+    let after = log.stored_snapshots(&key).await.unwrap();
+    assert!(under(&after).iter().all(|u| *u == Some(SealedUnder::Ring(2))), "sealed under key 2 now: {:?}", under(&after));
+    let covers = |stored: &[bstore_log::StoredSnapshot]| stored.iter().map(|s| s.covers).collect::<Vec<_>>();
+    assert_eq!(covers(&after), covers(&before), "the same two snapshots, newest first");
+    let (state, source) = from_snapshots(&log, &key).await.unwrap();
+    assert!(matches!(source, Source::Snapshot { .. }), "{source:?}");
+    assert_eq!(state, from_log(&log, &key).await.unwrap());
+}
