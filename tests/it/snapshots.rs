@@ -59,7 +59,11 @@ async fn newest_snapshot_covering(log: &EventLog, key: &SessionKey, seq: u64) ->
         {
             return covers;
         }
-        assert!(Instant::now() < deadline, "no snapshot of {key} covering {seq}: {:?}", stored.iter().map(|s| s.covers).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot of {key} covering {seq}: {:?}",
+            stored.iter().map(|s| s.covers).collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -283,10 +287,7 @@ async fn a_rotation_reseals_snapshots_left_under_the_old_ring_key() {
     let nats = bstore_testkit::NatsServer::start();
     let nc = crate::harness::connect(&nats.url()).await;
     let js = async_nats::jetstream::new(nc.clone());
-    let meta = js
-        .create_key_value(kv::Config { bucket: "BSTORE_META".into(), history: 16, ..Default::default() })
-        .await
-        .unwrap();
+    let meta = js.create_key_value(kv::Config { bucket: "BSTORE_META".into(), history: 16, ..Default::default() }).await.unwrap();
     meta.put("seal.current", br#"{"id":1,"at_ms":0,"by":"an earlier release"}"#.as_slice().into()).await.unwrap();
     let both = format!("{KEY1},{}", crate::harness::KEY2);
     let dir = bstore_testkit::TempDir::new("it");

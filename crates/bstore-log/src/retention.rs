@@ -68,7 +68,9 @@ impl EventLog {
                 Ok(state) if state.seq() == cut => return Ok(state),
                 Ok(_) => {}
                 Err(e @ LogError::Unavailable(_)) => return Err(e),
-                Err(e) => tracing::warn!(session = %session, snapshot = snap.stream_seq, error = %e, "a base snapshot does not open as this session's state"),
+                Err(e) => {
+                    tracing::warn!(session = %session, snapshot = snap.stream_seq, error = %e, "a base snapshot does not open as this session's state")
+                }
             }
         }
         Err(crate::broken(

@@ -159,7 +159,8 @@ impl EventLog {
     /// written again oldest first, so the newest stays the newest.
     pub async fn reseal_snapshots(&self, session: &SessionKey) -> Result<u64, LogError> {
         let current = self.codec.keyring().current();
-        let stale = |payload: &[u8]| matches!(bstore_codec::sealed_under(payload), Some(bstore_codec::SealedUnder::Ring(k)) if k != current);
+        let stale =
+            |payload: &[u8]| matches!(bstore_codec::sealed_under(payload), Some(bstore_codec::SealedUnder::Ring(k)) if k != current);
         let mut written = 0;
         for subject in [self.snapshot_subject(session), self.base_subject(session)] {
             let stored = self.stored_on(&subject).await?;
@@ -171,7 +172,12 @@ impl EventLog {
                 let payload = self.codec.encode_snapshot(session, &state);
                 let mut headers = HeaderMap::new();
                 headers.insert(COVERS_HEADER, state.seq().to_string().as_str());
-                self.js.publish_with_headers(subject.clone(), headers, payload.into()).await.map_err(unavailable)?.await.map_err(unavailable)?;
+                self.js
+                    .publish_with_headers(subject.clone(), headers, payload.into())
+                    .await
+                    .map_err(unavailable)?
+                    .await
+                    .map_err(unavailable)?;
                 written += 1;
             }
         }
@@ -203,7 +209,9 @@ fn stored(m: async_nats::jetstream::message::StreamMessage) -> StoredSnapshot {
     StoredSnapshot { stream_seq: m.sequence, covers, payload: m.payload }
 }
 
-fn found(r: Result<async_nats::jetstream::message::StreamMessage, stream::DirectGetError>) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
+fn found(
+    r: Result<async_nats::jetstream::message::StreamMessage, stream::DirectGetError>,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
     match r {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
