@@ -11,7 +11,9 @@
 //
 // Environment: BENCH_SECONDS (per row, default 4), BENCH_RUNS (default 1), BENCH_STORES
 // (memory,multi-file,redis,baileys-store; add bstore-request for the client over nats.js
-// request() instead of its reply multiplexer, as it was before issue 13), BENCH_WORKLOADS
+// request() instead of its reply multiplexer, as it was before issue 13, and nats-echo for
+// values in memory plus this client's round trip to a responder that answers at once, see
+// echo-store.ts), BENCH_WORKLOADS
 // (1:1,group,multi-device), BENCH_CACHE (both|on|off), REDIS_URL (use a running
 // Redis instead of starting redis-server; its CPU is then not counted), REDIS_SERVER_BIN,
 // BSTORE_BIN (default target/release/baileys-store, then target/ci, target/debug),
@@ -28,6 +30,7 @@ import type { NatsConnection } from 'nats'
 import { findServiceBinary, NatsServer, procCpuSeconds, removeDir, repoDir, Service, tempDir } from '../test/support/servers.js'
 import type { OpenAuth } from '../test/support/signal-world.js'
 import { fileStore, memoryStore, natsStore } from '../test/support/stores.js'
+import { echoStore, startEchoResponder } from './echo-store.js'
 import { redisStore } from './redis-store.js'
 import { accounts, BenchWorld } from './world.js'
 
@@ -292,6 +295,24 @@ try {
 			const redis = new Redis(redisUrl!)
 			cleanups.push(() => void redis.disconnect())
 			stores.push({ name, open: (label) => redisStore(redis, `bench:${label}`), procs: redisProcs })
+		} else if (name === 'nats-echo') {
+			const nats = await NatsServer.start()
+			cleanups.push(() => nats.stop())
+			const nc = await nats.connect()
+			const echo = await startEchoResponder(nats.url)
+			cleanups.push(async () => {
+				await nc.close()
+				echo.kill('SIGTERM')
+			})
+			const pid = echo.pid!
+			stores.push({
+				name,
+				open: (label) => echoStore(nc, label),
+				procs: [
+					{ name: 'echo', cpuSeconds: () => procCpuSeconds(pid) },
+					{ name: 'nats', cpuSeconds: () => nats.cpuSeconds() }
+				]
+			})
 		} else if (name === 'baileys-store' || name === 'bstore-request') {
 			const bin = serviceBinary()
 			if (!bin) {
