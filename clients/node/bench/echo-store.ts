@@ -1,41 +1,34 @@
 // The round trip alone: values kept in the bot's memory, as the in-memory store keeps them, but
-// every get and set also goes through this client over NATS (the values encoded as
-// useNatsAuthState encodes them) to a responder, in a process of its own, that answers at once
-// without looking at the request. Set beside the in-memory store and baileys-store, it splits
-// what baileys-store costs into what any request over the network costs the bot (this store)
-// and what the service and JetStream add.
+// every get and set also goes through useNatsAuthState over NATS to a responder, in a process of
+// its own, that answers at once without looking at the request (a get finds nothing there). Set
+// beside the in-memory store and baileys-store, it splits what baileys-store costs into what any
+// request over the network costs the bot (this store) and what the service and JetStream add.
 import { type ChildProcess, spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import type { SignalDataSet, SignalKeyStore } from '@whiskeysockets/baileys'
 import { encode } from '@msgpack/msgpack'
 import { connect, type NatsConnection } from 'nats'
-import { BaileysStoreClient, type EncodedKeyData, encodeValue } from '../src/index.js'
+import { useNatsAuthState } from '../src/index.js'
 import type { OpenAuth } from '../test/support/signal-world.js'
 import { memoryStore } from '../test/support/stores.js'
 
 /** The subject prefix the responder answers under. */
 const PREFIX = 'bench-echo'
 
-/** One memory store whose reads and writes each also make one request to the echo responder. */
+/** One memory store whose reads and writes each also go through useNatsAuthState to the echo responder. */
 export function echoStore(nc: NatsConnection, label: string): OpenAuth {
 	const memory = memoryStore()
 	return async (device) => {
 		const inner = await memory(device)
-		const store = new BaileysStoreClient(nc, { prefix: PREFIX, tenant: 'echo', session: `${label}-${device}`.replace(/[^A-Za-z0-9_-]/g, '_') })
+		const session = `${label}-${device}`.replace(/[^A-Za-z0-9_-]/g, '_')
+		const { state } = await useNatsAuthState(nc, { prefix: PREFIX, tenant: 'echo', session })
 		const keys: SignalKeyStore = {
 			async get(type, ids) {
-				await store.getKeys(type, ids)
+				await state.keys.get(type, ids)
 				return inner.state.keys.get(type, ids)
 			},
 			async set(data: SignalDataSet) {
-				const encoded: EncodedKeyData = {}
-				for (const [type, values] of Object.entries(data)) {
-					if (!values) continue
-					const out: Record<string, Uint8Array | null> = {}
-					for (const [id, value] of Object.entries(values)) out[id] = value === null || value === undefined ? null : encodeValue(value)
-					encoded[type] = out
-				}
-				await store.setKeys(encoded)
+				await state.keys.set(data)
 				await inner.state.keys.set(data)
 			}
 		}
