@@ -165,16 +165,23 @@ async fn corrupt_and_foreign_snapshots_are_refused_and_the_load_falls_back_to_an
 
 /// `baileys-store verify <args>`: whether it passed, and what it printed.
 fn verify(stack: &Stack, args: &[&str]) -> (bool, String) {
+    let (ok, out, err) = tool(&stack.nats.url(), &stack.dir, KEY1, &[&["verify"], args].concat(), &[]);
+    (ok, format!("{out}{err}"))
+}
+
+/// `baileys-store <args>` with `keys` (and `env`) against the server at
+/// `url`: whether it passed, its stdout and its stderr.
+fn tool(url: &str, dir: &bstore_testkit::TempDir, keys: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = std::process::Command::new(service_bin())
-        .arg("verify")
         .args(args)
-        .env("BSTORE_NATS_URL", stack.nats.url())
-        .env("BSTORE_KEYS", KEY1)
-        .env("BSTORE_DATA_DIR", stack.dir.path().join("tool"))
+        .env("BSTORE_NATS_URL", url)
+        .env("BSTORE_KEYS", keys)
+        .env("BSTORE_DATA_DIR", dir.path().join("tool"))
         .env("BSTORE_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test]
@@ -186,15 +193,8 @@ async fn an_erasure_removes_the_sessions_snapshots() {
     let log = tool_log(&stack);
     newest_snapshot_covering(&log, &key, 5).await;
 
-    let out = std::process::Command::new(service_bin())
-        .args(["erase", "--tenant", "t", "--session", "a", "--yes"])
-        .env("BSTORE_NATS_URL", stack.nats.url())
-        .env("BSTORE_KEYS", KEY1)
-        .env("BSTORE_DATA_DIR", stack.dir.path().join("tool"))
-        .env("BSTORE_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, _, err) = tool(&stack.nats.url(), &stack.dir, KEY1, &["erase", "--tenant", "t", "--session", "a", "--yes"], &[]);
+    assert!(ok, "{err}");
     assert!(log.stored_snapshots(&key).await.unwrap().is_empty(), "no snapshot of the erased session is left");
     let (state, _) = from_snapshots(&log, &key).await.unwrap();
     assert!(!state.exists(), "the erased session loads empty");
@@ -261,16 +261,9 @@ async fn a_retention_drops_only_events_a_base_snapshot_stands_for_and_history_li
 async fn a_retention_cannot_be_set_on_a_log_made_to_deny_purges() {
     let stack = Stack::start().await;
     stack.session("t", "a").creds_put(&rid(), b"creds").await.unwrap();
-    let out = std::process::Command::new(service_bin())
-        .args(["history", "--tenant", "t", "--session", "a"])
-        .env("BSTORE_NATS_URL", stack.nats.url())
-        .env("BSTORE_KEYS", KEY1)
-        .env("BSTORE_LOG", "warn")
-        .env("BSTORE__STREAM__RETENTION_SECS", "60")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("denies purges"), "{err}");
+    let history = ["history", "--tenant", "t", "--session", "a"];
+    let (ok, _, err) = tool(&stack.nats.url(), &stack.dir, KEY1, &history, &[("BSTORE__STREAM__RETENTION_SECS", "60")]);
+    assert!(!ok && err.contains("denies purges"), "{err}");
     // And nothing about the stream changed: purges are still refused.
     let js = async_nats::jetstream::new(stack.nc.clone());
     let events = js.get_stream("BSTORE_EVENTS").await.unwrap();
@@ -302,16 +295,8 @@ async fn a_rotation_reseals_snapshots_left_under_the_old_ring_key() {
     let before = log.stored_snapshots(&key).await.unwrap();
     assert!(under(&before).iter().all(|u| *u == Some(SealedUnder::Ring(1))), "sealed under key 1: {:?}", under(&before));
 
-    let out = std::process::Command::new(service_bin())
-        .args(["rotate-key", "2"])
-        .env("BSTORE_NATS_URL", nats.url())
-        .env("BSTORE_KEYS", &both)
-        .env("BSTORE_DATA_DIR", dir.path().join("tool"))
-        .env("BSTORE_LOG", "warn")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "rotate-key failed:\n{said}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, said, err) = tool(&nats.url(), &dir, &both, &["rotate-key", "2"], &[]);
+    assert!(ok, "rotate-key failed:\n{said}\n{err}");
     assert!(said.contains("re-sealed 2 snapshots under key 2"), "{said}");
     let after = log.stored_snapshots(&key).await.unwrap();
     assert!(under(&after).iter().all(|u| *u == Some(SealedUnder::Ring(2))), "sealed under key 2 now: {:?}", under(&after));

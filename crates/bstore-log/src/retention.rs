@@ -29,7 +29,6 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use bstore_domain::{SessionKey, SessionState};
 use futures_util::StreamExt;
 
@@ -127,16 +126,7 @@ impl EventLog {
             return Ok(None);
         }
         // 1. The base snapshot, stored before anything is dropped.
-        self.key_for_write(session).await?;
-        let payload = self.codec.encode_snapshot(session, &state);
-        let mut headers = HeaderMap::new();
-        headers.insert(crate::COVERS_HEADER, p.to_string().as_str());
-        self.js
-            .publish_with_headers(self.base_subject(session), headers, payload.into())
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
+        self.store_snapshot(&self.base_subject(session), session, &state).await?;
         // 2. The cut, then 3. the purge.
         self.record_cut(session, p).await?;
         let purged = stream.purge().filter(self.subject(session)).sequence(p + 1).await.map_err(unavailable)?.purged;

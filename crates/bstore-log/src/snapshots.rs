@@ -59,6 +59,14 @@ impl EventLog {
     /// sequence in the snapshot stream. Refused (503) while the session is
     /// being erased.
     pub async fn write_snapshot(&self, session: &SessionKey, state: &SessionState) -> Result<u64, LogError> {
+        self.store_snapshot(&self.snapshot_subject(session), session, state).await
+    }
+
+    /// Seals `state` for `session` (off the serving thread when it is
+    /// large) and publishes it on `subject` of the snapshot stream with the
+    /// sequence it covers: what every snapshot write — regular, base,
+    /// re-sealed — comes down to.
+    pub(crate) async fn store_snapshot(&self, subject: &str, session: &SessionKey, state: &SessionState) -> Result<u64, LogError> {
         self.key_for_write(session).await?;
         let payload = if state.info().bytes < OFF_THREAD_BYTES {
             self.codec.encode_snapshot(session, state)
@@ -75,7 +83,7 @@ impl EventLog {
         headers.insert(COVERS_HEADER, state.seq().to_string().as_str());
         let ack = self
             .js
-            .publish_with_headers(self.snapshot_subject(session), headers, payload.into())
+            .publish_with_headers(subject.to_string(), headers, payload.into())
             .await
             .map_err(unavailable)?
             .await
@@ -169,15 +177,7 @@ impl EventLog {
             }
             for snap in stored.iter().rev() {
                 let state = self.open_snapshot(session, &snap.payload).await?;
-                let payload = self.codec.encode_snapshot(session, &state);
-                let mut headers = HeaderMap::new();
-                headers.insert(COVERS_HEADER, state.seq().to_string().as_str());
-                self.js
-                    .publish_with_headers(subject.clone(), headers, payload.into())
-                    .await
-                    .map_err(unavailable)?
-                    .await
-                    .map_err(unavailable)?;
+                self.store_snapshot(&subject, session, &state).await?;
                 written += 1;
             }
         }
