@@ -285,29 +285,29 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Cmd::RotateKey { id, no_reseal } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            actix::System::new().block_on(baileys_store::keys_cmd::rotate(cfg, id, !no_reseal))
+            actix::System::new().block_on(baileys_store::tools::keys::rotate(cfg, id, !no_reseal))
         }
         Cmd::Keys { cmd: KeysCmd::Status { json } } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            actix::System::new().block_on(baileys_store::keys_cmd::status(cfg, json))
+            actix::System::new().block_on(baileys_store::tools::keys::status(cfg, json))
         }
         Cmd::Keys { cmd: KeysCmd::EnableDataKeys } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            actix::System::new().block_on(baileys_store::keys_cmd::enable_data_keys(cfg))
+            actix::System::new().block_on(baileys_store::tools::keys::enable_data_keys(cfg))
         }
         Cmd::Erase { tenant, session, yes, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let tenant = bstore_domain::TenantId::parse(&tenant)?;
             let only = session.map(|s| bstore_domain::SessionKey::parse(tenant.as_str(), &s)).transpose()?;
-            actix::System::new().block_on(baileys_store::erase::run(cfg, tenant, only, yes, json))
+            actix::System::new().block_on(baileys_store::tools::erase::run(cfg, tenant, only, yes, json))
         }
         Cmd::Keys { cmd: KeysCmd::Index } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            baileys_store::keys_cmd::index(&cfg)
+            baileys_store::tools::keys::index(&cfg)
         }
         Cmd::Serve => {
             let cfg = Config::load(cli.config.as_deref())?;
@@ -318,27 +318,27 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
-            let only = ty.map(|ty| baileys_store::HistoryFilter { ty, id });
-            actix::System::new().block_on(baileys_store::history(cfg, key, only))
+            let only = ty.map(|ty| baileys_store::tools::history::Filter { ty, id });
+            actix::System::new().block_on(baileys_store::tools::history::run(cfg, key, only))
         }
         Cmd::StateAt { tenant, session, seq, at_ms, values, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
             let point = match (seq, at_ms) {
-                (Some(n), _) => baileys_store::state_at::Point::Seq(n),
-                (None, Some(t)) => baileys_store::state_at::Point::TimeMs(t),
+                (Some(n), _) => baileys_store::tools::state_at::Point::Seq(n),
+                (None, Some(t)) => baileys_store::tools::state_at::Point::TimeMs(t),
                 (None, None) => unreachable!("clap requires one"),
             };
-            actix::System::new().block_on(baileys_store::state_at::run(cfg, key, point, values, json))
+            actix::System::new().block_on(baileys_store::tools::state_at::run(cfg, key, point, values, json))
         }
         Cmd::Diff { tenant, session, from, to, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let key = bstore_domain::SessionKey::parse(&tenant, &session)?;
-            use baileys_store::state_at::Point;
+            use baileys_store::tools::state_at::Point;
             let to = to.map_or(Point::Seq(u64::MAX), Point::Seq);
-            actix::System::new().block_on(baileys_store::state_at::run_diff(cfg, key, Point::Seq(from), to, json))
+            actix::System::new().block_on(baileys_store::tools::state_at::run_diff(cfg, key, Point::Seq(from), to, json))
         }
         Cmd::Export { tenant, session, out, force, json } => {
             let cfg = Config::load(cli.config.as_deref())?;

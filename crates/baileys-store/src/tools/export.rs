@@ -49,7 +49,7 @@ pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, out: P
     let log = EventLog::attach(js.clone(), cfg.stream.clone(), codec);
     let targets = match only {
         Some(key) => vec![key],
-        None => crate::erase::sessions_of(&log, &tenant).await?,
+        None => super::erase::sessions_of(&log, &tenant).await?,
     };
     let mut folders = Vec::new();
     for key in &targets {

@@ -1,9 +1,16 @@
-//! Operators' tools that move sessions in and out of the store:
-//! `import` from `useMultiFileAuthState` folders and `export` back to them.
+//! The operator's commands, one file per command family, apart from
+//! starting the service: the audit (`history`, `state-at`, `diff`),
+//! moving sessions in and out (`import` from `useMultiFileAuthState`
+//! folders, `export` back to them), `erase`, and the key commands
+//! (`rotate-key`, `keys …`).
 
 pub mod bufferjson;
+pub mod erase;
 pub mod export;
+pub mod history;
 pub mod import;
+pub mod keys;
+pub mod state_at;
 
 /// The key types Baileys (v7) writes, longest first so that a file name
 /// `sender-key-memory-…` is not read as a `sender-key`.

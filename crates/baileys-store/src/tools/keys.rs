@@ -136,7 +136,8 @@ pub async fn enable_data_keys(cfg: Config) -> anyhow::Result<()> {
     let mut problems = lacking(&announced);
     for member in lease_members(&js, &cfg.cluster.bucket).await? {
         if !announced.contains_key(&member) {
-            problems.push(format!("instance {member} holds partition leases but announces no keyring (an older release?): upgrade it first"));
+            problems
+                .push(format!("instance {member} holds partition leases but announces no keyring (an older release?): upgrade it first"));
         }
     }
     if !problems.is_empty() {

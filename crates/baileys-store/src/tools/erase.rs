@@ -65,15 +65,15 @@ pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, yes: b
         for key in &targets {
             eprintln!("would erase {key}");
         }
-        anyhow::bail!(
-            "{} session(s) would be erased, which cannot be undone: run again with --yes to erase them",
-            targets.len()
-        );
+        anyhow::bail!("{} session(s) would be erased, which cannot be undone: run again with --yes to erase them", targets.len());
     }
     let redis = crate::projections::redis_projection(&cfg, &codec)?;
     let total = targets.len();
     for (i, key) in targets.iter().enumerate() {
-        let erased = log.erase(key, crate::rotation::now_ms()).await.with_context(|| format!("erasing {key} (run the command again to finish it)"))?;
+        let erased = log
+            .erase(key, crate::rotation::now_ms())
+            .await
+            .with_context(|| format!("erasing {key} (run the command again to finish it)"))?;
         let redis_cleared = match &redis {
             None => None,
             Some(redis) => {
@@ -111,10 +111,8 @@ pub async fn run(cfg: Config, tenant: TenantId, only: Option<SessionKey>, yes: b
 impl Report {
     /// The report for people.
     pub fn text(&self) -> String {
-        let mut out = format!(
-            "erased {}: marker event {}; {} events made unreadable for good",
-            self.session, self.marker, self.shredded_events
-        );
+        let mut out =
+            format!("erased {}: marker event {}; {} events made unreadable for good", self.session, self.marker, self.shredded_events);
         if let Some(g) = self.destroyed_generation {
             out += &format!(" (data key generation {g} destroyed)");
         }
