@@ -10,8 +10,12 @@ use clap::{Parser, Subcommand};
 mod tenant;
 
 /// Auth-state store for fleets of Baileys bots.
+///
+/// Example: `baileys-store serve` runs the service on its embedded default (its own nats-server
+/// under ./data); `baileys-store history --tenant acme --session bot-1` reads a session's audit.
+/// Every command has `--help` with an example.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, long_about)]
 struct Cli {
     /// Configuration file (TOML). Default: none, or $BSTORE_CONFIG.
     #[arg(long, global = true)]
@@ -42,6 +46,8 @@ enum Cmd {
     /// restart them one at a time first). Then Redis and Mongo, when configured, are written again
     /// from the log under the new key (Mongo is dropped and materialized again). Events in the log
     /// stay under the key that sealed them: `keys status` says what is left under each key.
+    /// Example: `baileys-store gen-key --id 2 >> keys` on every instance, restart them one at a
+    /// time, then `baileys-store rotate-key 2`.
     RotateKey {
         /// The id of the key to seal under.
         id: u32,
@@ -50,6 +56,8 @@ enum Cmd {
         no_reseal: bool,
     },
     /// Sealing keys: what is sealed under each, and the index key.
+    ///
+    /// Example: `baileys-store keys status` before retiring a key.
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
@@ -216,6 +224,8 @@ enum Cmd {
         json: bool,
     },
     /// Tenants' NATS accounts.
+    ///
+    /// Example: `baileys-store tenant add acme` prints the account block for tenant `acme`.
     Tenant {
         #[command(subcommand)]
         cmd: tenant::TenantCmd,
@@ -248,6 +258,8 @@ enum Cmd {
 enum KeysCmd {
     /// Per key id: how many log events, Redis values and Mongo values are sealed under it, which
     /// live instances hold it, and whether it can be retired.
+    ///
+    /// Example: `baileys-store keys status --json | jq '.keys[] | select(.retirable)'`.
     Status {
         /// Print JSON, for scripts.
         #[arg(long)]
@@ -261,6 +273,9 @@ enum KeysCmd {
     EnableDataKeys,
     /// Print the index key as an `index:base64` entry: added to every instance's keys, it keeps
     /// the names in Redis and Mongo when the key it is derived from (the lowest id) is retired.
+    ///
+    /// Example: `baileys-store keys index >> /etc/bstore/keys` on every instance before retiring
+    /// key 1.
     Index,
 }
 
@@ -396,4 +411,36 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every command, and every subcommand under it, says in its `--help`
+    /// how it is used: a new command without an example fails here.
+    #[test]
+    fn every_command_has_an_example_in_its_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) -> usize {
+            let mut seen = 0;
+            for sub in cmd.get_subcommands() {
+                seen += 1;
+                let path = format!("{path} {}", sub.get_name());
+                let help = sub.get_long_about().or(sub.get_about()).map(|s| s.to_string()).unwrap_or_default();
+                if !help.contains("Example") {
+                    missing.push(path.clone());
+                }
+                seen += walk(sub, &path, missing);
+            }
+            seen
+        }
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        let seen = walk(&cli, "baileys-store", &mut missing);
+        assert!(seen >= 18, "only {seen} commands walked");
+        assert!(missing.is_empty(), "commands without an example in --help: {missing:?}");
+    }
 }

@@ -20,6 +20,9 @@ pub enum TenantCmd {
     /// Print the NATS account of a new tenant: a static `accounts {}` entry
     /// with a bot user and a fresh random password, and the matching nsc
     /// commands.
+    ///
+    /// Example: `baileys-store tenant add acme >> /etc/nats/tenants.conf`, then reload
+    /// nats-server; the bots of `acme` connect with the user and password it printed.
     Add {
         /// The tenant id, as bots send it: 1–128 characters of [A-Za-z0-9_-].
         name: String,
