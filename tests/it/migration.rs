@@ -1,9 +1,13 @@
-//! `import` and `export`: `useMultiFileAuthState` folders into the store
-//! through the running service, and back out from the log.
+//! `import` and `export`: `useMultiFileAuthState` folders and Redis-direct
+//! stores into the store through the running service, and back out from
+//! the log.
 
 use std::path::Path;
 
 use serde_json::Value;
+
+use bstore_redis::redis::{self, AsyncCommands};
+use bstore_testkit::RedisServer;
 
 use crate::harness::{KEY1, Stack, service_bin};
 
@@ -99,7 +103,7 @@ async fn folders_move_in_and_out_byte_for_byte_and_imports_are_idempotent() {
     assert_eq!(rep["creds"], true);
     assert_eq!(rep["keys"]["pre-key"], 2);
     assert_eq!(rep["keys"]["sender-key"], 1);
-    let skipped: Vec<&str> = rep["skipped"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap()).collect();
+    let skipped: Vec<&str> = rep["skipped"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(skipped, ["notes.txt", "pre-key-9.json"], "{rep}");
     assert!(rep["skipped"][1]["reason"].as_str().unwrap().contains("would not read"), "{rep}");
     // One keys.set per type and the creds: few events.
@@ -229,4 +233,216 @@ async fn an_export_that_cannot_be_faithful_writes_nothing() {
     let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "good", "--out", out.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert_eq!(std::fs::read_to_string(out.join("good/creds.json")).unwrap(), "{}");
+}
+
+/// FILES as a Redis-direct store holds them: `creds` and the file name
+/// without `.json` (baileys-redis-auth 2.x escapes ids as file names; with
+/// `raw`, the ids as they are, as Evolution API writes them), each value the
+/// very text of the file.
+fn fields(raw: bool) -> Vec<(String, String)> {
+    FILES
+        .iter()
+        .map(|(name, text)| {
+            let field = match name.strip_suffix(".json").unwrap() {
+                "creds" => "creds".to_owned(),
+                escaped if raw => {
+                    let (ty, id) = baileys_store::tools::key_of_file(name).unwrap();
+                    assert!(escaped.starts_with(ty));
+                    format!("{ty}-{id}")
+                }
+                escaped => escaped.to_owned(),
+            };
+            (field, text.to_string())
+        })
+        .collect()
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+fn import_redis(stack: &Stack, tenant: &str, url: &str, extra: &[&str]) -> (bool, Vec<Value>, String) {
+    let mut args = vec!["import", "--tenant", tenant, "--from-redis", url, "--json"];
+    args.extend_from_slice(extra);
+    cli(stack, &args)
+}
+
+/// Every key of FILES in `a` and `b` holds the same bytes, and so do the creds.
+async fn same_values(stack: &Stack, a: (&str, &str), b: (&str, &str)) {
+    let (a, b) = (stack.session(a.0, a.1), stack.session(b.0, b.1));
+    assert_eq!(b.creds_get().await.unwrap(), a.creds_get().await.unwrap());
+    for (ty, id) in KEYS {
+        let got = b.keys_get(ty, &[id]).await.unwrap();
+        assert!(got.contains_key(*id), "{ty} {id}");
+        assert_eq!(got, a.keys_get(ty, &[id]).await.unwrap(), "{ty} {id}");
+    }
+}
+
+/// A Redis hash per session (baileys-redis-auth's `<session>:auth`, ids
+/// escaped; Evolution API's `<prefix>:instance:<id>`, ids as they are) is
+/// imported into exactly the values the same files give, junk and corrupt
+/// fields skipped with their reason; two stores in one Redis are named, not
+/// guessed between; a re-run writes nothing, a session with other state is
+/// refused without --force, a dry run writes nothing, a session that is not
+/// there and a Redis that does not answer are errors.
+#[tokio::test]
+async fn redis_hashes_import_byte_for_byte_and_imports_are_idempotent() {
+    let stack = Stack::start().await;
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let mut conn = redis_conn(&url).await;
+    let mut hash = fields(false);
+    hash.push(("pre-key-9".into(), "{\"private\":".into()));
+    hash.push(("notes".into(), "hello".into()));
+    let () = conn.hset_multiple("bot-1:auth", &hash).await.unwrap();
+    // Not a session: no creds field; another kind of value.
+    let () = conn.hset("other:auth", "x", "1").await.unwrap();
+    let () = conn.set("plain", "1").await.unwrap();
+
+    // The reference: the same files imported as a folder.
+    let src = stack.dir.path().join("files");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, text) in FILES {
+        std::fs::write(src.join(name), text).unwrap();
+    }
+    let (ok, rep) = import(&stack, "files", &src, &[]);
+    assert!(ok, "{rep}");
+
+    let before = events(&stack).await;
+    let (ok, dry, err) = import_redis(&stack, "mig", &url, &["--all", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("1 sessions, layout hash, key pattern '{session}:auth'"), "{err}");
+    assert_eq!(dry.len(), 1);
+    assert_eq!(dry[0]["status"], "would-import");
+    assert_eq!(events(&stack).await, before, "a dry run appends nothing");
+    assert!(!stack.session("mig", "bot-1").info().await.unwrap().exists);
+
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--all"]);
+    assert!(ok, "{err}");
+    let rep = &lines[0];
+    assert_eq!((rep["session"].as_str(), rep["status"].as_str()), (Some("bot-1"), Some("imported")), "{rep}");
+    assert_eq!(rep["from"], "redis hash bot-1:auth");
+    assert_eq!(rep["keys"]["pre-key"], 2);
+    assert_eq!(rep["keys"]["app-state-sync-key"], 1);
+    let skipped: Vec<(&str, &str)> =
+        rep["skipped"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap(), s["reason"].as_str().unwrap())).collect();
+    assert_eq!(skipped.len(), 2, "{rep}");
+    assert_eq!(skipped[0].0, "notes");
+    assert!(skipped[0].1.contains("known key type"), "{rep}");
+    assert_eq!(skipped[1].0, "pre-key-9");
+    assert!(skipped[1].1.contains("would not read"), "{rep}");
+    assert_eq!(events(&stack).await - before, 8, "one keys.set per type and the creds");
+    same_values(&stack, ("mig", "files"), ("mig", "bot-1")).await;
+    let pk = stack.session("mig", "bot-1").keys_get("pre-key", &["1"]).await.unwrap();
+    assert_eq!(pk["1"], b"\x82\xa7private\xc4\x02\x01\x02\xa6public\xc4\x02\x03\x04");
+
+    // Again: unchanged; with --force, the same request ids: no event.
+    let last = events(&stack).await;
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--session", "bot-1"]);
+    assert!(ok && lines[0]["status"] == "unchanged", "{err} {lines:?}");
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--session", "bot-1", "--force"]);
+    assert!(ok && lines[0]["status"] == "imported", "{err} {lines:?}");
+    assert_eq!(events(&stack).await, last, "a re-run appends nothing");
+
+    // Other state in the store: refused without --force; a dry run writes nothing.
+    let () = conn.hset("bot-1:auth", "pre-key-3", FILES[1].1).await.unwrap();
+    let (ok, lines, _) = import_redis(&stack, "mig", &url, &["--session", "bot-1"]);
+    assert!(!ok && lines[0]["status"] == "refused", "{lines:?}");
+    let (ok, lines, _) = import_redis(&stack, "mig", &url, &["--session", "bot-1", "--force", "--dry-run"]);
+    assert!(ok && lines[0]["status"] == "would-import", "{lines:?}");
+    assert_eq!(events(&stack).await, last, "neither a refusal nor a dry run appends");
+    let (ok, _, err) = import_redis(&stack, "mig", &url, &["--session", "bot-1", "--force"]);
+    assert!(ok, "{err}");
+    assert!(stack.session("mig", "bot-1").keys_get("pre-key", &["3"]).await.unwrap().contains_key("3"));
+
+    // Evolution API's hash beside it: two stores, named rather than guessed between.
+    let () = conn.hset_multiple("evolution-cache:instance:evo-1", &fields(true)).await.unwrap();
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--all"]);
+    assert!(!ok && lines.is_empty(), "{lines:?}");
+    assert!(err.contains("more than one store fits") && err.contains("--key-pattern 'evolution-cache:instance:{session}'"), "{err}");
+    let (ok, lines, err) =
+        import_redis(&stack, "mig", &url, &["--all", "--layout", "hash", "--key-pattern", "evolution-cache:instance:{session}"]);
+    assert!(ok, "{err}");
+    assert_eq!((lines.len(), lines[0]["session"].as_str(), lines[0]["status"].as_str()), (1, Some("evo-1"), Some("imported")));
+    assert!(lines[0]["skipped"].as_array().unwrap().is_empty(), "{lines:?}");
+    same_values(&stack, ("mig", "files"), ("mig", "evo-1")).await;
+
+    // A session that is not there is an error, not an empty import.
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--session", "bot-9", "--key-pattern", "{session}:auth"]);
+    assert!(!ok && lines.is_empty() && err.contains("no Baileys auth state found"), "{err}");
+    // A Redis that does not answer is an error, not "nothing there".
+    let last = events(&stack).await;
+    server.stop();
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--all"]);
+    assert!(!ok && lines.is_empty(), "{lines:?}");
+    assert!(err.contains("connecting to") && !err.contains("no Baileys auth state"), "{err}");
+    assert_eq!(events(&stack).await, last);
+}
+
+/// One key per record (baileys-redis-auth's `useRedisAuthState`) is
+/// imported like the files; the session exported as a hash holds the very
+/// texts Baileys wrote under the field names baileys-redis-auth reads, is
+/// not overwritten without --force, and imported again holds every value
+/// byte for byte.
+#[tokio::test]
+async fn redis_keys_import_and_hash_exports_round_trip() {
+    let stack = Stack::start().await;
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut conn = redis_conn(&url).await;
+    for (field, text) in fields(false) {
+        let () = conn.set(format!("bot-2:{field}"), text).await.unwrap();
+    }
+    let () = conn.set("bot-2:pre-key-7", "not json").await.unwrap();
+    let src = stack.dir.path().join("files");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, text) in FILES {
+        std::fs::write(src.join(name), text).unwrap();
+    }
+    let (ok, rep) = import(&stack, "files", &src, &[]);
+    assert!(ok, "{rep}");
+
+    let (ok, lines, err) = import_redis(&stack, "mig", &url, &["--all"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("layout keys, key pattern '{session}'"), "{err}");
+    assert_eq!((lines[0]["session"].as_str(), lines[0]["status"].as_str()), (Some("bot-2"), Some("imported")), "{lines:?}");
+    assert_eq!(lines[0]["from"], "redis keys bot-2:*");
+    let skipped = lines[0]["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{lines:?}");
+    assert_eq!(skipped[0]["name"], "pre-key-7");
+    same_values(&stack, ("mig", "files"), ("mig", "bot-2")).await;
+    let (ok, lines, _) = import_redis(&stack, "mig", &url, &["--session", "bot-2", "--layout", "keys"]);
+    assert!(ok && lines[0]["status"] == "unchanged", "{lines:?}");
+
+    // Out to a hash in another database, as baileys-redis-auth 2.x lays it out.
+    let db1 = format!("{url}1");
+    let (ok, out, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "bot-2", "--to-redis", &db1, "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!((out[0]["to"].as_str(), out[0]["keys"]["pre-key"].as_u64()), (Some("bot-2:auth"), Some(2)), "{out:?}");
+    let mut conn1 = redis_conn(&db1).await;
+    let written: std::collections::BTreeMap<String, String> = conn1.hgetall("bot-2:auth").await.unwrap();
+    let expected: std::collections::BTreeMap<String, String> = fields(false).into_iter().collect();
+    assert_eq!(written, expected, "the texts Baileys wrote, under the fields baileys-redis-auth reads");
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "bot-2", "--to-redis", &db1]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    // --force replaces the hash whole: a field the session does not have goes.
+    let () = conn1.hset("bot-2:auth", "pre-key-99", FILES[1].1).await.unwrap();
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--session", "bot-2", "--to-redis", &db1, "--force"]);
+    assert!(ok, "{err}");
+    let written: std::collections::BTreeMap<String, String> = conn1.hgetall("bot-2:auth").await.unwrap();
+    assert_eq!(written, expected);
+
+    // Evolution API's form: ids as they are, under its name.
+    let (ok, _, err) =
+        cli(&stack, &["export", "--tenant", "mig", "--to-redis", &db1, "--key-pattern", "evolution:instance:{session}", "--raw-ids"]);
+    assert!(ok, "{err}");
+    let written: std::collections::BTreeMap<String, String> = conn1.hgetall("evolution:instance:bot-2").await.unwrap();
+    assert_eq!(written, fields(true).into_iter().collect());
+
+    // And back in: every value byte for byte.
+    let (ok, lines, err) = import_redis(&stack, "back", &db1, &["--session", "bot-2", "--key-pattern", "{session}:auth"]);
+    assert!(ok && lines[0]["status"] == "imported", "{err} {lines:?}");
+    same_values(&stack, ("mig", "bot-2"), ("back", "bot-2")).await;
+    let (a, b) = (stack.session("mig", "bot-2").info().await.unwrap(), stack.session("back", "bot-2").info().await.unwrap());
+    assert_eq!((a.keys, a.bytes), (b.keys, b.bytes));
 }

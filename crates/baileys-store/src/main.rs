@@ -128,12 +128,16 @@ enum Cmd {
         json: bool,
     },
     /// Write sessions out as `useMultiFileAuthState` folders (`OUT/<session>/creds.json` and
-    /// `<type>-<id>.json`, each file as Baileys would have written it), read from the log.
+    /// `<type>-<id>.json`, each file as Baileys would have written it), or as Redis hashes, read
+    /// from the log.
     ///
     /// Nothing is overwritten without --force; every file is converted before any is written.
     /// Example: `baileys-store export --tenant acme --session bot-1 --out ./auth` gives
     /// `./auth/bot-1`, which `useMultiFileAuthState('./auth/bot-1')` opens; without --session every
-    /// session of the tenant is written.
+    /// session of the tenant is written. `baileys-store export --tenant acme --to-redis
+    /// redis://r1:6379/0` writes each session as the hash `<session>:auth` that baileys-redis-auth's
+    /// `useRedisAuthStateWithHSet(options, '<session>')` opens; for Evolution API
+    /// `--key-pattern 'evolution-cache:instance:{session}' --raw-ids`.
     Export {
         /// Tenant id.
         #[arg(long)]
@@ -142,38 +146,67 @@ enum Cmd {
         #[arg(long)]
         session: Option<String>,
         /// The parent folder of the session folders.
-        #[arg(long)]
-        out: PathBuf,
-        /// Overwrite files that exist.
+        #[arg(long, required_unless_present = "to_redis", conflicts_with = "to_redis")]
+        out: Option<PathBuf>,
+        /// Write one Redis hash per session instead (fields `creds` and `<type>-<id>`, values as
+        /// Baileys' BufferJSON writes them): `redis://host:port/db`, or `rediss://`.
+        #[arg(long, value_name = "URL")]
+        to_redis: Option<String>,
+        /// With --to-redis: the hash's name, `{session}` in it as a whole `:`-separated part.
+        /// Default `{session}:auth` (baileys-redis-auth 2.x).
+        #[arg(long, requires = "to_redis")]
+        key_pattern: Option<String>,
+        /// With --to-redis: ids in field names as they are (Evolution API, baileys-redis-auth 1.x)
+        /// instead of escaped as in file names (`/` as `__`, `:` as `-`; baileys-redis-auth 2.x).
+        #[arg(long, requires = "to_redis")]
+        raw_ids: bool,
+        /// Overwrite files (or replace hashes) that exist.
         #[arg(long)]
         force: bool,
         /// One JSON object per session instead of lines.
         #[arg(long)]
         json: bool,
     },
-    /// Move `useMultiFileAuthState` folders into the store through the running service, so bots
-    /// switch to `useNatsAuthState` without pairing again.
+    /// Move `useMultiFileAuthState` folders, or a Redis-direct store, into the store through the
+    /// running service, so bots switch to `useNatsAuthState` without pairing again.
     ///
     /// A folder holding creds.json is one session (--session names it); with --all, every such
-    /// folder under --from is imported as the session its name says. Values are stored exactly as
-    /// the Node client would store them; a file that does not read is skipped and reported. A
-    /// session with state is refused unless --force (or reported unchanged if it holds exactly
-    /// this already); running the same import again writes nothing new.
-    /// Example: `baileys-store import --tenant acme --session bot-1 --from ./auth_info_baileys`, or
-    /// `baileys-store import --tenant acme --all --from /srv/bots/auth --dry-run`.
+    /// folder under --from is imported as the session its name says. With --from-redis, sessions
+    /// are hashes with a `creds` field (baileys-redis-auth's `useRedisAuthStateWithHSet`, Evolution
+    /// API) or keys `<session>:creds`, `<session>:<type>-<id>` (baileys-redis-auth's
+    /// `useRedisAuthState`), each imported as the session its name holds; the layout and where the
+    /// session sits in a name are found (SCAN) unless --layout and --key-pattern say. Values are
+    /// stored exactly as the Node client would store them; an entry that does not read is skipped
+    /// and reported. A session with state is refused unless --force (or reported unchanged if it
+    /// holds exactly this already); running the same import again writes nothing new.
+    /// Example: `baileys-store import --tenant acme --session bot-1 --from ./auth_info_baileys`,
+    /// `baileys-store import --tenant acme --all --from /srv/bots/auth --dry-run`,
+    /// `baileys-store import --tenant acme --all --from-redis redis://r1:6379/0`, or for Evolution
+    /// API `--from-redis redis://r1:6379/0 --layout hash --key-pattern 'evolution-cache:instance:{session}'`.
     Import {
         /// Tenant id.
         #[arg(long)]
         tenant: String,
-        /// The session to import the folder --from into.
+        /// The session to import: the folder --from into it, or the one of this name in --from-redis.
         #[arg(long, required_unless_present = "all", conflicts_with = "all")]
         session: Option<String>,
-        /// Import every session folder under --from.
+        /// Import every session folder under --from, or every session in --from-redis.
         #[arg(long)]
         all: bool,
         /// The session's folder, or with --all their parent.
-        #[arg(long)]
-        from: PathBuf,
+        #[arg(long, required_unless_present = "from_redis", conflicts_with = "from_redis")]
+        from: Option<PathBuf>,
+        /// A Redis-direct store instead: `redis://host:port/db`, or `rediss://`.
+        #[arg(long, value_name = "URL")]
+        from_redis: Option<String>,
+        /// With --from-redis: a hash per session, a key per record, or found from what is there.
+        #[arg(long, value_enum, requires = "from_redis")]
+        layout: Option<baileys_store::tools::redis_layouts::Layout>,
+        /// With --from-redis: where the session sits in a hash's name (keys layout: in the name
+        /// before `:creds`), `{session}` as a whole `:`-separated part, e.g. `{session}:auth`,
+        /// `authState:{session}` or `evolution-cache:instance:{session}`. Found when not given.
+        #[arg(long, requires = "from_redis")]
+        key_pattern: Option<String>,
         /// Read and check everything, write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -355,21 +388,35 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let to = to.map_or(Point::Seq(u64::MAX), Point::Seq);
             actix::System::new().block_on(baileys_store::tools::state_at::run_diff(cfg, key, Point::Seq(from), to, json))
         }
-        Cmd::Export { tenant, session, out, force, json } => {
+        Cmd::Export { tenant, session, out, to_redis, key_pattern, raw_ids, force, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let tenant = bstore_domain::TenantId::parse(&tenant)?;
             let only = session.map(|s| bstore_domain::SessionKey::parse(tenant.as_str(), &s)).transpose()?;
-            actix::System::new().block_on(baileys_store::tools::export::run(cfg, tenant, only, out, force, json))
+            use baileys_store::tools::export::Target;
+            let target = match (out, to_redis) {
+                (_, Some(url)) => {
+                    let pattern = baileys_store::tools::redis_layouts::Pattern::parse(key_pattern.as_deref().unwrap_or("{session}:auth"))?;
+                    Target::RedisHash { url, pattern, escaped: !raw_ids }
+                }
+                (Some(out), None) => Target::Folders(out),
+                (None, None) => unreachable!("clap requires --out or --to-redis"),
+            };
+            actix::System::new().block_on(baileys_store::tools::export::run(cfg, tenant, only, target, force, json))
         }
-        Cmd::Import { tenant, session, all: _, from, dry_run, force, json } => {
+        Cmd::Import { tenant, session, all: _, from, from_redis, layout, key_pattern, dry_run, force, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
             let tenant = bstore_domain::TenantId::parse(&tenant)?;
             use baileys_store::tools::import::{Options, Source};
-            let source = match session {
-                Some(session) => Source::One { session, dir: from },
-                None => Source::All { parent: from },
+            use baileys_store::tools::redis_layouts::{Layout, Wanted};
+            let source = match (from, from_redis, session) {
+                (_, Some(url), session) => {
+                    Source::Redis(Wanted { url, layout: layout.unwrap_or(Layout::Auto), pattern: key_pattern, session })
+                }
+                (Some(dir), None, Some(session)) => Source::One { session, dir },
+                (Some(parent), None, None) => Source::All { parent },
+                (None, None, _) => unreachable!("clap requires --from or --from-redis"),
             };
             actix::System::new().block_on(baileys_store::tools::import::run(cfg, tenant, source, Options { dry_run, force, json }))
         }

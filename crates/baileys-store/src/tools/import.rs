@@ -1,11 +1,14 @@
-//! `baileys-store import`: `useMultiFileAuthState` folders moved into the
-//! store through the service's own write path, so a bot switches to
-//! `useNatsAuthState` without pairing again.
+//! `baileys-store import`: `useMultiFileAuthState` folders and Redis-direct
+//! stores moved into the store through the service's own write path, so a
+//! bot switches to `useNatsAuthState` without pairing again.
 //!
 //! A folder holding `creds.json` is one session; a parent of such folders
-//! is a fleet (`--all`), each folder named as its session. Each file is read
-//! as Baileys reads it and stored as the Node client would store the object
-//! it gives (`bufferjson`), byte for byte. A session is written by a few
+//! is a fleet (`--all`), each folder named as its session. A Redis-direct
+//! store (`redis_layouts`) holds sessions as hashes or keys, each named by
+//! its session. Each file, field or key is read as Baileys reads it and
+//! stored as the Node client would store the object it gives
+//! (`bufferjson`), byte for byte: every source goes through one
+//! [`Collector`] and one import of what it collected. A session is written by a few
 //! `keys.set` requests (one per key type, split within the service's
 //! limits) and a last `creds.put` — creds last, so a session cut off half
 //! way has no creds and is plainly incomplete. Every request id is derived
@@ -24,22 +27,26 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 
 use super::bufferjson;
+use super::redis_layouts::{self, Found, Wanted};
 use crate::Config;
 
-/// Where the folders are.
+/// Where the sessions are.
 #[derive(Debug, Clone)]
 pub enum Source {
     /// One session's folder.
     One { session: String, dir: PathBuf },
     /// A parent of session folders, each named as its session.
     All { parent: PathBuf },
+    /// A Redis-direct store: one session of it, or all.
+    Redis(Wanted),
 }
 
-/// A file left out, and why.
+/// A file, field or key left out, and why.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Skipped {
-    /// The file name.
-    pub file: String,
+    /// The file name, or the Redis field (hash layout) or record (keys
+    /// layout, the part after the session's name).
+    pub name: String,
     /// Why.
     pub reason: String,
 }
@@ -49,15 +56,15 @@ pub struct Skipped {
 pub struct Report {
     /// Session id.
     pub session: String,
-    /// The folder read.
-    pub dir: PathBuf,
+    /// What was read: the folder, or the Redis hash or keys.
+    pub from: String,
     /// `imported`, `unchanged` (it already held exactly this), `would-import`
     /// (dry run), `refused` (it has state; --force) or `failed`.
     pub status: &'static str,
     /// Why, when refused or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Whether the folder has creds.
+    /// Whether the source has creds.
     pub creds: bool,
     /// Keys read, by type.
     pub keys: BTreeMap<String, u64>,
@@ -68,20 +75,91 @@ pub struct Report {
     /// The session's sequence after the import.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
-    /// Files left out, and why.
+    /// Entries left out, and why.
     pub skipped: Vec<Skipped>,
 }
 
-/// One folder, read and converted.
+/// One session's source, read and converted.
 pub struct Folder {
     /// The session's creds in the stored form.
     pub creds: Option<Vec<u8>>,
     /// type → id → stored value.
     pub keys: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
-    /// Files left out.
+    /// Entries left out.
     pub skipped: Vec<Skipped>,
-    /// SHA-256 over every file name and content read, for request ids.
+    /// SHA-256 over every entry's name and content read, for request ids.
     pub digest: String,
+}
+
+/// Gathers one session's entries (files, Redis fields or keys), each
+/// converted as Baileys would read it, into a [`Folder`]. Entries are given
+/// in the order of their names: the first of two for one key is kept, and
+/// the digest (hence the request ids) depends on what was read alone.
+pub struct Collector {
+    out: Folder,
+    digest: ring::digest::Context,
+    from_entry: BTreeMap<(String, String), String>,
+    max_value_bytes: usize,
+}
+
+impl Collector {
+    /// An empty session; values over `max_value_bytes` are skipped.
+    pub fn new(max_value_bytes: usize) -> Self {
+        Self {
+            out: Folder { creds: None, keys: BTreeMap::new(), skipped: Vec::new(), digest: String::new() },
+            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            from_entry: BTreeMap::new(),
+            max_value_bytes,
+        }
+    }
+
+    /// Leaves an entry out, saying why.
+    pub fn skip(&mut self, name: impl Into<String>, reason: impl Into<String>) {
+        self.out.skipped.push(Skipped { name: name.into(), reason: reason.into() });
+    }
+
+    /// Adds the entry `name` holding `bytes`: the creds when `key` is
+    /// `None`, else key `(type, id)`. Skipped with its reason when the store
+    /// does not take the key, another entry gave it already, or the text is
+    /// not one Baileys reads back.
+    pub fn add(&mut self, name: &str, key: Option<(&str, String)>, bytes: &[u8]) {
+        if let Some((ty, id)) = &key {
+            if let Err(e) = KeyType::parse(ty).and(KeyId::parse(id)) {
+                return self.skip(name, format!("not a key the store takes: {e}"));
+            }
+            if let Some(first) = self.from_entry.get(&((*ty).to_owned(), id.clone())) {
+                let first = first.clone();
+                return self.skip(name, format!("the same key as {first}"));
+            }
+        }
+        let value = std::str::from_utf8(bytes)
+            .map_err(|_| "not UTF-8 text".to_owned())
+            .and_then(bufferjson::parse_file)
+            .map(|v| bufferjson::to_msgpack(&v));
+        let value = match value {
+            Ok(v) if v.len() > self.max_value_bytes => {
+                return self.skip(name, format!("the value is {} bytes, over the service's limit of {}", v.len(), self.max_value_bytes));
+            }
+            Ok(v) => v,
+            Err(e) => return self.skip(name, format!("Baileys would not read it back: {e}")),
+        };
+        self.digest.update(name.as_bytes());
+        self.digest.update(&[0]);
+        self.digest.update(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        match key {
+            None => self.out.creds = Some(value),
+            Some((ty, id)) => {
+                self.from_entry.insert((ty.to_owned(), id.clone()), name.to_owned());
+                self.out.keys.entry(ty.to_owned()).or_default().insert(id, value);
+            }
+        }
+    }
+
+    /// The session as read.
+    pub fn finish(mut self) -> Folder {
+        self.out.digest = hex(self.digest.finish().as_ref());
+        self.out
+    }
 }
 
 /// Reads a `useMultiFileAuthState` folder. A file that does not read is
@@ -93,70 +171,32 @@ pub fn read_folder(dir: &Path, max_value_bytes: usize) -> anyhow::Result<Folder>
         names.push((entry.file_name(), entry.file_type()?.is_file()));
     }
     names.sort();
-    let mut out = Folder { creds: None, keys: BTreeMap::new(), skipped: Vec::new(), digest: String::new() };
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut from_file: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut out = Collector::new(max_value_bytes);
     for (name, is_file) in names {
         let Some(name) = name.to_str().map(str::to_owned) else {
-            out.skipped.push(Skipped { file: name.to_string_lossy().into_owned(), reason: "the name is not UTF-8".into() });
+            out.skip(name.to_string_lossy(), "the name is not UTF-8");
             continue;
         };
-        let mut skip = |reason: String| out.skipped.push(Skipped { file: name.clone(), reason });
         if !is_file {
-            skip("not a regular file".into());
+            out.skip(name, "not a regular file");
             continue;
         }
         let key = if name == "creds.json" {
             None
         } else {
             match super::key_of_file(&name) {
-                Some((ty, id)) => Some((ty.to_owned(), id)),
+                Some(key) => Some(key),
                 None => {
-                    skip("not a file name useMultiFileAuthState writes for a known key type".into());
+                    out.skip(name, "not a file name useMultiFileAuthState writes for a known key type");
                     continue;
                 }
             }
         };
-        if let Some((ty, id)) = &key {
-            if let Err(e) = KeyType::parse(ty).and(KeyId::parse(id)) {
-                skip(format!("not a key the store takes: {e}"));
-                continue;
-            }
-            if let Some(first) = from_file.get(&(ty.clone(), id.clone())) {
-                skip(format!("the same key as {first}"));
-                continue;
-            }
-        }
         let path = dir.join(&name);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let value = std::str::from_utf8(&bytes)
-            .map_err(|_| "not UTF-8 text".to_owned())
-            .and_then(bufferjson::parse_file)
-            .map(|v| bufferjson::to_msgpack(&v));
-        let value = match value {
-            Ok(v) if v.len() > max_value_bytes => {
-                skip(format!("the value is {} bytes, over the service's limit of {max_value_bytes}", v.len()));
-                continue;
-            }
-            Ok(v) => v,
-            Err(e) => {
-                skip(format!("Baileys would not read it back: {e}"));
-                continue;
-            }
-        };
-        digest.update(name.as_bytes());
-        digest.update(&[0]);
-        digest.update(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        match key {
-            None => out.creds = Some(value),
-            Some((ty, id)) => {
-                from_file.insert((ty.clone(), id.clone()), name.clone());
-                out.keys.entry(ty).or_default().insert(id, value);
-            }
-        }
+        out.add(&name, key, &bytes);
     }
-    out.digest = hex(digest.finish().as_ref());
-    Ok(out)
+    Ok(out.finish())
 }
 
 fn hex(b: &[u8]) -> String {
@@ -175,6 +215,7 @@ fn folders(source: &Source) -> anyhow::Result<Vec<(String, PathBuf)>> {
             );
             Ok(vec![(session.clone(), dir.clone())])
         }
+        Source::Redis(_) => unreachable!("a Redis store has no folders"),
         Source::All { parent } => {
             anyhow::ensure!(parent.is_dir(), "{} is not a folder", parent.display());
             anyhow::ensure!(
@@ -263,13 +304,38 @@ pub struct Options {
     pub json: bool,
 }
 
-/// Imports the folders of `source` into `tenant`. Fails (after the whole
+/// Where one session is read from.
+enum Target {
+    Dir(PathBuf),
+    Redis(Found),
+}
+
+/// Imports the sessions of `source` into `tenant`. Fails (after the whole
 /// report) if any session was refused or failed.
 pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -> anyhow::Result<()> {
-    let targets = folders(&source)?;
-    for (session, _) in &targets {
-        SessionId::parse(session).with_context(|| format!("folder {session:?} is not a session id (rename it)"))?;
-    }
+    let mut store = None;
+    let targets: Vec<(String, Target)> = match source {
+        Source::Redis(wanted) => {
+            let mut found = redis_layouts::discover(&wanted).await?;
+            eprintln!(
+                "{}: {} sessions, layout {}, key pattern '{}'",
+                redis_layouts::redact(&wanted.url),
+                found.sessions.len(),
+                found.layout,
+                found.pattern
+            );
+            let sessions = std::mem::take(&mut found.sessions);
+            store = Some(found);
+            sessions.into_iter().map(|f| (f.session.clone(), Target::Redis(f))).collect()
+        }
+        source => {
+            let targets = folders(&source)?;
+            for (session, _) in &targets {
+                SessionId::parse(session).with_context(|| format!("folder {session:?} is not a session id (rename it)"))?;
+            }
+            targets.into_iter().map(|(s, d)| (s, Target::Dir(d))).collect()
+        }
+    };
     let nc = crate::connect_requester(&cfg).await?;
     let max_ids = cfg.limits.max_ids_per_call;
     // The service lowers its request limit to the server's max_payload (less room for headers).
@@ -282,10 +348,20 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut reports = Vec::new();
-    for (n, (session, dir)) in targets.into_iter().enumerate() {
+    for (n, (session, target)) in targets.into_iter().enumerate() {
         let key = SessionKey::parse(tenant.as_str(), &session)?;
         bar.set_message(key.to_string());
-        let report = import_one(&nc, &cfg, &key, &dir, &opts, max_ids, max_bytes).await;
+        let max_value = cfg.limits.max_value_bytes;
+        let (from, read) = match (target, store.as_mut()) {
+            (Target::Dir(dir), _) => (dir.display().to_string(), read_folder(&dir, max_value)),
+            (Target::Redis(found), Some(store)) => {
+                let mut into = Collector::new(max_value);
+                let read = store.read(&found, &mut into).await.map(|()| into.finish());
+                (found.describe(store.layout), read)
+            }
+            (Target::Redis(_), None) => unreachable!("Redis sessions come with their store"),
+        };
+        let report = import_one(&nc, &cfg, &key, from, read, &opts, max_ids, max_bytes).await;
         let keys: u64 = report.keys.values().sum();
         let line = format!(
             "[{}/{total}] {key}: {} — {keys} keys{}, {} B, {} requests{}{}",
@@ -294,7 +370,7 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
             if report.creds { " and creds" } else { "" },
             report.bytes,
             report.requests,
-            if report.skipped.is_empty() { String::new() } else { format!(", {} files skipped", report.skipped.len()) },
+            if report.skipped.is_empty() { String::new() } else { format!(", {} skipped", report.skipped.len()) },
             report.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
         );
         // The bar draws nothing off a terminal, and prints nothing either.
@@ -311,7 +387,7 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
         if opts.json {
             println!("{}", serde_json::to_string(r)?);
         } else {
-            println!("{} ({}): {}", r.session, r.dir.display(), r.status);
+            println!("{} ({}): {}", r.session, r.from, r.status);
             for (ty, n) in &r.keys {
                 println!("  {ty:<24} {n:>7}");
             }
@@ -323,7 +399,7 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
                 r.seq.map(|s| format!("; at sequence {s}")).unwrap_or_default()
             );
             for s in &r.skipped {
-                println!("  skipped {}: {}", s.file, s.reason);
+                println!("  skipped {}: {}", s.name, s.reason);
             }
             if let Some(e) = &r.error {
                 println!("  {e}");
@@ -335,18 +411,20 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn import_one(
     nc: &async_nats::Client,
     cfg: &Config,
     key: &SessionKey,
-    dir: &Path,
+    from: String,
+    read: anyhow::Result<Folder>,
     opts: &Options,
     max_ids: usize,
     max_bytes: usize,
 ) -> Report {
     let mut report = Report {
         session: key.session.to_string(),
-        dir: dir.to_owned(),
+        from,
         status: "failed",
         error: None,
         creds: false,
@@ -356,7 +434,7 @@ async fn import_one(
         seq: None,
         skipped: Vec::new(),
     };
-    let folder = match read_folder(dir, cfg.limits.max_value_bytes) {
+    let folder = match read {
         Ok(f) => f,
         Err(e) => {
             report.error = Some(format!("{e:#}"));
@@ -369,7 +447,7 @@ async fn import_one(
         + folder.keys.values().flat_map(|ids| ids.values()).map(|v| v.len() as u64).sum::<u64>();
     report.skipped = folder.skipped.clone();
     let Some(creds) = &folder.creds else {
-        report.error = Some("creds.json does not read: nothing imported".into());
+        report.error = Some("the creds do not read (see skipped): nothing imported".into());
         return report;
     };
     let batches = batches(&folder, max_ids, max_bytes);

@@ -1,8 +1,8 @@
 //! The operator's commands, one file per command family, apart from
 //! starting the service: the audit (`history`, `state-at`, `diff`),
 //! moving sessions in and out (`import` from `useMultiFileAuthState`
-//! folders, `export` back to them), `erase`, and the key commands
-//! (`rotate-key`, `keys …`).
+//! folders and Redis-direct stores, `export` back to them), `erase`, and
+//! the key commands (`rotate-key`, `keys …`).
 
 pub mod bufferjson;
 pub mod erase;
@@ -10,6 +10,7 @@ pub mod export;
 pub mod history;
 pub mod import;
 pub mod keys;
+pub mod redis_layouts;
 pub mod state_at;
 
 /// The key types Baileys (v7) writes, longest first so that a file name
@@ -52,6 +53,19 @@ pub fn key_of_file(name: &str) -> Option<(&'static str, String)> {
     Some((ty, id))
 }
 
+/// The key a field of a Redis-direct store stands for (`<type>-<id>`, the
+/// id escaped as in a file name or as it is: both read back alike).
+pub fn key_of_field(field: &str) -> Option<(&'static str, String)> {
+    key_of_file(&format!("{field}.json"))
+}
+
+/// The field a Redis-direct store gives a key: `<type>-<id>`, the id
+/// escaped as `useMultiFileAuthState` escapes file names (baileys-redis-auth
+/// since 2.0) or, with `escaped` false, as it is (Evolution API).
+pub fn field_name(ty: &str, id: &str, escaped: bool) -> String {
+    if escaped { format!("{ty}-{id}").replace('/', "__").replace(':', "-") } else { format!("{ty}-{id}") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +88,12 @@ mod tests {
         assert_eq!(key_of_file("creds.json"), None);
         assert_eq!(key_of_file("unknown-1.json"), None);
         assert_eq!(key_of_file("pre-key-.json"), None);
+        // Redis fields, escaped or not, give the same keys.
+        for escaped in [true, false] {
+            for (ty, id) in [("sender-key", "1203630@g.us::4915_1::3"), ("app-state-sync-key", "AAAA/b+c="), ("session", "4915_1.0")] {
+                assert_eq!(key_of_field(&field_name(ty, id, escaped)), Some((ty, id.to_owned())), "{ty} {id} {escaped}");
+            }
+        }
+        assert_eq!(key_of_field("creds"), None);
     }
 }
