@@ -1,8 +1,9 @@
-// Moving bots in and out: devices talk on Baileys' own useMultiFileAuthState folders,
-// the folders are imported with `baileys-store import`, the same devices go on through
+// Moving bots in and out: devices talk on Baileys' own useMultiFileAuthState folders (or
+// on a Redis-direct store laid out as baileys-redis-auth lays it out), the folders (or
+// hashes) are imported with `baileys-store import`, the same devices go on through
 // useNatsAuthState, and then an `export` of the store is opened by useMultiFileAuthState
-// and they go on again. Every decrypt is checked and no pre-key bundle is fetched anew:
-// the Signal sessions made on files carry over both ways.
+// (or the Redis store) and they go on again. Every decrypt is checked and no pre-key bundle
+// is fetched anew: the Signal sessions made outside carry over both ways.
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
@@ -12,6 +13,7 @@ import { after, before, describe, it } from 'node:test'
 import type { NatsConnection } from 'nats'
 import { BufferJSON } from '@whiskeysockets/baileys'
 import { BaileysStoreClient, decodeValue, encodeValue } from '../src/index.js'
+import { BAILEYS_REDIS_AUTH, RedisServer, redisHashStore } from './support/redis.js'
 import { findServiceBinary, NatsServer, removeDir, Service, tempDir } from './support/servers.js'
 import { type OpenAuth, World } from './support/signal-world.js'
 import { fileStore, natsStore } from './support/stores.js'
@@ -152,6 +154,98 @@ describe('moving between useMultiFileAuthState and baileys-store', () => {
 			world.logger.problems.filter((p) => p.startsWith('error')),
 			[]
 		)
+	})
+
+	it('a Redis-direct hash store goes on through the service, and an exported hash goes on through Redis', async () => {
+		const redis = await RedisServer.start()
+		const source = redis.client(0)
+		const target = redis.client(1)
+		try {
+			const tenant2 = `r${randomBytes(4).toString('hex')}`
+			const options2 = { ...options, tenant: tenant2 }
+			let current: OpenAuth = redisHashStore(source, BAILEYS_REDIS_AUTH)
+			const world = new World((device) => current(device))
+			await world.setup()
+			let round = 0
+			const play = async (n: number) => {
+				for (const end = round + n; round < end; round++) {
+					await world.directRound(round)
+					await world.groupRound(round)
+				}
+			}
+			await play(2)
+			assert.deepEqual(world.failures, [])
+			const left = bundlesLeft(world)
+
+			// The layout is found: a hash `<device>:auth` per device.
+			const reports = await cli(['import', '--tenant', tenant2, '--all', '--from-redis', `${redis.url}/0`, '--json'])
+			assert.deepEqual(
+				reports.map((r) => [r.session, r.status, r.from, r.skipped.length]),
+				world.devices.map((d) => [d.name, 'imported', `redis hash ${d.name}:auth`, 0]).sort()
+			)
+			// Each value is what useNatsAuthState stores for the object the Redis store reads back.
+			const types = ['sender-key-memory', 'identity-key', 'device-list', 'lid-mapping', 'sender-key', 'pre-key', 'session']
+			let compared = 0
+			for (const d of world.devices) {
+				const client = new BaileysStoreClient(nc, { ...options2, session: d.name })
+				const hash = await source.hgetall(`${d.name}:auth`)
+				const stored = (text: string) => Buffer.from(encodeValue(JSON.parse(text, BufferJSON.reviver)))
+				assert.deepEqual(Buffer.from((await client.getCreds()) ?? []), stored(hash.creds!), `${d.name} creds`)
+				const info = await client.info()
+				assert.equal(
+					Object.values(info.keys).reduce((a, b) => a + b, 0),
+					Object.keys(hash).length - 1,
+					`${d.name}: every field imported`
+				)
+				for (const [field, text] of Object.entries(hash)) {
+					if (field === 'creds') continue
+					const type = types.find((t) => field.startsWith(`${t}-`))
+					assert.ok(type, `known key type: ${field}`)
+					const raw = field.slice(type.length + 1)
+					const id = type === 'sender-key' ? raw.replaceAll('--', '::') : raw
+					const got = await client.getKeys(type, [id])
+					assert.deepEqual(Buffer.from(got[id] ?? []), stored(text), `${d.name} ${type} ${id}`)
+					compared++
+				}
+			}
+			assert.ok(compared > 3000, `compared ${compared} keys`)
+			const again = await cli(['import', '--tenant', tenant2, '--all', '--from-redis', `${redis.url}/0`, '--layout', 'hash', '--json'])
+			assert.deepEqual(
+				again.map((r) => r.status),
+				world.devices.map(() => 'unchanged')
+			)
+
+			// The same devices on the service, every cache dropped.
+			current = natsStore(nc, options2)
+			await world.reopen()
+			const seqBefore = (await new BaileysStoreClient(nc, { ...options2, session: 'bob-1' }).info()).seq
+			await play(2)
+			assert.deepEqual(world.failures, [])
+			assert.equal(bundlesLeft(world), left, 'no pre-key bundle fetched after the import')
+			const seqAfter = (await new BaileysStoreClient(nc, { ...options2, session: 'bob-1' }).info()).seq
+			assert.ok(seqAfter > seqBefore, 'the devices wrote through the service')
+
+			// Out again, to hashes in another database, opened by the Redis store.
+			const out = await cli(['export', '--tenant', tenant2, '--to-redis', `${redis.url}/1`, '--json'])
+			assert.deepEqual(
+				out.map((r) => [r.session, r.to]).sort(),
+				world.devices.map((d) => [d.name, `${d.name}:auth`]).sort()
+			)
+			current = redisHashStore(target, BAILEYS_REDIS_AUTH)
+			await world.reopen()
+			await play(2)
+			assert.deepEqual(world.failures, [])
+			assert.equal(bundlesLeft(world), left, 'no pre-key bundle fetched after the export')
+			assert.equal(world.delivered, 6 * 21)
+			assert.deepEqual(
+				world.logger.problems.filter((p) => p.startsWith('error')),
+				[]
+			)
+		} finally {
+			source.disconnect()
+			target.disconnect()
+			await redis.stop()
+		}
 	})
 
 	it('stores what useNatsAuthState stores and writes what Baileys writes, for JSON at its corners', async () => {
