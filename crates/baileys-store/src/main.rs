@@ -399,7 +399,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     let pattern = baileys_store::tools::redis_layouts::Pattern::parse(key_pattern.as_deref().unwrap_or("{session}:auth"))?;
                     Target::RedisHash { url, pattern, escaped: !raw_ids }
                 }
-                (Some(out), None) => Target::Folders(out),
+                (Some(out), None) => {
+                    // clap leaves `requires` unchecked beside a conflicting argument.
+                    anyhow::ensure!(key_pattern.is_none() && !raw_ids, "--key-pattern and --raw-ids go with --to-redis");
+                    Target::Folders(out)
+                }
                 (None, None) => unreachable!("clap requires --out or --to-redis"),
             };
             actix::System::new().block_on(baileys_store::tools::export::run(cfg, tenant, only, target, force, json))
@@ -410,6 +414,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let tenant = bstore_domain::TenantId::parse(&tenant)?;
             use baileys_store::tools::import::{Options, Source};
             use baileys_store::tools::redis_layouts::{Layout, Wanted};
+            // clap leaves `requires` unchecked beside a conflicting argument.
+            anyhow::ensure!(
+                from_redis.is_some() || (layout.is_none() && key_pattern.is_none()),
+                "--layout and --key-pattern go with --from-redis"
+            );
             let source = match (from, from_redis, session) {
                 (_, Some(url), session) => {
                     Source::Redis(Wanted { url, layout: layout.unwrap_or(Layout::Auto), pattern: key_pattern, session })
