@@ -394,6 +394,7 @@ async fn redis_keys_import_and_hash_exports_round_trip() {
         let () = conn.set(format!("bot-2:{field}"), text).await.unwrap();
     }
     let () = conn.set("bot-2:pre-key-7", "not json").await.unwrap();
+    let () = conn.hset("bot-2:pre-key-8", "x", "1").await.unwrap();
     let src = stack.dir.path().join("files");
     std::fs::create_dir_all(&src).unwrap();
     for (name, text) in FILES {
@@ -408,9 +409,17 @@ async fn redis_keys_import_and_hash_exports_round_trip() {
     assert_eq!((lines[0]["session"].as_str(), lines[0]["status"].as_str()), (Some("bot-2"), Some("imported")), "{lines:?}");
     assert_eq!(lines[0]["from"], "redis keys bot-2:*");
     let skipped = lines[0]["skipped"].as_array().unwrap();
-    assert_eq!(skipped.len(), 1, "{lines:?}");
-    assert_eq!(skipped[0]["name"], "pre-key-7");
+    assert_eq!(skipped.len(), 2, "{lines:?}");
+    assert_eq!(skipped[0]["name"], "pre-key-8", "a record that is not a string key is reported");
+    assert!(skipped[0]["reason"].as_str().unwrap().contains("no longer a string key"), "{lines:?}");
+    assert_eq!(skipped[1]["name"], "pre-key-7");
+    assert!(skipped[1]["reason"].as_str().unwrap().contains("would not read"), "{lines:?}");
     same_values(&stack, ("mig", "files"), ("mig", "bot-2")).await;
+    // The Redis flags are refused beside a folder, not ignored.
+    let (ok, _, err) = cli(&stack, &["import", "--tenant", "mig", "--all", "--from", src.to_str().unwrap(), "--layout", "keys"]);
+    assert!(!ok && err.contains("go with --from-redis"), "{err}");
+    let (ok, _, err) = cli(&stack, &["export", "--tenant", "mig", "--out", src.to_str().unwrap(), "--raw-ids"]);
+    assert!(!ok && err.contains("go with --to-redis"), "{err}");
     let (ok, lines, _) = import_redis(&stack, "mig", &url, &["--session", "bot-2", "--layout", "keys"]);
     assert!(ok && lines[0]["status"] == "unchanged", "{lines:?}");
 

@@ -204,8 +204,13 @@ pub fn redact(url: &str) -> String {
 }
 
 /// One page of `SCAN cursor MATCH m COUNT 1000 [TYPE t]`.
-async fn scan_page(conn: &mut MultiplexedConnection, cursor: u64, m: &str, ty: &str) -> anyhow::Result<(u64, Vec<Vec<u8>>)> {
-    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(m).arg("COUNT").arg(1000).arg("TYPE").arg(ty).query_async(conn).await.context("SCAN")
+async fn scan_page(conn: &mut MultiplexedConnection, cursor: u64, m: &str, ty: Option<&str>) -> anyhow::Result<(u64, Vec<Vec<u8>>)> {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor).arg("MATCH").arg(m).arg("COUNT").arg(1000);
+    if let Some(ty) = ty {
+        cmd.arg("TYPE").arg(ty);
+    }
+    cmd.query_async(conn).await.context("SCAN")
 }
 
 /// Finds the sessions `wanted` names: the layout and pattern when not
@@ -265,7 +270,7 @@ pub async fn discover(wanted: &Wanted) -> anyhow::Result<Store> {
         };
         let mut cursor = 0;
         loop {
-            let (next, names) = scan_page(&mut conn, cursor, &m, ty).await?;
+            let (next, names) = scan_page(&mut conn, cursor, &m, Some(ty)).await?;
             let names: Vec<String> = names.into_iter().filter_map(|n| String::from_utf8(n).ok()).collect();
             match layout {
                 Layout::Hash => {
@@ -327,8 +332,9 @@ pub async fn discover(wanted: &Wanted) -> anyhow::Result<Store> {
     Ok(Store { conn, layout, pattern, sessions })
 }
 
-/// The keys layout: the records of each session, by one SCAN over the
-/// pattern's names (or, for one session, over its own).
+/// The keys layout: the records of each session (`<name>:<field>`, creds
+/// included), by one SCAN over the pattern's names (or, for one session,
+/// over its own).
 async fn list_records(conn: &mut MultiplexedConnection, pattern: &Pattern, sessions: &mut [Found]) -> anyhow::Result<()> {
     let index: BTreeMap<String, usize> = sessions.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
     let m = match sessions {
@@ -337,7 +343,8 @@ async fn list_records(conn: &mut MultiplexedConnection, pattern: &Pattern, sessi
     };
     let mut cursor = 0;
     loop {
-        let (next, names) = scan_page(conn, cursor, &m, "string").await?;
+        // Every type: a record that is not a string is reported, not passed over.
+        let (next, names) = scan_page(conn, cursor, &m, None).await?;
         for n in names.into_iter().filter_map(|n| String::from_utf8(n).ok()) {
             // `<name>:<field>`, the name's session one segment: the first `:` after the prefix ends it.
             let Some(rest) = n.strip_prefix(&pattern.prefix) else { continue };
@@ -381,7 +388,7 @@ impl Store {
                             Some(v) => {
                                 entries.insert(field, v);
                             }
-                            None => into.skip(field, "it went away while the store was read (is a bot still running on it?)"),
+                            None => into.skip(field, "no longer a string key when read: it went or changed while the store was read (is a bot still running on it?)"),
                         }
                     }
                 }
