@@ -20,6 +20,7 @@ mod metrics;
 mod migration;
 mod ownership;
 mod projections;
+mod rebuild;
 mod snapshots;
 mod spine;
 mod tools;

@@ -222,18 +222,24 @@ enum Cmd {
     /// Example: `BSTORE_NATS_URL=nats://n1:4222 BSTORE_MONGO_URL=mongodb://m1/ baileys-store materialize`;
     /// several may run at once on the same durable consumer.
     Materialize,
-    /// Write a projection again from the log alone (Redis: every session's hash; Mongo: drop and replay).
+    /// Write a projection again from the log alone: every session's Redis hash, or its Mongo
+    /// documents, from its newest snapshot plus the events after it (time proportional to the
+    /// states, not the history). Safe while the service runs; Mongo's materializers resume after
+    /// what was rebuilt.
     ///
     /// Example: `baileys-store rebuild redis` after losing the cache, `baileys-store rebuild mongo`
-    /// to clear the quarantine and materialize everything again.
+    /// after losing or damaging Mongo, or to clear its quarantine.
     Rebuild {
         /// Which projection.
         #[arg(value_enum)]
         target: baileys_store::projections::Target,
-        /// Replay every event of each session instead of starting from its newest snapshot
-        /// (Redis; Mongo is always materialized from the first event).
+        /// Replay every event of each session (from its first kept one) instead of starting from
+        /// its newest snapshot.
         #[arg(long)]
         from_scratch: bool,
+        /// Print the summary as one JSON object (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Erase a session (or every session of a tenant) for good: its data key is destroyed, so its
     /// events, Redis and Mongo values cannot be read by anyone, and it starts empty.
@@ -434,10 +440,10 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&cfg.telemetry)?;
             actix::System::new().block_on(baileys_store::projections::materialize(cfg, shutdown_signal()))
         }
-        Cmd::Rebuild { target, from_scratch } => {
+        Cmd::Rebuild { target, from_scratch, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            actix::System::new().block_on(baileys_store::projections::rebuild(cfg, target, from_scratch))
+            actix::System::new().block_on(baileys_store::projections::rebuild_reporting(cfg, target, from_scratch, json))
         }
         Cmd::Verify { tenant, session, json, from_scratch } => {
             let cfg = Config::load(cli.config.as_deref())?;

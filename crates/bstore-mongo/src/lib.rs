@@ -10,6 +10,11 @@
 //! share the consumer: `apply` is correct when they apply batches of one
 //! session at the same time, in any order, or the same batch twice.
 //!
+//! [`Materializer::rebuild`] (`rebuild.rs`) writes every session's documents
+//! again from the log — from its newest snapshot plus the events after it —
+//! while the instances' materializers go on, then lets the durable consumer
+//! resume after what it rebuilt.
+//!
 //! **Architecture invariants:** Mongo never holds a fact the stream lacks —
 //! only events read back from the log are written; writes are idempotent and
 //! ordered by stream sequence, also across instances — a redelivered or
@@ -26,14 +31,16 @@ mod keydoc;
 mod materializer;
 mod plan;
 mod quarantine;
+mod rebuild;
 mod store;
 
-pub use config::MongoConfig;
 pub use bstore_log::session_of;
+pub use config::MongoConfig;
 pub use materializer::{Lag, Materializer, Stats, lag};
 /// The MongoDB driver, for tools and tests that read the documents.
 pub use mongodb;
 pub use quarantine::{QuarantineKind, Quarantined};
+pub use rebuild::Rebuilt;
 pub use store::{Applied, ID_SEP, LoggedEvent, Store, StoredSession, sid};
 
 /// Why the materializer could not do what was asked.

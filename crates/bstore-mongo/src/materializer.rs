@@ -95,13 +95,13 @@ struct Counters {
 /// [`Materializer::lag`].
 #[derive(Clone)]
 pub struct Materializer {
-    store: Store,
+    pub(crate) store: Store,
     js: jetstream::Context,
     log: LogConfig,
-    cfg: MongoConfig,
+    pub(crate) cfg: MongoConfig,
     codec: Codec,
     /// The log, for the sessions' data keys.
-    events: EventLog,
+    pub(crate) events: EventLog,
     counters: Arc<Counters>,
 }
 
@@ -250,7 +250,9 @@ impl Materializer {
             Err(LogError::Unavailable(e)) => return Err(MongoError::Stream(e)),
             Err(e @ LogError::Unfit { .. }) => {
                 tracing::warn!(%session, seq, error = %e, "the session's log does not replay");
-                return Err(MongoError::Unreadable("a patch needs the session replayed from the log, where an event does not apply".into()));
+                return Err(MongoError::Unreadable(
+                    "a patch needs the session replayed from the log, where an event does not apply".into(),
+                ));
             }
             Err(e) => return Err(MongoError::Unreadable(format!("a patch needs the session replayed from the log, which fails: {e}"))),
         };
@@ -301,7 +303,8 @@ impl Materializer {
         tracing::info!("materializer stopped");
     }
 
-    /// Materializes until the lag is 0 once, then returns. For `rebuild`.
+    /// Materializes until the lag is 0 once, then returns (the benchmark's
+    /// measure of throughput).
     pub async fn drain(&self) -> Result<(), MongoError> {
         self.work(Some(())).await
     }
@@ -355,7 +358,7 @@ impl Materializer {
     /// in Mongo if there is one, so a lost consumer does not mean a replay of
     /// the whole log. One made by an earlier release, without a bound on
     /// redeliveries, is given `mongo.max_deliver`.
-    async fn consumer(&self) -> Result<Durable, MongoError> {
+    pub(crate) async fn consumer(&self) -> Result<Durable, MongoError> {
         let cfg = DurableConfig {
             name: self.cfg.consumer.clone(),
             description: "baileys-store mongo materializer".into(),

@@ -15,8 +15,8 @@
 //! a value or a key id (a document is named by its type and id tag). It is
 //! written with an upsert on an `_id` made of what it is about, so an event
 //! quarantined by two instances is recorded once. `verify` lists them;
-//! `rebuild mongo` drops them with the rest and materializes everything
-//! again.
+//! `rebuild mongo` writes each session again from the log and drops the
+//! records it replaced (`rebuild.rs`).
 
 use bstore_domain::SessionKey;
 use futures_util::TryStreamExt;

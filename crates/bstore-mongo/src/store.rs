@@ -76,7 +76,9 @@
 //!   died before its recount) the session is recounted.
 //!
 //! Dates are taken from the events (`at_ms`), not from the clock, so a
-//! rebuild writes the same documents as the live materializer did.
+//! replay writes the same documents as the live materializer did (`rebuild.rs`
+//! writes a session from its state: every key at the state's sequence and
+//! time).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -161,11 +163,11 @@ pub struct StoredSession {
 pub struct Store {
     client: Client,
     db: Database,
-    keys: Collection<Document>,
-    sessions: Collection<Document>,
-    checkpoints: Collection<Document>,
+    pub(crate) keys: Collection<Document>,
+    pub(crate) sessions: Collection<Document>,
+    pub(crate) checkpoints: Collection<Document>,
     pub(crate) quarantine: Collection<Document>,
-    codec: Codec,
+    pub(crate) codec: Codec,
     retention_secs: u64,
     #[cfg(test)]
     gate: Option<std::sync::Arc<crate::tests::Gate>>,
@@ -458,7 +460,7 @@ impl Store {
     /// generation read it after every increment, so after every key write
     /// of every recount: its counts are the true ones, and no lower
     /// generation can overwrite them.
-    async fn recount(&self, sessions: &BTreeSet<SessionKey>) -> Result<(), MongoError> {
+    pub(crate) async fn recount(&self, sessions: &BTreeSet<SessionKey>) -> Result<(), MongoError> {
         let claims: Vec<Write> = sessions
             .iter()
             .map(|key| Write {
@@ -545,7 +547,7 @@ impl Store {
     }
 
     /// One register of a session document, guarded by its sequence.
-    fn session_write(&self, w: &SessionWrite) -> Write {
+    pub(crate) fn session_write(&self, w: &SessionWrite) -> Write {
         let (session, register, seq, update) = match w {
             SessionWrite::Reset { session, seq, at_ms } => {
                 (session, "reset_seq", *seq, doc! { "$set": { "reset_seq": *seq as i64, "reset_at_ms": *at_ms as i64 } })
@@ -588,7 +590,7 @@ impl Store {
     /// One key's change. `expect`: the sequence the document was read at
     /// (compare-and-set, no upsert); `None`: guarded by `seq < new` alone,
     /// with upsert.
-    fn key_write(&self, w: &KeyWrite, expect: Option<u64>) -> Write {
+    pub(crate) fn key_write(&self, w: &KeyWrite, expect: Option<u64>) -> Write {
         let (session, ty, kid) = &w.place;
         let op = &w.op;
         let tag = self.codec.id_tag(session, ty, kid);
@@ -631,7 +633,7 @@ impl Store {
 
     /// Makes the key documents matching `filter` that are older than `seq`
     /// tombstones of the deletion at `seq`.
-    fn tombstones(&self, mut filter: Document, seq: u64, at_ms: u64, many: bool) -> Write {
+    pub(crate) fn tombstones(&self, mut filter: Document, seq: u64, at_ms: u64, many: bool) -> Write {
         let at = DateTime::from_millis(at_ms as i64);
         filter.insert("seq", doc! { "$lt": seq as i64 });
         Write {
@@ -657,7 +659,7 @@ impl Store {
     /// again without upsert: the document exists now, so the same guarded
     /// update decides, and matching nothing then truly means "as new or
     /// newer".
-    async fn write_all(&self, writes: &[Write]) -> Result<Vec<Outcome>, MongoError> {
+    pub(crate) async fn write_all(&self, writes: &[Write]) -> Result<Vec<Outcome>, MongoError> {
         let (mut out, collided) = self.send(writes.iter().map(|w| w.model(w.upsert)).collect(), writes).await?;
         if !collided.is_empty() {
             let models = collided.iter().map(|&i| writes[i].model(false)).collect();
@@ -845,9 +847,9 @@ pub fn sid(session: &SessionKey) -> String {
 }
 
 /// One guarded write.
-struct Write {
+pub(crate) struct Write {
     ns: Namespace,
-    filter: Document,
+    pub(crate) filter: Document,
     update: Document,
     upsert: bool,
     many: bool,

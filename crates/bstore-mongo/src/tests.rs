@@ -566,3 +566,54 @@ async fn first_writes_of_a_key_racing_each_other_keep_the_newest() {
         assert_eq!(got.creds.as_deref(), Some(&b"c4"[..]), "session {s}");
     }
 }
+
+/// The state of session `s` at `seq` holding `entries` (type, id, value).
+fn state_at(seq: u64, creds: &str, entries: &[(&str, &str, &str)]) -> bstore_domain::SessionState {
+    let keys = entries.iter().map(|(t, i, v)| (KeyType::parse(t).unwrap(), KeyId::parse(i).unwrap(), Bytes::copy_from_slice(v.as_bytes())));
+    bstore_domain::SessionState::from_parts(seq, Some(Bytes::copy_from_slice(creds.as_bytes())), keys, Some(1000 + seq), seq)
+}
+
+#[tokio::test]
+async fn a_rebuilt_state_replaces_a_damaged_copy_and_late_older_events_cannot_undo_it() {
+    let server = MongoServer::start();
+    let store = store(&server, "rebuilt").await;
+    let a = session("a");
+    // A damaged copy: a key at a sequence no event has, and a key the state
+    // does not hold.
+    store.apply(&[keys("a", 1_000_000, &[("pre-key", "1", Some("junk"))]), keys("a", 3, &[("pre-key", "9", Some("gone"))])]).await.unwrap();
+    let state = state_at(10, "c10", &[("pre-key", "1", "v1"), ("pre-key", "2", "v2")]);
+    let (written, tombstoned) = store.overwrite_state(&a, &state).await.unwrap();
+    assert_eq!((written, tombstoned), (2, 1));
+    store.recount(&[a.clone()].into()).await.unwrap();
+    let got = store.read_session(&a).await.unwrap().unwrap();
+    assert_eq!((got.seq, got.creds.as_deref()), (10, Some(&b"c10"[..])));
+    assert_eq!(got.keys.keys().map(|(_, i)| i.as_str()).collect::<Vec<_>>(), vec!["1", "2"]);
+    assert_eq!(got.keys[&("pre-key".into(), "1".into())], b"v1");
+
+    // Events the state already holds, delivered late: a key it lacks with
+    // no document (deleted before 10), an older value, older creds. None
+    // changes anything.
+    let before = dump(&store).await;
+    store.apply(&[keys("a", 4, &[("pre-key", "7", Some("late"))]), keys("a", 6, &[("pre-key", "2", Some("older"))])]).await.unwrap();
+    store.apply(&[creds("a", 8, "c8")]).await.unwrap();
+    let mut after = dump(&store).await;
+    // A late creation leaves a tombstone behind, at the state's sequence.
+    let tomb = after.iter().position(|d| d.get_bool("deleted") == Ok(true) && !before.iter().any(|b| b.get_str("_id") == d.get_str("_id")));
+    if let Some(i) = tomb {
+        assert_eq!(after.remove(i).get_i64("seq"), Ok(10));
+    }
+    assert_eq!(after, before);
+
+    // A newer event applies on top; a state written guarded later than it
+    // keeps it.
+    store.apply(&[keys("a", 12, &[("pre-key", "2", Some("v12")), ("pre-key", "3", Some("v12"))])]).await.unwrap();
+    let state = state_at(11, "c11", &[("pre-key", "1", "v1"), ("pre-key", "2", "v11")]);
+    store.raise_state(&a, &state).await.unwrap();
+    store.recount(&[a.clone()].into()).await.unwrap();
+    let got = store.read_session(&a).await.unwrap().unwrap();
+    assert_eq!(got.seq, 12);
+    assert_eq!(got.creds.as_deref(), Some(&b"c11"[..]), "the creds register was older");
+    assert_eq!(got.keys[&("pre-key".into(), "2".into())], b"v12", "the newer write stays");
+    assert_eq!(got.keys[&("pre-key".into(), "3".into())], b"v12");
+    assert_eq!(got.counts, BTreeMap::from([("pre-key".to_string(), 3)]));
+}
