@@ -9,6 +9,10 @@
 //!    `--seconds`. The events are shaped like a bot's traffic over
 //!    `--sessions` sessions: each rewrites one peer's Signal session, every
 //!    twentieth per session also replaces a pre-key.
+//! 3. (`lastseq`) Reading a session's last sequence: the direct get of its
+//!    last message, payload included, beside a headers-only consumer's
+//!    create answer and the direct get of "the next message after it", for
+//!    last messages of 300 B, 64 KiB and 1 MiB.
 //!
 //! It starts its own nats-server, redis-server and Mongo-compatible server
 //! (`scripts/setup --test` installs them) on free ports, and drives the
@@ -64,8 +68,8 @@ struct Args {
     /// Seconds of the steady phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Sections to run: load, history, mongo.
-    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo")]
+    /// Sections to run: load, history, mongo, lastseq.
+    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo,lastseq")]
     sections: Vec<String>,
     /// Lengths of history for the history section, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
@@ -97,6 +101,62 @@ async fn main() -> anyhow::Result<()> {
     if args.sections.iter().any(|s| s == "mongo") {
         materializer(&args, &client, &log, &codec).await?;
     }
+    if args.sections.iter().any(|s| s == "lastseq") {
+        last_seq(&args, &client, &log).await?;
+    }
+    Ok(())
+}
+
+/// How to read a session's last sequence: the direct get of its last
+/// message (what `EventLog::last_seq` does, payload included) beside the
+/// only way nats-server 2.15 offers without the payload — an ephemeral
+/// consumer filtered to the subject with `deliver_policy = last` and
+/// `headers_only`, whose create answer names the sequence
+/// (`delivered.stream_seq + 1`), deleted right after — for a last message
+/// that is a small delta and one that is a whole large value. Also the
+/// direct get of the next message after a sequence, which answers only
+/// "is there anything after it" (404, no payload, when there is not).
+async fn last_seq(args: &Args, client: &async_nats::Client, log: &EventLog) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream(&LogConfig::default().stream).await?;
+    println!("## The last sequence of a session (median of {} reads)\n", args.runs.max(50));
+    println!("| last message | direct get of the last message | headers-only consumer: create + delete | direct get next after it (404) |");
+    println!("|---:|---:|---:|---:|");
+    for (label, bytes) in [("a 300 B delta", 300usize), ("a 64 KiB value", 64 << 10), ("a 1 MiB set", 1 << 20)] {
+        let key = SessionKey::parse("bench", &format!("last-{bytes}"))?;
+        let seq = log.append(&key, 0, &keys_event([("session", "a.0".to_string(), Some(noise(bytes, bytes)))])).await?.seq;
+        let subject = log.subject(&key);
+        let (mut direct, mut consumer_way, mut next) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.runs.max(50) {
+            let t = Instant::now();
+            anyhow::ensure!(log.last_seq(&key).await? == seq, "direct get");
+            direct.push(t.elapsed());
+
+            let t = Instant::now();
+            let c = stream
+                .create_consumer(consumer::pull::Config {
+                    filter_subject: subject.clone(),
+                    deliver_policy: consumer::DeliverPolicy::Last,
+                    headers_only: true,
+                    ..Default::default()
+                })
+                .await?;
+            let info = c.cached_info();
+            let found = if info.num_pending > 0 { info.delivered.stream_sequence + 1 } else { 0 };
+            stream.delete_consumer(&info.name).await?;
+            consumer_way.push(t.elapsed());
+            anyhow::ensure!(found == seq, "the consumer's start names the last sequence ({found}, {seq})");
+
+            let t = Instant::now();
+            let body = serde_json::json!({ "seq": seq + 1, "next_by_subj": subject }).to_string();
+            let answer = client.request(format!("$JS.API.DIRECT.GET.{}", LogConfig::default().stream), body.into()).await?;
+            next.push(t.elapsed());
+            anyhow::ensure!(answer.status == Some(async_nats::StatusCode::NOT_FOUND), "nothing after the last message");
+        }
+        println!("| {label} | {} | {} | {} |", ms(median(&mut direct)), ms(median(&mut consumer_way)), ms(median(&mut next)));
+    }
+    println!();
     Ok(())
 }
 
@@ -226,7 +286,8 @@ async fn history(args: &Args, client: &async_nats::Client, log: &EventLog, codec
             let expected = seq;
             let payload = bstore_log::seal_appended(codec, &key, expected, &e);
             log_bytes += payload.len();
-            let ack = js.send_publish(subject.clone(), Publish::build().payload(payload.into()).expected_last_subject_sequence(expected)).await?;
+            let ack =
+                js.send_publish(subject.clone(), Publish::build().payload(payload.into()).expected_last_subject_sequence(expected)).await?;
             if expected == 0 {
                 seq = ack.await?.sequence;
             } else {
