@@ -306,3 +306,61 @@ async fn a_rotation_reseals_snapshots_left_under_the_old_ring_key() {
     assert!(matches!(source, Source::Snapshot { .. }), "{source:?}");
     assert_eq!(state, from_log(&log, &key).await.unwrap());
 }
+
+/// Counts the requests that create a consumer of the event stream, made by
+/// anyone on the server (the service's included), from now on.
+async fn count_event_consumers_made(nc: &async_nats::Client) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use futures_util::StreamExt;
+    let made = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut requests = nc.subscribe("$JS.API.CONSUMER.>").await.unwrap();
+    nc.flush().await.unwrap();
+    let counter = made.clone();
+    tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            if m.subject.contains("CREATE") && m.subject.contains(".BSTORE_EVENTS") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    made
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_load_from_a_current_redis_copy_makes_no_consumer_of_the_event_stream() {
+    use bstore_redis::{RedisConfig, RedisProjection};
+    use std::sync::atomic::Ordering;
+
+    let redis = bstore_testkit::RedisServer::start();
+    let mut stack = Stack::start_with(&[("BSTORE_REDIS_URL", &redis.url())]).await;
+    let client = stack.session("t", "warm");
+    let key = SessionKey::parse("t", "warm").unwrap();
+    let last = traffic(&client, 12).await;
+    let ring = Keyring::parse_entries(KEY1).unwrap();
+    let copy =
+        RedisProjection::new(RedisConfig { url: Some(redis.url()), ..Default::default() }, Codec::new(Keyring::new(ring, None).unwrap()))
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while copy.stored_seq(&key).await.unwrap() != Some(last) {
+        assert!(Instant::now() < deadline, "the redis copy never reached {last}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Loaded again by a new process, with its Redis copy current.
+    stack.service.restart();
+    let made = count_event_consumers_made(&stack.nc).await;
+    assert_eq!(client.creds_get().await.unwrap().as_deref(), Some(&b"creds 8"[..]));
+    let record = client.keys_get("session", &["491511234.0"]).await.unwrap();
+    assert_eq!(record["491511234.0"], b"session record after message 11");
+    let log_text = stack.service.log_text();
+    let loaded = log_text.lines().rev().find(|l| l.contains("session loaded") && l.contains("t/warm")).unwrap_or_default();
+    assert!(loaded.contains("Redis { tail: 0 }"), "loaded from the redis copy: {loaded}");
+    assert_eq!(made.load(Ordering::Relaxed), 0, "the warm load made no consumer of the event stream");
+
+    // The counter sees them when there are: without the copy, the load
+    // replays the log through one.
+    copy.remove(&key).await.unwrap();
+    stack.service.restart();
+    let made = count_event_consumers_made(&stack.nc).await;
+    assert_eq!(client.creds_get().await.unwrap().as_deref(), Some(&b"creds 8"[..]));
+    assert!(made.load(Ordering::Relaxed) > 0, "a load from the log replays through a consumer");
+}
