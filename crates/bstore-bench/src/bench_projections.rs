@@ -13,6 +13,9 @@
 //!    last message, payload included, beside a headers-only consumer's
 //!    create answer and the direct get of "the next message after it", for
 //!    last messages of 300 B, 64 KiB and 1 MiB.
+//! 4. (`logbytes`) What a 1:1 message and a group message at the sender-key
+//!    plateau cost the log, events (as the service decides them: deltas)
+//!    and snapshots.
 //!
 //! It starts its own nats-server, redis-server and Mongo-compatible server
 //! (`scripts/setup --test` installs them) on free ports, and drives the
@@ -26,6 +29,10 @@
 //! cargo build --release --bin bstore-bench-projections
 //! target/release/bstore-bench-projections
 //! ```
+
+#[path = "bench/values.rs"]
+#[allow(dead_code)]
+mod values;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -68,8 +75,8 @@ struct Args {
     /// Seconds of the steady phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Sections to run: load, history, mongo, lastseq.
-    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo,lastseq")]
+    /// Sections to run: load, history, mongo, lastseq, logbytes.
+    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo,lastseq,logbytes")]
     sections: Vec<String>,
     /// Lengths of history for the history section, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
@@ -104,6 +111,147 @@ async fn main() -> anyhow::Result<()> {
     if args.sections.iter().any(|s| s == "lastseq") {
         last_seq(&args, &client, &log).await?;
     }
+    if args.sections.iter().any(|s| s == "logbytes") {
+        log_bytes(&client, &log).await?;
+    }
+    Ok(())
+}
+
+/// One device's session as the service keeps it: its state, the events
+/// since its last snapshot, and what its snapshots cost.
+struct Device {
+    key: SessionKey,
+    state: bstore_domain::SessionState,
+    since_snapshot: u64,
+}
+
+impl Device {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        Ok(Self { key: SessionKey::parse("bytes", name)?, state: Default::default(), since_snapshot: 0 })
+    }
+
+    /// Decides `entries` as the service does (a value of 1 KiB or more that
+    /// changed little becomes a delta), appends the event, applies it, and
+    /// snapshots every 1 000 events as the service does by default.
+    async fn write(&mut self, log: &EventLog, entries: Vec<(&str, String, Vec<u8>)>) -> anyhow::Result<()> {
+        let mut keys = KeyChanges::new();
+        for (ty, id, v) in entries {
+            keys.entry(KeyType::parse(ty)?).or_default().insert(KeyId::parse(&id)?, Some(Bytes::from(v)));
+        }
+        let cmd = bstore_domain::Command::SetKeys { keys };
+        let Some(event) = self.state.handle(cmd, &bstore_domain::Limits::default(), 1, None)? else { return Ok(()) };
+        let seq = log.append(&self.key, self.state.seq(), &event).await?.seq;
+        self.state.apply(seq, &event)?;
+        self.since_snapshot += 1;
+        if self.since_snapshot >= 1000 {
+            log.write_snapshot(&self.key, &self.state).await?;
+            self.since_snapshot = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of the event stream and of the snapshot stream.
+async fn streams_bytes(js: &async_nats::jetstream::Context) -> anyhow::Result<(u64, u64)> {
+    let cfg = LogConfig::default();
+    let events = js.get_stream(&cfg.stream).await?.info().await?.state.bytes;
+    let snapshots = js.get_stream(&cfg.snapshot_stream).await?.info().await?.state.bytes;
+    Ok((events, snapshots))
+}
+
+/// The bytes a message costs the log: a 1:1 message (each of the two
+/// devices rewrites its ~3 KB Signal session of the other: a chain step
+/// changes a key and a counter, a message key comes and goes) and a group
+/// message among four devices whose sender keys are at their ~446 KB
+/// plateau (as `bstore-bench`'s capacity section writes it); the events as
+/// the service decides them (deltas), and what one snapshot of each device
+/// costs, whole and spread over the 1 000 events between two.
+async fn log_bytes(client: &async_nats::Client, log: &EventLog) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    println!("## Log bytes per message (events as the service writes them; a snapshot every 1 000 events)\n");
+    println!("| message | events per message | event stream per message | snapshot of a device | snapshots per message (1/1 000) |");
+    println!("|---|---:|---:|---:|---:|");
+
+    // 1:1: the two devices' records of each other, 3 KB, after a few dozen turns.
+    let mut devices = [Device::new("one-a")?, Device::new("one-b")?];
+    let mut records: Vec<Vec<u8>> = (0..2).map(|d| values::session_record(d + 1, 3_000)).collect();
+    let peer = |d: usize| format!("4915{:07}.0", 1 - d);
+    for (d, dev) in devices.iter_mut().enumerate() {
+        dev.write(log, vec![("session", peer(d), records[d].clone())]).await?;
+    }
+    let msgs = 1000u64;
+    let (e0, _) = streams_bytes(&js).await?;
+    for m in 0..msgs {
+        for (d, dev) in devices.iter_mut().enumerate() {
+            let mut g = values::Gen::new(m * 2 + d as u64 + 5);
+            let r = &mut records[d];
+            // The chain key (44 base64 characters) and its counter change;
+            // one message key (~100 B) replaces the oldest.
+            let at = 40 + (m as usize % 8) * 60;
+            r[at..at + 44].copy_from_slice(g.b64(44).as_bytes());
+            let slot = 1_000 + (m as usize % 16) * 110;
+            r[slot..slot + 100].copy_from_slice(g.b64(100).as_bytes());
+            dev.write(log, vec![("session", peer(d), r.clone())]).await?;
+        }
+    }
+    let (e1, _) = streams_bytes(&js).await?;
+    let (_, s0) = streams_bytes(&js).await?;
+    log.write_snapshot(&devices[0].key, &devices[0].state).await?;
+    let (_, s1) = streams_bytes(&js).await?;
+    let snap = s1 - s0;
+    println!(
+        "| 1:1 (3 KB Signal sessions) | 2 | {:.2} KB | {:.1} KB (one record only) | {:.2} KB |",
+        (e1 - e0) as f64 / msgs as f64 / 1000.0,
+        snap as f64 / 1000.0,
+        2.0 * snap as f64 / 1000.0 / 1000.0
+    );
+
+    // A group of four devices, each holding the four sender-key records at
+    // their plateau; a message from device s: s rewrites its own record and
+    // its sender-key memory, each other device its copy of s's record.
+    let mut devices: Vec<Device> = (0..4).map(|d| Device::new(&format!("group-{d}"))).collect::<anyhow::Result<_>>()?;
+    let mut records: Vec<Vec<u8>> = (0..4).map(|s| values::sender_key_record(s as u64 + 7, 446_000)).collect();
+    let sk_id = |s: usize| format!("120363000000000001@g.us::10000000000000{s}::1");
+    for dev in devices.iter_mut() {
+        for (s, r) in records.iter().enumerate() {
+            dev.write(log, vec![("sender-key", sk_id(s), r.clone())]).await?;
+        }
+    }
+    let memory =
+        br#"{"100000000000000:1@lid":true,"100000000000001:1@lid":true,"100000000000002:1@lid":true,"100000000000003:1@lid":true}"#;
+    let msgs = 200u64;
+    let (e0, _) = streams_bytes(&js).await?;
+    for m in 0..msgs {
+        let s = (m % 4) as usize;
+        let mut v = records[s].clone();
+        let mut g = values::Gen::new(m + 99);
+        v[60..170].copy_from_slice(&g.bytes(110));
+        let entry = g.bytes(220);
+        let tail = v.len() - 64;
+        v.drain(300..520);
+        v.splice(tail - 220..tail - 220, entry);
+        records[s] = v.clone();
+        let own =
+            vec![("sender-key", sk_id(s), v.clone()), ("sender-key-memory", "120363000000000001@g.us".into(), values::stamped(memory, m))];
+        devices[s].write(log, own).await?;
+        for (d, dev) in devices.iter_mut().enumerate() {
+            if d != s {
+                dev.write(log, vec![("sender-key", sk_id(s), v.clone())]).await?;
+            }
+        }
+    }
+    let (e1, _) = streams_bytes(&js).await?;
+    let (_, s0) = streams_bytes(&js).await?;
+    log.write_snapshot(&devices[0].key, &devices[0].state).await?;
+    let (_, s1) = streams_bytes(&js).await?;
+    let snap = s1 - s0;
+    println!(
+        "| group of 4, sender keys at ~446 KB | 4 | {:.2} KB | {:.0} KB (4 sender keys) | {:.2} KB |",
+        (e1 - e0) as f64 / msgs as f64 / 1000.0,
+        snap as f64 / 1000.0,
+        4.0 * snap as f64 / 1000.0 / 1000.0
+    );
+    println!();
     Ok(())
 }
 
