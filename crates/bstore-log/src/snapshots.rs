@@ -20,6 +20,16 @@
 //! under a destroyed data key, older than the session's erasure, ahead of
 //! the log — is skipped with a warning, and the load falls back to the
 //! older snapshot, then to the whole log.
+//!
+//! A sealed state larger than one message (the stream's
+//! `max_message_bytes`, less room for headers) is stored in *parts*: its
+//! bytes cut into pieces published on `<subject>.part.<i>` first, then the
+//! snapshot's own message on the session's subject, empty, naming the
+//! parts' stream sequences in [`PARTS_HEADER`]. Part subjects keep two
+//! messages each too, so both snapshots a subject keeps find their parts.
+//! The parts are not sealed on their own: the whole blob is, so a part
+//! swapped, lost or replaced by a later write makes the snapshot fail to
+//! open, and it is skipped like any other.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::{self, DirectGetErrorKind};
@@ -34,6 +44,17 @@ pub const SNAPSHOTS_KEPT: i64 = 2;
 /// The header naming the event sequence a snapshot covers.
 pub const COVERS_HEADER: &str = "Bstore-Covers";
 
+/// The header of a snapshot stored in parts: the stream sequences of its
+/// parts, in order, comma-separated.
+pub const PARTS_HEADER: &str = "Bstore-Parts";
+
+/// At most this many parts per snapshot: a state above
+/// `PARTS_MAX × max_message_bytes` sealed is not snapshotted.
+pub const PARTS_MAX: usize = 64;
+
+/// Room left in each message for its headers.
+const HEADER_ROOM: usize = 4 << 10;
+
 /// States larger than this are sealed on a blocking-pool thread.
 const OFF_THREAD_BYTES: u64 = 128 << 10;
 
@@ -45,8 +66,10 @@ pub struct StoredSnapshot {
     /// The event sequence it claims to cover (from its header; the sealed
     /// state's own sequence is what a load uses).
     pub covers: Option<u64>,
-    /// The sealed bytes.
+    /// The sealed bytes (its parts put together; empty when one is gone).
     pub payload: bytes::Bytes,
+    /// The parts it was stored in (1: one message).
+    pub parts: usize,
 }
 
 impl EventLog {
@@ -64,8 +87,8 @@ impl EventLog {
 
     /// Seals `state` for `session` (off the serving thread when it is
     /// large) and publishes it on `subject` of the snapshot stream with the
-    /// sequence it covers: what every snapshot write — regular, base,
-    /// re-sealed — comes down to.
+    /// sequence it covers — in parts when it is larger than a message: what
+    /// every snapshot write — regular, base, re-sealed — comes down to.
     pub(crate) async fn store_snapshot(&self, subject: &str, session: &SessionKey, state: &SessionState) -> Result<u64, LogError> {
         self.key_for_write(session).await?;
         let payload = if state.info().bytes < OFF_THREAD_BYTES {
@@ -76,18 +99,30 @@ impl EventLog {
                 .await
                 .map_err(|e| LogError::Unavailable(format!("sealing a snapshot failed: {e}")))?
         };
-        if payload.len() > self.cfg.max_message_bytes.max(0) as usize {
-            return Err(LogError::TooLarge(format!("the snapshot of {session} is {} bytes", payload.len())));
-        }
+        let mut payload = bytes::Bytes::from(payload);
         let mut headers = HeaderMap::new();
         headers.insert(COVERS_HEADER, state.seq().to_string().as_str());
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, payload.into())
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
+        let room = (self.cfg.max_message_bytes.max(0) as usize).saturating_sub(HEADER_ROOM).max(1);
+        if payload.len() > room {
+            let parts = payload.len().div_ceil(room);
+            if parts > PARTS_MAX {
+                return Err(LogError::TooLarge(format!("the snapshot of {session} is {} bytes, over {PARTS_MAX} parts", payload.len())));
+            }
+            // The parts first: the snapshot's own message names them, so a
+            // reader never finds it before them.
+            let mut seqs = Vec::with_capacity(parts);
+            for (i, at) in (0..payload.len()).step_by(room).enumerate() {
+                let part = payload.slice(at..(at + room).min(payload.len()));
+                seqs.push(self.publish_acked(part_subject(subject, i), HeaderMap::new(), part).await?.to_string());
+            }
+            headers.insert(PARTS_HEADER, seqs.join(",").as_str());
+            payload = bytes::Bytes::new();
+        }
+        self.publish_acked(subject.to_string(), headers, payload).await
+    }
+
+    async fn publish_acked(&self, subject: String, headers: HeaderMap, payload: bytes::Bytes) -> Result<u64, LogError> {
+        let ack = self.js.publish_with_headers(subject, headers, payload).await.map_err(unavailable)?.await.map_err(unavailable)?;
         Ok(ack.sequence)
     }
 
@@ -106,13 +141,13 @@ impl EventLog {
         let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
         let subject = subject.to_string();
         let Some(newest) = found(stream.direct_get_last_for_subject(subject.clone()).await)? else { return Ok(Vec::new()) };
-        let mut out = vec![stored(newest)];
+        let mut out = vec![stored(&stream, &subject, newest).await?];
         // The stream keeps two per subject: the first one is the older, when
         // it is not the newest itself.
-        if let Some(older) = found(stream.direct_get_first_for_subject(subject).await)?
+        if let Some(older) = found(stream.direct_get_first_for_subject(subject.clone()).await)?
             && older.sequence < out[0].stream_seq
         {
-            out.push(stored(older));
+            out.push(stored(&stream, &subject, older).await?);
         }
         Ok(out)
     }
@@ -121,8 +156,10 @@ impl EventLog {
     /// what a load tries first (the others are read only when it fails).
     pub async fn newest_snapshot(&self, session: &SessionKey) -> Result<Option<SessionState>, LogError> {
         let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
-        let Some(newest) = found(stream.direct_get_last_for_subject(self.snapshot_subject(session)).await)? else { return Ok(None) };
-        Ok(self.usable(session, vec![stored(newest)]).await?.pop())
+        let subject = self.snapshot_subject(session);
+        let Some(newest) = found(stream.direct_get_last_for_subject(subject.clone()).await)? else { return Ok(None) };
+        let newest = stored(&stream, &subject, newest).await?;
+        Ok(self.usable(session, vec![newest]).await?.pop())
     }
 
     /// The usable snapshots of `session`, newest first, opened: those that
@@ -187,8 +224,10 @@ impl EventLog {
     /// Removes every snapshot of `session` (an erasure).
     pub async fn purge_snapshots(&self, session: &SessionKey) -> Result<(), LogError> {
         let stream = self.js.get_stream_no_info(&self.cfg.snapshot_stream).await.map_err(unavailable)?;
-        stream.purge().filter(self.snapshot_subject(session)).await.map_err(unavailable)?;
-        stream.purge().filter(self.base_subject(session)).await.map_err(unavailable)?;
+        for subject in [self.snapshot_subject(session), self.base_subject(session)] {
+            stream.purge().filter(subject.clone()).await.map_err(unavailable)?;
+            stream.purge().filter(format!("{subject}.part.*")).await.map_err(unavailable)?;
+        }
         Ok(())
     }
 
@@ -204,9 +243,38 @@ impl EventLog {
     }
 }
 
-fn stored(m: async_nats::jetstream::message::StreamMessage) -> StoredSnapshot {
+/// The subject of part `i` of the snapshots stored on `subject`.
+pub fn part_subject(subject: &str, i: usize) -> String {
+    format!("{subject}.part.{i}")
+}
+
+/// The snapshot `m` read from `subject`, its parts put together if it was
+/// stored in parts. A part that is gone, or is not on its subject, leaves
+/// the payload empty (it then fails to open, and is skipped).
+async fn stored(
+    stream: &stream::Stream<()>,
+    subject: &str,
+    m: async_nats::jetstream::message::StreamMessage,
+) -> Result<StoredSnapshot, LogError> {
     let covers = m.headers.get(COVERS_HEADER).and_then(|v| v.as_str().parse().ok());
-    StoredSnapshot { stream_seq: m.sequence, covers, payload: m.payload }
+    let Some(parts) = m.headers.get(PARTS_HEADER).map(|v| v.as_str().to_owned()) else {
+        return Ok(StoredSnapshot { stream_seq: m.sequence, covers, payload: m.payload, parts: 1 });
+    };
+    let seqs: Vec<Option<u64>> = parts.split(',').map(|p| p.parse().ok()).collect();
+    let mut payload = Vec::new();
+    for (i, seq) in seqs.iter().enumerate().take(PARTS_MAX) {
+        let part = match seq {
+            Some(seq) => found(stream.direct_get(*seq).await)?.filter(|p| p.subject.as_str() == part_subject(subject, i)),
+            None => None,
+        };
+        let Some(part) = part else {
+            tracing::warn!(%subject, snapshot = m.sequence, part = i, "a part of a snapshot is gone");
+            payload.clear();
+            break;
+        };
+        payload.extend_from_slice(&part.payload);
+    }
+    Ok(StoredSnapshot { stream_seq: m.sequence, covers, payload: payload.into(), parts: seqs.len() })
 }
 
 fn found(

@@ -200,3 +200,71 @@ async fn open_brings_a_stream_made_by_an_older_release_in_line() {
     assert!(config.deny_purge && config.deny_delete);
     assert!(js.get_stream("BSTORE_EVENTS").await.unwrap().purge().await.is_err());
 }
+
+/// `len` bytes that do not compress.
+fn noise(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_state_larger_than_a_message_is_snapshotted_in_parts_and_a_lost_part_is_never_believed() {
+    use bstore_domain::{KeyChanges, KeyId, KeyType};
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let cfg = LogConfig { max_message_bytes: 64 << 10, ..LogConfig::default() };
+    let log = EventLog::open(client.clone(), cfg, codec()).await.unwrap();
+    let js = jetstream::new(client);
+    let key = sk("big");
+    // 320 KB of values that do not compress, 40 KB an event: five messages'
+    // worth sealed.
+    let mut last = 0;
+    for i in 0..8u64 {
+        let mut keys = KeyChanges::new();
+        keys.entry(KeyType::parse("sender-key").unwrap())
+            .or_default()
+            .insert(KeyId::parse(&format!("g{i}")).unwrap(), Some(noise(i, 40_000)));
+        last = log.append(&key, last, &Event::new(i, None, Change::KeysChanged { keys, patched: Default::default() })).await.unwrap().seq;
+    }
+    let (state, _, _) = log.fold(&key, None, false, &mut |_, _| {}).await.unwrap();
+    assert_eq!(state.seq(), last);
+    log.write_snapshot(&key, &state).await.unwrap();
+    let stored = log.stored_snapshots(&key).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].parts >= 5, "stored in parts: {}", stored[0].parts);
+    assert_eq!(log.snapshots(&key).await.unwrap(), vec![state.clone()], "the parts put together open as the state");
+    let (folded, start, done) = log.fold(&key, None, true, &mut |_, _| {}).await.unwrap();
+    assert_eq!((folded, start, done.applied), (state.clone(), crate::FoldStart::Snapshot(last), 0));
+
+    // A second snapshot: each part subject now keeps both snapshots' parts.
+    let mut keys = KeyChanges::new();
+    keys.entry(KeyType::parse("pre-key").unwrap()).or_default().insert(KeyId::parse("1").unwrap(), Some(noise(99, 10)));
+    let newer = log.append(&key, last, &Event::new(9, None, Change::KeysChanged { keys, patched: Default::default() })).await.unwrap().seq;
+    let (state2, _, _) = log.fold(&key, None, true, &mut |_, _| {}).await.unwrap();
+    log.write_snapshot(&key, &state2).await.unwrap();
+    assert_eq!(log.snapshots(&key).await.unwrap(), vec![state2.clone(), state.clone()]);
+
+    // Something else written on a part's subject pushes the older
+    // snapshot's part out: that one no longer opens, the newer still does.
+    let part = crate::snapshots::part_subject(&log.snapshot_subject(&key), 1);
+    js.publish(part.clone(), noise(7, 100)).await.unwrap().await.unwrap();
+    assert_eq!(log.snapshots(&key).await.unwrap(), vec![state2.clone()], "the snapshot whose part is gone is skipped");
+    // And once the newer's part is gone too, the load goes to the log.
+    js.publish(part, noise(8, 100)).await.unwrap().await.unwrap();
+    assert!(log.snapshots(&key).await.unwrap().is_empty());
+    let (folded, start, done) = log.fold(&key, None, true, &mut |_, _| {}).await.unwrap();
+    assert_eq!((folded.seq(), start, done.applied), (newer, crate::FoldStart::Scratch, 9));
+    assert_eq!(folded, state2);
+
+    // An erasure's purge takes the parts too.
+    log.purge_snapshots(&key).await.unwrap();
+    let mut info = js.get_stream("BSTORE_SNAPSHOTS").await.unwrap();
+    assert_eq!(info.info().await.unwrap().state.messages, 0, "no part is left behind");
+}
