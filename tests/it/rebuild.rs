@@ -18,16 +18,21 @@ use bstore_testkit::MongoServer;
 use crate::harness::{KEY1, Stack, rid, service_bin};
 use crate::projections::codec;
 
-/// A service that materializes into `mongo` and snapshots every `every`
-/// events; `extra` environment on top.
+/// The environment of a service that materializes into `mongo` and
+/// snapshots every `every` events.
+fn mongo_env(mongo: &MongoServer, every: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("BSTORE_MONGO_URL", mongo.url()),
+        ("BSTORE__MONGO__BATCH_WAIT", "0.05".into()),
+        ("BSTORE__MONGO__RETRY_MAX", "0.5".into()),
+        ("BSTORE__SESSIONS__SNAPSHOT_EVERY_EVENTS", every.to_string()),
+    ]
+}
+
+/// A service with [`mongo_env`], `extra` environment on top.
 async fn stack_with_mongo(mongo: &MongoServer, every: u64, extra: &[(&str, &str)]) -> Stack {
-    let (url, every) = (mongo.url(), every.to_string());
-    let env = [
-        ("BSTORE_MONGO_URL", url.as_str()),
-        ("BSTORE__MONGO__BATCH_WAIT", "0.05"),
-        ("BSTORE__MONGO__RETRY_MAX", "0.5"),
-        ("BSTORE__SESSIONS__SNAPSHOT_EVERY_EVENTS", every.as_str()),
-    ];
+    let env = mongo_env(mongo, every);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Stack::start_with(&[&env[..], extra].concat()).await
 }
 
@@ -170,6 +175,9 @@ impl Writer {
 async fn a_damaged_mongo_copy_is_rebuilt_from_the_snapshot_reading_only_the_tail_while_writes_go_on() {
     let mongo = MongoServer::start();
     let stack = stack_with_mongo(&mongo, 20, &[]).await;
+    // A second instance: two materializers share the consumer throughout.
+    let env = mongo_env(&mongo, 20);
+    let _second = stack.another_service(&env.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>());
     let (long, other) = (stack.session("t", "long"), stack.session("t", "other"));
     let (key_long, key_other) = (SessionKey::parse("t", "long").unwrap(), SessionKey::parse("t", "other").unwrap());
     traffic(&long, 0, 130).await;

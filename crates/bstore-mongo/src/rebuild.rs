@@ -19,7 +19,9 @@
 //! 3. reads the session's last sequence again; if events came after `S`, it
 //!    folds them into the state (at `L`) and writes that state **guarded**,
 //!    like an event at `L`: reset register first, then every register, key
-//!    and tombstone only over what is older than `L`;
+//!    and tombstone only over what is older than `L` — and each of the
+//!    state's keys also over a tombstone at exactly `L`, which only a key
+//!    writer's re-read of the raised reset register (W3) can have left;
 //! 4. recounts the session and drops its quarantine records through `S`.
 //!
 //! Why this is correct while other instances materialize the same sessions:
@@ -263,6 +265,14 @@ impl Store {
             SessionWrite::Creds { session: session.clone(), seq, creds: state.creds().cloned() },
         ];
         let (mut writes, keys, tombs) = self.state_writes(session, state).await?;
+        // A key writer that read the reset register just raised tombstones
+        // its key at `seq` (W3 in `store.rs`), maybe before the state's
+        // value lands: a tombstone at exactly `seq` of a key the state holds
+        // is that (no event at `seq` deleted it), and the value replaces it.
+        for w in writes.iter_mut().take(keys as usize) {
+            let id = w.filter.get("_id").cloned().unwrap_or(Bson::Null);
+            w.filter = doc! { "_id": id, "$or": [{ "seq": { "$lt": seq as i64 } }, { "seq": seq as i64, "deleted": true }] };
+        }
         writes.extend(registers.iter().map(|w| self.session_write(w)));
         self.write_all(&writes).await?;
         Ok((keys, tombs))

@@ -604,6 +604,13 @@ async fn a_rebuilt_state_replaces_a_damaged_copy_and_late_older_events_cannot_un
     }
     assert_eq!(after, before);
 
+    // A key writer that read the reset register raised to 11 tombstones its
+    // key there before the state at 11 lands: the state's value wins.
+    let keys_coll = store.database().collection::<Document>("keys");
+    let one = store.key_doc_id(&a, &KeyType::parse("pre-key").unwrap(), &KeyId::parse("1").unwrap());
+    let w3 = doc! { "$set": { "seq": 11_i64, "deleted": true }, "$unset": { "value": "" } };
+    assert_eq!(keys_coll.update_one(doc! { "_id": &one }, w3).await.unwrap().matched_count, 1);
+
     // A newer event applies on top; a state written guarded later than it
     // keeps it.
     store.apply(&[keys("a", 12, &[("pre-key", "2", Some("v12")), ("pre-key", "3", Some("v12"))])]).await.unwrap();
@@ -615,5 +622,6 @@ async fn a_rebuilt_state_replaces_a_damaged_copy_and_late_older_events_cannot_un
     assert_eq!(got.creds.as_deref(), Some(&b"c11"[..]), "the creds register was older");
     assert_eq!(got.keys[&("pre-key".into(), "2".into())], b"v12", "the newer write stays");
     assert_eq!(got.keys[&("pre-key".into(), "3".into())], b"v12");
+    assert_eq!(got.keys[&("pre-key".into(), "1".into())], b"v1", "the tombstone at the state's own sequence was replaced");
     assert_eq!(got.counts, BTreeMap::from([("pre-key".to_string(), 3)]));
 }
