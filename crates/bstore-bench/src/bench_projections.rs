@@ -16,6 +16,8 @@
 //! 4. (`logbytes`) What a 1:1 message and a group message at the sender-key
 //!    plateau cost the log, events (as the service decides them: deltas)
 //!    and snapshots.
+//! 5. (`rebuild`) `rebuild mongo` of the realistic session by length of
+//!    history: from its snapshot against `--from-scratch`.
 //!
 //! It starts its own nats-server, redis-server and Mongo-compatible server
 //! (`scripts/setup --test` installs them) on free ports, and drives the
@@ -75,8 +77,8 @@ struct Args {
     /// Seconds of the steady phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Sections to run: load, history, mongo, lastseq, logbytes.
-    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo,lastseq,logbytes")]
+    /// Sections to run: load, history, mongo, lastseq, logbytes, rebuild.
+    #[arg(long, value_delimiter = ',', default_value = "load,history,mongo,lastseq,logbytes,rebuild")]
     sections: Vec<String>,
     /// Lengths of history for the history section, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
@@ -113,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.sections.iter().any(|s| s == "logbytes") {
         log_bytes(&client, &log).await?;
+    }
+    if args.sections.iter().any(|s| s == "rebuild") {
+        rebuild(&args, &codec).await?;
     }
     Ok(())
 }
@@ -408,8 +413,62 @@ fn traffic_event(n: usize) -> Event {
 /// Cold loads of the realistic session with long histories: from the newest
 /// snapshot plus `--tail` events, and from the whole log. The history is
 /// published pipelined (each message still fenced on the one before it).
-async fn history(args: &Args, client: &async_nats::Client, log: &EventLog, codec: &Codec) -> anyhow::Result<()> {
+/// Writes the realistic session `key` followed by steady traffic, `n`
+/// events in all (at least enough for the state and the tail), pipelined
+/// (each message still fenced on the one before it), and stores a snapshot
+/// `tail` events before the end. Returns the events written, the state at
+/// the end, the state snapshotted and the bytes of the sealed events.
+async fn write_history(
+    js: &async_nats::jetstream::Context,
+    log: &EventLog,
+    codec: &Codec,
+    key: &SessionKey,
+    n: usize,
+    tail: usize,
+) -> anyhow::Result<(usize, bstore_domain::SessionState, bstore_domain::SessionState, usize)> {
     use async_nats::jetstream::message::PublishMessage as Publish;
+    let subject = log.subject(key);
+    let mut state = bstore_domain::SessionState::default();
+    let mut snapshot_at = None;
+    let mut seq = 0u64;
+    let mut log_bytes = 0usize;
+    let mut acks = std::collections::VecDeque::new();
+    let base = realistic_state_events();
+    let total = n.max(base.len() + tail + 1);
+    for i in 0..total {
+        let e = if i < base.len() { base[i].clone() } else { traffic_event(i) };
+        // Pipelined: the next message is fenced on this one's sequence,
+        // which it will have if nothing else writes the stream meanwhile.
+        let expected = seq;
+        let payload = bstore_log::seal_appended(codec, key, expected, &e);
+        log_bytes += payload.len();
+        let ack =
+            js.send_publish(subject.clone(), Publish::build().payload(payload.into()).expected_last_subject_sequence(expected)).await?;
+        if expected == 0 {
+            seq = ack.await?.sequence;
+        } else {
+            seq = expected + 1;
+            acks.push_back((seq, ack));
+        }
+        state.apply(seq, &e).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if acks.len() >= 512 {
+            let (want, ack) = acks.pop_front().unwrap();
+            anyhow::ensure!(ack.await?.sequence == want, "the history was not written in order");
+        }
+        if i + 1 + tail == total {
+            snapshot_at = Some(state.clone());
+        }
+    }
+    while let Some((want, ack)) = acks.pop_front() {
+        anyhow::ensure!(ack.await?.sequence == want, "the history was not written in order");
+    }
+    anyhow::ensure!(log.last_seq(key).await? == seq, "the pipelined history is not where it was expected");
+    let snap = snapshot_at.context("no snapshot point")?;
+    log.write_snapshot(key, &snap).await?;
+    Ok((total, state, snap, log_bytes))
+}
+
+async fn history(args: &Args, client: &async_nats::Client, log: &EventLog, codec: &Codec) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     println!(
         "## Cold load of a realistic session (812 pre-keys, 50 sessions; no Redis) by length of history: newest snapshot + {} events, against the whole log\n",
@@ -419,44 +478,7 @@ async fn history(args: &Args, client: &async_nats::Client, log: &EventLog, codec
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (row, &n) in args.histories.iter().enumerate() {
         let key = SessionKey::parse("bench", &format!("history-{row}-{n}"))?;
-        let subject = log.subject(&key);
-        let mut state = bstore_domain::SessionState::default();
-        let mut snapshot_at = None;
-        let mut seq = 0u64;
-        let mut log_bytes = 0usize;
-        let mut acks = std::collections::VecDeque::new();
-        let base = realistic_state_events();
-        let total = n.max(base.len() + args.tail + 1);
-        for i in 0..total {
-            let e = if i < base.len() { base[i].clone() } else { traffic_event(i) };
-            // Pipelined: the next message is fenced on this one's sequence,
-            // which it will have if nothing else writes the stream meanwhile.
-            let expected = seq;
-            let payload = bstore_log::seal_appended(codec, &key, expected, &e);
-            log_bytes += payload.len();
-            let ack =
-                js.send_publish(subject.clone(), Publish::build().payload(payload.into()).expected_last_subject_sequence(expected)).await?;
-            if expected == 0 {
-                seq = ack.await?.sequence;
-            } else {
-                seq = expected + 1;
-                acks.push_back((seq, ack));
-            }
-            state.apply(seq, &e).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if acks.len() >= 512 {
-                let (want, ack) = acks.pop_front().unwrap();
-                anyhow::ensure!(ack.await?.sequence == want, "the history was not written in order");
-            }
-            if i + 1 + args.tail == total {
-                snapshot_at = Some(state.clone());
-            }
-        }
-        while let Some((want, ack)) = acks.pop_front() {
-            anyhow::ensure!(ack.await?.sequence == want, "the history was not written in order");
-        }
-        anyhow::ensure!(log.last_seq(&key).await? == seq, "the pipelined history is not where it was expected");
-        let snap = snapshot_at.context("no snapshot point")?;
-        log.write_snapshot(&key, &snap).await?;
+        let (total, state, snap, log_bytes) = write_history(&js, log, codec, &key, n, args.tail).await?;
         let snapshot_kb = codec.encode_snapshot(&key, &snap).len() as f64 / 1024.0;
         let mut from_snapshot = Vec::new();
         for _ in 0..args.runs.max(1) * 3 {
@@ -489,6 +511,40 @@ async fn history(args: &Args, client: &async_nats::Client, log: &EventLog, codec
             full.map_or("(not run)".into(), ms),
             full.map_or("".into(), |f| format!("{:.0}x", f.as_secs_f64() / p50.as_secs_f64())),
         );
+    }
+    println!();
+    Ok(())
+}
+
+/// `rebuild mongo` of the realistic session by length of history (the
+/// `--histories` up to `--max-full-replay`, the snapshot `--tail` events
+/// before the end): from the snapshot against `--from-scratch`, one run
+/// each, the events read as it reports them. Each row has a nats-server of
+/// its own, so the log holds that one session.
+async fn rebuild(args: &Args, codec: &Codec) -> anyhow::Result<()> {
+    let mongo = MongoServer::start();
+    println!("## rebuild mongo of one realistic session (812 pre-keys, 50 sessions), newest snapshot + {} events\n", args.tail);
+    println!("| events in the log | from the snapshot: s | events read | --from-scratch: s | events read |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (row, &n) in args.histories.iter().filter(|&&n| n <= args.max_full_replay).enumerate() {
+        let nats = NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.context("connecting to nats")?;
+        let log = EventLog::open(client.clone(), LogConfig::default(), codec.clone()).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let key = SessionKey::parse("bench", &format!("rebuild-{row}-{n}"))?;
+        let (total, _, _, _) = write_history(&js, &log, codec, &key, n, args.tail).await?;
+        // A database of its own per row: one session in it.
+        let cfg = MongoConfig { url: Some(mongo.url()), database: format!("rebuild{row}"), ..Default::default() };
+        let m =
+            Materializer::new(client.clone(), LogConfig::default(), cfg.clone(), Store::connect(&cfg, codec.clone()).await?, codec.clone());
+        let mut cells = Vec::new();
+        for from_scratch in [false, true] {
+            let t = Instant::now();
+            let done = m.rebuild(from_scratch, &|_, _| {}).await?;
+            anyhow::ensure!(done.failing.is_empty(), "the rebuild failed: {:?}", done.failing);
+            cells.push(format!("{:.2} | {}", t.elapsed().as_secs_f64(), done.events_read));
+        }
+        println!("| {total} | {} | {} |", cells[0], cells[1]);
     }
     println!();
     Ok(())
