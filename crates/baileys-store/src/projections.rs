@@ -210,7 +210,8 @@ pub async fn rebuild_reporting(cfg: Config, target: Target, from_scratch: bool, 
 }
 
 /// Progress of a rebuild over many sessions, on stderr (stdout keeps the
-/// summary): at most one line every two seconds, and the last.
+/// summary): at most one line every two seconds, and the last one when
+/// there are a thousand sessions or more.
 struct Progress {
     total: u64,
     done: u64,
