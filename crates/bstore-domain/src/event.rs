@@ -24,12 +24,17 @@ use crate::ids::{KeyId, KeyType};
 ///   changes, which is why an event with patches is version 2 — and why one
 ///   without is still version 1.
 ///
+/// - 3: `Restored`, a session put back to an earlier point of its history
+///   (an operator's `restore`). A version-2 reader does not know the change
+///   and refuses the event by its version instead of failing to decode it
+///   as something else.
+///
 /// A field that a reader may ignore without misreading the change needs no
 /// new version. `prev` (the event's place in the log) is one: events are
 /// MessagePack maps with named fields and `Event` does not deny unknown
 /// ones, so a reader that predates it skips it and applies the change as
 /// it should; it only does not check the event's place.
-pub const EVENT_SCHEMA_VERSION: u16 = 2;
+pub const EVENT_SCHEMA_VERSION: u16 = 3;
 
 /// The changes of one `keys.set`, by type then id. `None` deletes the key.
 pub type KeyChanges = BTreeMap<KeyType, BTreeMap<KeyId, Option<Bytes>>>;
@@ -81,13 +86,42 @@ pub enum Change {
     },
     /// The session was logged out: creds and every key are gone.
     SessionDeleted,
+    /// An operator put the session back to its state at an earlier point of
+    /// its history (`baileys-store restore`): after this event the creds and
+    /// every key are exactly what the fold through `to_seq` held. It records
+    /// the difference from the state it was decided against — the creds
+    /// whole, the keys that differ (set, patched or deleted) — so it is one
+    /// event however far back the point lies, and the history before it is
+    /// kept as it was.
+    Restored {
+        /// The session's sequence restored to: the state after its events
+        /// through this one.
+        to_seq: u64,
+        /// The moment the operator named, when the point was given as a time
+        /// (ms since the Unix epoch); `to_seq` is the last event at or
+        /// before it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_ms: Option<u64>,
+        /// The creds after the restore (those at the point): `None` when the
+        /// session had none then.
+        creds: Option<Bytes>,
+        /// Per type, per id: the value at the point, or `None` for a key
+        /// that did not exist then.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        keys: KeyChanges,
+        /// Per type, per id: the value at the point as a delta against the
+        /// key's value before this event.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        patched: KeyPatches,
+    },
 }
 
 impl Change {
-    /// The lowest schema version that interprets this change correctly: 2
-    /// when it carries patches, 1 otherwise.
+    /// The lowest schema version that interprets this change correctly: 3
+    /// for a restore, 2 when it carries patches, 1 otherwise.
     pub fn schema_version(&self) -> u16 {
         match self {
+            Change::Restored { .. } => 3,
             Change::KeysChanged { patched, .. } if !patched.is_empty() => 2,
             _ => 1,
         }
@@ -104,13 +138,15 @@ impl Event {
     /// Bytes of values (whole or as deltas) the event carries: what sealing
     /// it costs in proportion to.
     pub fn value_bytes(&self) -> usize {
+        let changed = |keys: &KeyChanges, patched: &KeyPatches| -> usize {
+            let whole: usize = keys.values().flat_map(|ids| ids.values()).map(|v| v.as_ref().map_or(0, Bytes::len)).sum();
+            let deltas: usize = patched.values().flat_map(|ids| ids.values()).map(crate::delta::Delta::encoded_len).sum();
+            whole + deltas
+        };
         match &self.change {
             Change::CredsPut { creds } => creds.len(),
-            Change::KeysChanged { keys, patched } => {
-                let whole: usize = keys.values().flat_map(|ids| ids.values()).map(|v| v.as_ref().map_or(0, Bytes::len)).sum();
-                let deltas: usize = patched.values().flat_map(|ids| ids.values()).map(crate::delta::Delta::encoded_len).sum();
-                whole + deltas
-            }
+            Change::KeysChanged { keys, patched } => changed(keys, patched),
+            Change::Restored { creds, keys, patched, .. } => creds.as_ref().map_or(0, Bytes::len) + changed(keys, patched),
             Change::SessionDeleted => 0,
         }
     }
@@ -119,8 +155,9 @@ impl Event {
     /// schema versions in place.
     pub fn upgrade(self) -> Result<Self, u16> {
         match self.v {
-            // Version 1 is version 2 without patches: nothing to convert.
-            1 | 2 => Ok(self),
+            // Version 1 is version 2 without patches, and 2 is 3 without
+            // restores: nothing to convert.
+            1..=3 => Ok(self),
             other => Err(other),
         }
     }
@@ -128,7 +165,7 @@ impl Event {
     /// Every key the event touches, with its type: written, patched or deleted.
     pub fn touched_keys(&self) -> Vec<(&KeyType, &KeyId)> {
         match &self.change {
-            Change::KeysChanged { keys, patched } => keys
+            Change::KeysChanged { keys, patched } | Change::Restored { keys, patched, .. } => keys
                 .iter()
                 .flat_map(|(t, ids)| ids.keys().map(move |id| (t, id)))
                 .chain(patched.iter().flat_map(|(t, ids)| ids.keys().map(move |id| (t, id))))
@@ -137,12 +174,19 @@ impl Event {
         }
     }
 
+    /// Whether the event sets the creds (to a value or to none): a
+    /// `CredsPut` or a restore.
+    pub fn touches_creds(&self) -> bool {
+        matches!(self.change, Change::CredsPut { .. } | Change::Restored { .. })
+    }
+
     /// A short name of the change, for logs and audit listings.
     pub fn kind(&self) -> &'static str {
         match self.change {
             Change::CredsPut { .. } => "creds_put",
             Change::KeysChanged { .. } => "keys_changed",
             Change::SessionDeleted => "session_deleted",
+            Change::Restored { .. } => "restored",
         }
     }
 }

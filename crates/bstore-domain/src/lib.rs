@@ -24,4 +24,4 @@ pub use error::DomainError;
 pub use event::{Change, EVENT_SCHEMA_VERSION, Event, KeyChanges, KeyPatches};
 pub use ids::{IdError, KNOWN_KEY_TYPES, KeyId, KeyType, SessionId, SessionKey, TenantId};
 pub use limits::Limits;
-pub use state::{ApplyError, Command, SessionInfo, SessionState};
+pub use state::{ApplyError, Command, CredsRestore, KeyCounts, RestoreSummary, SessionInfo, SessionState};

@@ -298,7 +298,7 @@ impl SessionState {
         // Patches are resolved before anything changes, so a bad one leaves
         // the state untouched.
         let mut resolved: Vec<(&KeyType, &KeyId, Bytes)> = Vec::new();
-        if let Change::KeysChanged { patched, .. } = &event.change {
+        if let Change::KeysChanged { patched, .. } | Change::Restored { patched, .. } = &event.change {
             for (ty, ids) in patched {
                 for (id, delta) in ids {
                     let base = self.keys.get(ty).and_then(|m| m.get(id));
@@ -316,27 +316,11 @@ impl SessionState {
                 let old = self.creds.replace(creds.clone()).map_or(0, |c| c.len());
                 self.bytes = self.bytes - old as u64 + creds.len() as u64;
             }
-            Change::KeysChanged { keys, .. } => {
-                for (ty, id, new) in resolved {
-                    let old = self.keys.entry(ty.clone()).or_default().insert(id.clone(), new.clone());
-                    self.bytes = self.bytes + new.len() as u64 - old.map_or(0, |v| v.len() as u64);
-                }
-                for (ty, ids) in keys {
-                    let of_type = self.keys.entry(ty.clone()).or_default();
-                    for (id, value) in ids {
-                        let old = match value {
-                            Some(v) => {
-                                self.bytes += v.len() as u64;
-                                of_type.insert(id.clone(), v.clone())
-                            }
-                            None => of_type.remove(id),
-                        };
-                        self.bytes -= old.map_or(0, |v| v.len() as u64);
-                    }
-                    if of_type.is_empty() {
-                        self.keys.remove(ty);
-                    }
-                }
+            Change::KeysChanged { keys, .. } => self.apply_keys(keys, resolved),
+            Change::Restored { creds, keys, .. } => {
+                let old = std::mem::replace(&mut self.creds, creds.clone()).map_or(0, |c| c.len());
+                self.bytes = self.bytes - old as u64 + creds.as_ref().map_or(0, |c| c.len() as u64);
+                self.apply_keys(keys, resolved);
             }
             Change::SessionDeleted => {
                 self.creds = None;
@@ -347,6 +331,137 @@ impl SessionState {
         }
         Ok(true)
     }
+}
+
+impl SessionState {
+    /// Writes the resolved patches, then the whole values and deletions, of
+    /// one event's key changes.
+    fn apply_keys(&mut self, keys: &KeyChanges, resolved: Vec<(&KeyType, &KeyId, Bytes)>) {
+        for (ty, id, new) in resolved {
+            let old = self.keys.entry(ty.clone()).or_default().insert(id.clone(), new.clone());
+            self.bytes = self.bytes + new.len() as u64 - old.map_or(0, |v| v.len() as u64);
+        }
+        for (ty, ids) in keys {
+            let of_type = self.keys.entry(ty.clone()).or_default();
+            for (id, value) in ids {
+                let old = match value {
+                    Some(v) => {
+                        self.bytes += v.len() as u64;
+                        of_type.insert(id.clone(), v.clone())
+                    }
+                    None => of_type.remove(id),
+                };
+                self.bytes -= old.map_or(0, |v| v.len() as u64);
+            }
+            if of_type.is_empty() {
+                self.keys.remove(ty);
+            }
+        }
+    }
+
+    /// Whether this state holds exactly the creds and keys of `other`
+    /// (sequence and metadata aside).
+    pub fn same_contents(&self, other: &SessionState) -> bool {
+        let non_empty = |s: &SessionState| s.keys.iter().filter(|(_, m)| !m.is_empty()).count();
+        self.creds == other.creds
+            && non_empty(self) == non_empty(other)
+            && other.keys.iter().filter(|(_, m)| !m.is_empty()).all(|(ty, m)| self.keys.get(ty) == Some(m))
+    }
+
+    /// Decides the one event that puts this state back to `target` — the
+    /// session's state at sequence `to_seq` of its history (at the moment
+    /// `to_ms`, when the operator named one): the creds of `target` whole,
+    /// and every key that differs, set to its value then (as a delta when
+    /// that is cheaper, as `handle` records rewrites) or deleted when it did
+    /// not exist then. `None` when this state already holds what `target`
+    /// holds: a restore that changes nothing writes nothing.
+    ///
+    /// Limits of a client's call do not apply: the event's size is bounded
+    /// by the log alone, which refuses one too large for it.
+    pub fn restore(&self, target: &SessionState, to_seq: u64, to_ms: Option<u64>, now_ms: u64, rid: Option<String>) -> Option<Event> {
+        if self.same_contents(target) {
+            return None;
+        }
+        let mut keys = KeyChanges::new();
+        for (ty, ids) in &target.keys {
+            let current = self.keys.get(ty);
+            for (id, value) in ids {
+                if current.and_then(|m| m.get(id)) != Some(value) {
+                    keys.entry(ty.clone()).or_default().insert(id.clone(), Some(value.clone()));
+                }
+            }
+        }
+        for (ty, ids) in &self.keys {
+            let then = target.keys.get(ty);
+            for id in ids.keys() {
+                if then.is_none_or(|m| !m.contains_key(id)) {
+                    keys.entry(ty.clone()).or_default().insert(id.clone(), None);
+                }
+            }
+        }
+        let (keys, patched) = self.as_deltas(keys);
+        Some(Event::new(now_ms, rid, Change::Restored { to_seq, to_ms, creds: target.creds.clone(), keys, patched }))
+    }
+
+    /// What a restore event changes in this state (the one it was decided
+    /// against): the creds, and keys set or deleted per type. For reports:
+    /// `None` for any other event.
+    pub fn restore_summary(&self, event: &Event) -> Option<RestoreSummary> {
+        let Change::Restored { creds, keys, patched, .. } = &event.change else { return None };
+        let mut summary = RestoreSummary {
+            creds: match (&self.creds, creds) {
+                (a, b) if a == b => CredsRestore::Unchanged,
+                (_, Some(_)) => CredsRestore::Set,
+                (_, None) => CredsRestore::Removed,
+            },
+            keys: BTreeMap::new(),
+        };
+        for (ty, ids) in keys {
+            let counts = summary.keys.entry(ty.to_string()).or_default();
+            for value in ids.values() {
+                match value {
+                    Some(_) => counts.set += 1,
+                    None => counts.deleted += 1,
+                }
+            }
+        }
+        for (ty, ids) in patched {
+            summary.keys.entry(ty.to_string()).or_default().set += ids.len() as u64;
+        }
+        Some(summary)
+    }
+}
+
+/// What a restore changes, for the operator's report: no value, no id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    /// What happens to the creds.
+    pub creds: CredsRestore,
+    /// Per key type: how many keys are set (to their value at the point)
+    /// and how many deleted (absent at the point).
+    pub keys: BTreeMap<String, KeyCounts>,
+}
+
+/// Keys of one type a restore sets and deletes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCounts {
+    /// Keys written back (changed or deleted since the point).
+    pub set: u64,
+    /// Keys deleted (created since the point).
+    pub deleted: u64,
+}
+
+/// What a restore does to the creds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredsRestore {
+    /// They are already what they were at the point.
+    #[default]
+    Unchanged,
+    /// They are put back to what they were at the point.
+    Set,
+    /// The session had no creds at the point: they are removed.
+    Removed,
 }
 
 /// Values at least this large are considered for recording as deltas.
@@ -664,5 +779,97 @@ mod tests {
         assert_eq!((s.creds(), s.info().events, s.updated_at_ms()), (before.creds(), before.info().events, before.updated_at_ms()));
         assert!(!s.pass_over(9), "not newer");
         assert!(!s.apply(8, &Event::new(1, None, Change::SessionDeleted)).unwrap(), "an older event changes nothing after it");
+    }
+
+    /// Applies `cmds` to `st` as the actor does, one sequence each.
+    fn run(st: &mut SessionState, cmds: Vec<Command>) {
+        for cmd in cmds {
+            if let Some(ev) = st.handle(cmd, &Limits::default(), 2000 + st.seq(), None).unwrap() {
+                assert!(st.apply(st.seq() + 1, &ev).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn a_restore_is_one_event_that_brings_back_the_state_at_its_point() {
+        let big: String = (0..4000).map(|i| format!("{i},")).collect();
+        let Given(mut s) = given(vec![
+            Command::PutCreds { creds: b("creds-1") },
+            Command::SetKeys { keys: set(&[("pre-key", "1", Some("a")), ("pre-key", "2", Some("b")), ("sender-key", "g", Some(&big))]) },
+        ]);
+        let then = s.clone();
+        // What a buggy bot does afterwards: new creds, a key changed, one
+        // deleted, one added, the large value rewritten a little.
+        run(
+            &mut s,
+            vec![
+                Command::PutCreds { creds: b("creds-2") },
+                Command::SetKeys {
+                    keys: set(&[
+                        ("pre-key", "1", Some("A")),
+                        ("pre-key", "2", None),
+                        ("session", "x", Some("new")),
+                        ("sender-key", "g", Some(&format!("{big}more,"))),
+                    ]),
+                },
+            ],
+        );
+        let ev = s.restore(&then, then.seq(), Some(1234), 99, Some("rs-1".into())).expect("something to restore");
+        assert_eq!(ev.v, 3, "a restore is schema 3: older readers refuse it by its version");
+        assert_eq!(ev.kind(), "restored");
+        assert_eq!(ev.rid.as_deref(), Some("rs-1"));
+        let Change::Restored { to_seq, to_ms, creds, keys, patched } = &ev.change else { panic!("not a restore") };
+        assert_eq!((*to_seq, *to_ms, creds.as_ref()), (then.seq(), Some(1234), Some(&b("creds-1"))));
+        assert_eq!(keys[&t("pre-key")].get(&id("1")), Some(&Some(b("a"))), "changed since: set back");
+        assert_eq!(keys[&t("pre-key")].get(&id("2")), Some(&Some(b("b"))), "deleted since: set back");
+        assert_eq!(keys[&t("session")].get(&id("x")), Some(&None), "created since: deleted");
+        assert_eq!(patched[&t("sender-key")].len(), 1, "a large value rewritten a little travels as a delta");
+        let summary = s.restore_summary(&ev).unwrap();
+        assert_eq!(summary.creds, CredsRestore::Set);
+        assert_eq!(summary.keys["pre-key"], KeyCounts { set: 2, deleted: 0 });
+        assert_eq!(summary.keys["session"], KeyCounts { set: 0, deleted: 1 });
+        assert_eq!(summary.keys["sender-key"], KeyCounts { set: 1, deleted: 0 });
+        let events_before = s.events();
+        assert!(s.apply(s.seq() + 1, &ev).unwrap());
+        assert!(s.same_contents(&then), "creds and every key as they were at the point");
+        let rebuilt = SessionState::from_parts(
+            s.seq(),
+            then.creds().cloned(),
+            then.iter_keys().map(|(t, i, v)| (t.clone(), i.clone(), v.clone())),
+            s.updated_at_ms(),
+            s.events(),
+        );
+        assert_eq!(s, rebuilt, "byte counts and types follow as well");
+        assert_eq!((s.events(), s.updated_at_ms()), (events_before + 1, Some(99)), "the restore is one more event of the session");
+        // Once there, restoring again changes nothing.
+        assert_eq!(s.restore(&then, then.seq(), None, 100, None), None);
+    }
+
+    #[test]
+    fn a_restore_to_before_a_deletion_or_to_no_creds_puts_that_back() {
+        let Given(mut s) = given(vec![Command::SetKeys { keys: set(&[("pre-key", "1", Some("a"))]) }]);
+        let no_creds_yet = s.clone();
+        run(&mut s, vec![Command::PutCreds { creds: b("c") }]);
+        let before_logout = s.clone();
+        run(&mut s, vec![Command::DeleteSession, Command::PutCreds { creds: b("fresh") }]);
+        // Back to before the logout: the deleted key and the creds return.
+        let ev = s.restore(&before_logout, before_logout.seq(), None, 5, None).unwrap();
+        assert_eq!(s.restore_summary(&ev).unwrap().creds, CredsRestore::Set);
+        let mut after = s.clone();
+        after.apply(after.seq() + 1, &ev).unwrap();
+        assert!(after.same_contents(&before_logout));
+        // Back to before the creds were first written: they are removed.
+        let ev = s.restore(&no_creds_yet, no_creds_yet.seq(), None, 6, None).unwrap();
+        assert_eq!(s.restore_summary(&ev).unwrap().creds, CredsRestore::Removed);
+        s.apply(s.seq() + 1, &ev).unwrap();
+        assert!(s.same_contents(&no_creds_yet));
+        assert_eq!((s.creds(), s.info().bytes), (None, 1));
+    }
+
+    #[test]
+    fn other_events_have_no_restore_summary() {
+        let s = SessionState::default();
+        assert_eq!(s.restore_summary(&Event::new(1, None, Change::SessionDeleted)), None);
+        assert!(!Event::new(1, None, Change::SessionDeleted).touches_creds());
     }
 }

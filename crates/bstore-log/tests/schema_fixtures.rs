@@ -283,6 +283,7 @@ fn said(e: &Event) -> Said {
                 .collect();
         }
         Change::SessionDeleted => out.deleted = true,
+        Change::Restored { .. } => panic!("no release before this one wrote a restore"),
     }
     out
 }
@@ -500,4 +501,25 @@ fn write_fixtures() {
         std::fs::write(&path, blob).unwrap();
         eprintln!("wrote {}", path.display());
     }
+}
+
+#[test]
+fn neither_previous_release_takes_a_restore_for_anything_else() {
+    // A restore (schema 3) names a change the earlier releases do not know:
+    // they fail to decode it, and never read it as a change they know.
+    let mut before = SessionState::default();
+    let mut then = SessionState::default();
+    let mut keys = KeyChanges::new();
+    keys.entry(t("pre-key")).or_default().insert(id("1"), Some(b("a")));
+    let event = then.handle(Command::SetKeys { keys }, &Limits::default(), AT, None).unwrap().unwrap();
+    then.apply(1, &event).unwrap();
+    before.apply(1, &event).unwrap();
+    let event = before.handle(Command::PutCreds { creds: b("c") }, &Limits::default(), AT + 1, None).unwrap().unwrap();
+    before.apply(2, &event).unwrap();
+    let restore = before.restore(&then, 1, None, AT + 2, Some("r".into())).expect("a change");
+    assert_eq!(restore.v, 3);
+    let blob = bstore_log::seal_appended(&codec(), &session(), 2, &restore);
+    assert_eq!(codec().decode_event(&session(), &blob).unwrap(), Event { prev: Some(2), ..restore });
+    assert!(rmp_serde::from_slice::<frozen::f359395::Event>(&open(&blob)).is_err(), "the previous release refuses it");
+    assert!(rmp_serde::from_slice::<frozen::before_deltas::Event>(&open(&blob)).is_err(), "and so does the one before deltas");
 }

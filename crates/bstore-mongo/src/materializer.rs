@@ -156,7 +156,9 @@ impl Materializer {
     ) -> Result<Vec<LoggedEvent>, MongoError> {
         let mut events: Vec<LoggedEvent> = events.to_vec();
         events.sort_by_key(|e| e.seq);
-        if !events.iter().any(|e| matches!(&e.event.change, Change::KeysChanged { patched, .. } if !patched.is_empty())) {
+        if !events.iter().any(
+            |e| matches!(&e.event.change, Change::KeysChanged { patched, .. } | Change::Restored { patched, .. } if !patched.is_empty()),
+        ) {
             return Ok(events);
         }
         let mut out = Vec::with_capacity(events.len());
@@ -165,7 +167,7 @@ impl Materializer {
         // batch left, with the sequence that left them (`None`: deleted).
         let mut in_batch: HashMap<KeyPlace, (u64, Option<Bytes>)> = HashMap::new();
         'events: for mut e in events {
-            let Change::KeysChanged { keys, patched } = &mut e.event.change else {
+            let (Change::KeysChanged { keys, patched } | Change::Restored { keys, patched, .. }) = &mut e.event.change else {
                 if matches!(e.event.change, Change::SessionDeleted) {
                     in_batch.retain(|(s, _, _), _| *s != e.session);
                     for place in seen.bases.keys().filter(|(s, _, _)| *s == e.session) {

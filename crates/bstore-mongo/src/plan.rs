@@ -252,10 +252,15 @@ pub(crate) fn plan(batch: &[LoggedEvent], passed: &[Displaced], seen: &Seen) -> 
         plan.last = Mark { seq: e.seq, at_ms: e.event.at_ms, deleted };
         match &e.event.change {
             Change::CredsPut { creds } => plan.creds = Some((e.seq, Some(creds.clone()))),
-            Change::KeysChanged { patched, .. } if !patched.is_empty() => {
+            Change::KeysChanged { patched, .. } | Change::Restored { patched, .. } if !patched.is_empty() => {
                 return Err(MongoError::Unreadable(format!("event {} of {} still holds patches", e.seq, e.session)));
             }
-            Change::KeysChanged { keys, .. } => {
+            // A restore sets the creds register (to none, when the point had
+            // none) and changes keys as a `keys.set` does.
+            Change::KeysChanged { keys, .. } | Change::Restored { keys, .. } => {
+                if let Change::Restored { creds, .. } = &e.event.change {
+                    plan.creds = Some((e.seq, creds.clone()));
+                }
                 if e.seq <= reset_before {
                     out.stats.already_applied += 1;
                     continue;

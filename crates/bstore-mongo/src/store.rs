@@ -360,7 +360,7 @@ impl Store {
         // By document id: the key, its tag, and whether its value is wanted.
         let mut places: HashMap<String, (KeyPlace, String, bool)> = HashMap::new();
         for e in batch {
-            if let Change::KeysChanged { keys, patched } = &e.event.change {
+            if let Change::KeysChanged { keys, patched } | Change::Restored { keys, patched, .. } = &e.event.change {
                 let whole = keys.iter().flat_map(|(t, ids)| ids.keys().map(move |i| (t, i, false)));
                 let patches = patched.iter().flat_map(|(t, ids)| ids.keys().map(move |i| (t, i, true)));
                 for (ty, kid, wanted) in whole.chain(patches) {

@@ -329,7 +329,8 @@ impl RedisProjection {
     /// absent), and the manifest with the digest of `after`, computed from
     /// `base` (the digest before the event) and the touched entries in
     /// `before` and `after`. Applies only when the hash is exactly at
-    /// `base.seq()`. Only the touched keys, the creds (for `CredsPut`) and
+    /// `base.seq()`. Only the touched keys, the creds (for `CredsPut` and a
+    /// restore) and
     /// the metadata of `after` are read, and only the touched keys and the
     /// creds of `before`, so both may be partial images holding just those.
     ///
@@ -348,45 +349,44 @@ impl RedisProjection {
         let mut digest = Digest { seq: after.seq(), ..*base };
         let mut deleted: Vec<String> = Vec::new();
         let mut set: Vec<(String, Vec<u8>)> = Vec::new();
-        let reset = match &event.change {
-            // Values are taken from the state after the event, not from the
-            // event, so the projection holds exactly what a load would see
-            // whatever form the event records a change in.
-            Change::CredsPut { .. } => {
-                if let Some(old) = before.creds() {
-                    digest.remove(hasher.creds(old));
-                }
-                if let Some(creds) = after.creds() {
+        // Values are taken from the state after the event, not from the
+        // event, so the projection holds exactly what a load would see
+        // whatever form the event records a change in: a patch reaches Redis
+        // as the value it produced, and a restore as the creds and keys it
+        // put back.
+        if event.touches_creds() {
+            if let Some(old) = before.creds() {
+                digest.remove(hasher.creds(old));
+            }
+            match after.creds() {
+                Some(creds) => {
                     digest.add(hasher.creds(creds));
                     set.push((CREDS.into(), self.codec.seal_value(session, None, creds)));
                 }
-                false
+                // A restore to a point without creds removes them.
+                None if before.creds().is_some() => deleted.push(CREDS.into()),
+                None => {}
             }
-            Change::KeysChanged { .. } => {
-                // Whole values and patches alike: the value is the one in
-                // `after`, so a patch reaches Redis as the value it produced.
-                for (ty, id) in event.touched_keys() {
-                    if let Some((_, old)) = before.get_keys(ty, [id]).pop() {
-                        digest.remove(hasher.key(ty, id, &old));
-                    }
-                    let tag = self.codec.id_tag(session, ty, id);
-                    match after.get_keys(ty, [id]).pop() {
-                        Some((_, v)) => {
-                            digest.add(hasher.key(ty, id, &v));
-                            set.push((field_name(ty, &tag), self.seal_key(session, ty, &tag, id, &v)));
-                        }
-                        None => deleted.push(field_name(ty, &tag)),
-                    }
+        }
+        for (ty, id) in event.touched_keys() {
+            if let Some((_, old)) = before.get_keys(ty, [id]).pop() {
+                digest.remove(hasher.key(ty, id, &old));
+            }
+            let tag = self.codec.id_tag(session, ty, id);
+            match after.get_keys(ty, [id]).pop() {
+                Some((_, v)) => {
+                    digest.add(hasher.key(ty, id, &v));
+                    set.push((field_name(ty, &tag), self.seal_key(session, ty, &tag, id, &v)));
                 }
-                false
+                None => deleted.push(field_name(ty, &tag)),
             }
-            // The hash is replaced by one holding only the sequence and the
-            // manifest, so a late delta cannot bring a key back.
-            Change::SessionDeleted => {
-                digest = Digest::empty(after.seq());
-                true
-            }
-        };
+        }
+        // The hash is replaced by one holding only the sequence and the
+        // manifest, so a late delta cannot bring a key back.
+        let reset = matches!(event.change, Change::SessionDeleted);
+        if reset {
+            digest = Digest::empty(after.seq());
+        }
         let manifest = self.seal_manifest(session, &Manifest::of(digest, after));
         let mut inv = self.delta.key(self.key(session));
         inv.arg(base.seq).arg(after.seq()).arg(self.cfg.ttl_secs).arg(if reset { "1" } else { "0" }).arg(manifest).arg(deleted.len());

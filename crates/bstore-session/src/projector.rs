@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bstore_domain::{Change, Event, SessionKey, SessionState};
+use bstore_domain::{Event, SessionKey, SessionState};
 use bstore_redis::{DeltaOutcome, Digest, RedisProjection, SnapshotMode};
 use tokio::sync::mpsc;
 
@@ -221,10 +221,7 @@ async fn run(key: SessionKey, redis: RedisProjection, mut rx: mpsc::Receiver<Job
 /// key of the session on every write; this clones only handles on the
 /// touched values.
 pub(crate) fn image(state: &SessionState, event: &Event) -> SessionState {
-    let creds = match event.change {
-        Change::CredsPut { .. } => state.creds().cloned(),
-        _ => None,
-    };
+    let creds = if event.touches_creds() { state.creds().cloned() } else { None };
     let keys = event.touched_keys().into_iter().filter_map(|(ty, id)| state.get_keys(ty, [id]).pop().map(|(id, v)| (ty.clone(), id, v)));
     SessionState::from_parts(state.seq(), creds, keys, state.updated_at_ms(), state.events())
 }

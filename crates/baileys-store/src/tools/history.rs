@@ -22,7 +22,9 @@ impl Filter {
         match &event.change {
             Change::SessionDeleted => true,
             Change::CredsPut { .. } => self.ty == "creds",
-            Change::KeysChanged { .. } => event
+            // A restore sets the creds and changes keys: it matches either.
+            Change::Restored { .. } if self.ty == "creds" => true,
+            Change::KeysChanged { .. } | Change::Restored { .. } => event
                 .touched_keys()
                 .into_iter()
                 .any(|(ty, id)| ty.as_str() == self.ty && self.id.as_deref().is_none_or(|want| id.as_str() == want)),
@@ -32,7 +34,9 @@ impl Filter {
 
 /// Prints a session's audit history as JSON lines: sequence, time, request
 /// id, the predecessor the event was appended after (`prev`), and which keys
-/// were written or deleted — never a value. An event refused as not where it
+/// were written or deleted — never a value. A restore (`kind` `restored`)
+/// also names the point it put the session back to (`to_seq`, and `to_ms`
+/// when the operator gave a time). An event refused as not where it
 /// was written carries `refused`.
 pub async fn run(cfg: Config, key: bstore_domain::SessionKey, only: Option<Filter>) -> anyhow::Result<()> {
     use bstore_domain::Change;
@@ -65,7 +69,14 @@ pub async fn run(cfg: Config, key: bstore_domain::SessionKey, only: Option<Filte
         }
         match &event.change {
             Change::CredsPut { creds } => line["creds_bytes"] = creds.len().into(),
-            Change::KeysChanged { keys, patched } => {
+            Change::KeysChanged { keys, patched } | Change::Restored { keys, patched, .. } => {
+                // A restore names the point it put the session back to, and
+                // the creds it left (`null`: none).
+                if let Change::Restored { to_seq, to_ms, creds, .. } = &event.change {
+                    line["to_seq"] = (*to_seq).into();
+                    line["to_ms"] = (*to_ms).into();
+                    line["creds_bytes"] = creds.as_ref().map(|c| c.len()).into();
+                }
                 let mut types = serde_json::Map::new();
                 for (ty, ids) in keys {
                     let set: Vec<&str> = ids.iter().filter(|(_, v)| v.is_some()).map(|(id, _)| id.as_str()).collect();

@@ -94,7 +94,10 @@ pub async fn read(log: &EventLog, key: &SessionKey, point: Point, values: bool) 
         }
         match &event.change {
             Change::CredsPut { .. } => creds_seq = seq,
-            Change::KeysChanged { .. } => {
+            Change::KeysChanged { .. } | Change::Restored { .. } => {
+                if event.touches_creds() {
+                    creds_seq = seq;
+                }
                 for (ty, id) in event.touched_keys() {
                     changed.insert((ty.to_string(), id.to_string()), seq);
                 }
