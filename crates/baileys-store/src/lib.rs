@@ -121,6 +121,10 @@ async fn serve(
     let ownership = bstore_cluster::Ownership::new(&cfg.cluster, instance);
     let sessions = Sessions::start_with(log.clone(), redis, ownership, cfg.limits, cfg.sessions.clone());
     let erasures = tokio::spawn(follow_erasures(log, sessions.clone()));
+    // The operator's subject (restore) is served on the store connection, in
+    // the service's own account and exported to no one: bots cannot reach it.
+    let admin = bstore_api::admin::Admin::subscribe(client.clone()).await.context("subscribing to the operator's subject")?;
+    let admin = tokio::spawn(admin.serve(sessions.clone(), std::future::pending()));
     // Bots' requests arrive on a connection of their own, which an operator
     // can confine to publishing replies; JetStream stays on `client`.
     let serving = nats::connect(&cfg.nats, &urls, nats::Role::Serve).await?;
@@ -172,6 +176,7 @@ async fn serve(
         bstore_api::serve(serving.clone(), api, sessions, cluster, bstore_api::Figures { metrics, more: more_figures }, ready, shutdown)
             .await;
     erasures.abort();
+    admin.abort();
     if let Some(m) = materializer {
         m.stop().await;
     }

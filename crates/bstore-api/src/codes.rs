@@ -2,7 +2,7 @@
 //! never renumber one, only add.
 
 use bstore_domain::DomainError;
-use bstore_session::SessionError;
+use bstore_session::{RestoreRefusal, SessionError};
 
 /// Every error a client can receive, with its stable number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,17 @@ pub enum ErrorCode {
     Timeout,
     /// 520: stored data cannot be opened or decoded.
     Unreadable,
+    /// 440 (operator's restore only): the session has no history.
+    UnknownSession,
+    /// 441 (operator's restore only): the point is before the session's
+    /// kept history (an audit retention's cut, an erasure).
+    HistoryGone,
+    /// 442 (operator's restore only): the point is after the session's
+    /// last event.
+    BeyondLog,
+    /// 443 (operator's restore only): the session held nothing at the
+    /// point; a restore does not delete.
+    EmptyPoint,
 }
 
 impl ErrorCode {
@@ -40,6 +51,10 @@ impl ErrorCode {
             Self::Unavailable => 503,
             Self::Timeout => 504,
             Self::Unreadable => 520,
+            Self::UnknownSession => 440,
+            Self::HistoryGone => 441,
+            Self::BeyondLog => 442,
+            Self::EmptyPoint => 443,
         }
     }
 
@@ -55,6 +70,10 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
             Self::Unreadable => "unreadable",
+            Self::UnknownSession => "unknown_session",
+            Self::HistoryGone => "history_gone",
+            Self::BeyondLog => "beyond_log",
+            Self::EmptyPoint => "empty_point",
         }
     }
 
@@ -72,6 +91,12 @@ impl ErrorCode {
             SessionError::Unavailable(_) | SessionError::NotOwner => Self::Unavailable,
             SessionError::Timeout => Self::Timeout,
             SessionError::Unreadable(_) => Self::Unreadable,
+            SessionError::Refused(r) => match r {
+                RestoreRefusal::UnknownSession => Self::UnknownSession,
+                RestoreRefusal::HistoryGone { .. } => Self::HistoryGone,
+                RestoreRefusal::BeyondLog { .. } => Self::BeyondLog,
+                RestoreRefusal::EmptyPoint { .. } => Self::EmptyPoint,
+            },
         }
     }
 }

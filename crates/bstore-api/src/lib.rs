@@ -9,6 +9,7 @@
 //! This crate only translates: subject and body in, [`bstore_session::Request`]
 //! out, and the reply or error back. Decisions live in the domain crate.
 
+pub mod admin;
 pub mod client;
 mod codes;
 mod metrics;

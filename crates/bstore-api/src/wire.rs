@@ -98,7 +98,7 @@ pub(crate) fn parse_subject(prefix: &str, subject: &str) -> Result<(SessionKey, 
     }
 }
 
-fn check_rid(rid: Option<&str>) -> Result<Option<String>, Refusal> {
+pub(crate) fn check_rid(rid: Option<&str>) -> Result<Option<String>, Refusal> {
     if let Some(r) = rid {
         let ok = !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !ok {
@@ -182,6 +182,8 @@ pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
         }
         Reply::Written { seq } => rmp_serde::to_vec_named(&WrittenReply { seq: *seq }),
         Reply::Info(info) => rmp_serde::to_vec_named(info),
+        // Answered only on the operator's subject (`admin.rs`).
+        Reply::Restored(r) => rmp_serde::to_vec_named(r),
         Reply::Ids { ids, next, seq } => rmp_serde::to_vec_named(&IdsReply {
             ids: ids.iter().map(KeyId::as_str).collect(),
             next: next.as_ref().map(KeyId::as_str),

@@ -17,6 +17,8 @@
 //! - a state found ahead of the log (data loss under it, a restore) is
 //!   dropped and reloaded, never used to wedge the session.
 
+pub(crate) mod restore;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -248,12 +250,13 @@ async fn process(env: &Env, key: &SessionKey, partition: u32, projector: Option<
         }
         Op::Info => Ok(Reply::Info(live.st.info())),
         Op::Write { cmd, rid } => write(env, key, projector, &mut live, cmd, rid, req.deadline).await,
+        Op::Restore(r) => restore::restore(env, key, projector, &mut live, r, req.deadline).await,
     };
     // The answer leaves only while the lease still holds: after it, another
     // instance may already have changed the session.
     if !env.ownership.still_serving(partition, epoch) {
         let reply = match reply {
-            Ok(Reply::Written { .. }) => {
+            Ok(Reply::Written { .. } | Reply::Restored(_)) => {
                 Err(SessionError::Unavailable("the session moved to another instance; retry with the same rid".into()))
             }
             Ok(_) => Err(SessionError::NotOwner),

@@ -38,6 +38,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use actor::SessionActor;
+pub use actor::restore::{RestoreOutcome, RestoreRefusal, RestoreRequest, Restoration};
 pub use registry::{Registry, Sessions};
 pub use snapshotter::snapshot_counts;
 
@@ -152,7 +153,9 @@ pub enum Op {
         cmd: Command,
         /// The client's request id, for deduplication.
         rid: Option<String>,
-    },
+    },    /// Put the session back to its state at an earlier point, as one new
+    /// event (an operator's restore; never reachable by a bot's request).
+    Restore(RestoreRequest),
 }
 
 /// Most bytes of ids in one page of [`Op::ListIds`]: a page stops there
@@ -199,6 +202,8 @@ pub enum Reply {
     },
     /// The session summary.
     Info(SessionInfo),
+    /// What a restore did, or would do.
+    Restored(Restoration),
     /// A page of ids of one type.
     Ids {
         /// The ids, in byte order.
@@ -234,7 +239,10 @@ pub enum SessionError {
     /// This instance does not serve the session's partition (now): the
     /// request belongs to its owner. Nothing was applied.
     #[error("this instance does not serve the session's partition")]
-    NotOwner,
+    NotOwner,    /// A restore the service will not do; nothing was written. Do not
+    /// retry.
+    #[error(transparent)]
+    Refused(#[from] RestoreRefusal),
 }
 
 impl From<LogError> for SessionError {
