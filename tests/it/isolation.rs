@@ -78,7 +78,7 @@ impl Fleet {
     }
 
     /// A connection as `user` (with its password from the shipped file).
-    async fn connect_as(&self, user: &str) -> async_nats::Client {
+    pub(crate) async fn connect_as(&self, user: &str) -> async_nats::Client {
         async_nats::ConnectOptions::with_user_and_password(user.into(), self.passwords[user].clone())
             .skip_subject_validation(true)
             .connect(self.nats.url())

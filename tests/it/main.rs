@@ -21,6 +21,7 @@ mod migration;
 mod ownership;
 mod projections;
 mod rebuild;
+mod restore;
 mod snapshots;
 mod spine;
 mod tools;

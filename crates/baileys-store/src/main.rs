@@ -217,6 +217,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Put sessions back to their state at a sequence or a moment, each as one new event in its
+    /// history (`history` lists it as `restored`, with the point), through the running service.
+    ///
+    /// With --session (one or more), those sessions; without it, every session of the tenant that
+    /// changed after the point. A moment stands for each session's last event before the first one
+    /// decided after it. The owner of each session decides the restore against the session's state
+    /// when it runs: writes acknowledged after it stay. A session already at that state is reported
+    /// and nothing is written; a point before the kept history (audit retention, erasure), beyond the
+    /// log or where the session held nothing is refused. More than one session needs --yes.
+    /// Example: `baileys-store restore --tenant acme --at-ms 1764680700000 --dry-run`, then the same
+    /// with `--yes`; or `baileys-store restore --tenant acme --session bot-1 --seq 1200`.
+    Restore {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Only these sessions (repeat --session); without it, every session of the tenant that
+        /// changed after the point.
+        #[arg(long)]
+        session: Vec<String>,
+        /// The point: the state after the session's events through this stream sequence.
+        #[arg(long, conflicts_with = "at_ms", required_unless_present = "at_ms")]
+        seq: Option<u64>,
+        /// The point: the state as of this moment, in ms since the Unix epoch.
+        #[arg(long)]
+        at_ms: Option<u64>,
+        /// Have each session's owner say what it would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Really restore more than one session.
+        #[arg(long)]
+        yes: bool,
+        /// One JSON object per session instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the Mongo materializer alone (no request serving) until SIGINT or SIGTERM.
     ///
     /// Example: `BSTORE_NATS_URL=nats://n1:4222 BSTORE_MONGO_URL=mongodb://m1/ baileys-store materialize`;
@@ -434,6 +469,24 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 (None, None, _) => unreachable!("clap requires --from or --from-redis"),
             };
             actix::System::new().block_on(baileys_store::tools::import::run(cfg, tenant, source, Options { dry_run, force, json }))
+        }
+        Cmd::Restore { tenant, session, seq, at_ms, dry_run, yes, json } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            telemetry::init(&cfg.telemetry)?;
+            let tenant = bstore_domain::TenantId::parse(&tenant)?;
+            use baileys_store::tools::restore::{Options, Sessions};
+            let which = if session.is_empty() {
+                Sessions::ChangedAfter
+            } else {
+                Sessions::Listed(session.iter().map(|s| bstore_domain::SessionKey::parse(tenant.as_str(), s)).collect::<Result<_, _>>()?)
+            };
+            let point = match (seq, at_ms) {
+                (Some(n), _) => baileys_store::state_at::Point::Seq(n),
+                (None, Some(t)) => baileys_store::state_at::Point::TimeMs(t),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let opts = Options { dry_run, yes, json };
+            actix::System::new().block_on(baileys_store::tools::restore::run(cfg, tenant, which, point, opts))
         }
         Cmd::Materialize => {
             let cfg = Config::load(cli.config.as_deref())?;

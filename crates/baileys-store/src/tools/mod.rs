@@ -1,8 +1,9 @@
 //! The operator's commands, one file per command family, apart from
 //! starting the service: the audit (`history`, `state-at`, `diff`),
-//! moving sessions in and out (`import` from `useMultiFileAuthState`
-//! folders and Redis-direct stores, `export` back to them), `erase`, and
-//! the key commands (`rotate-key`, `keys …`).
+//! `restore` (sessions put back to an earlier point of their history as one
+//! new event each), moving sessions in and out (`import` from
+//! `useMultiFileAuthState` folders and Redis-direct stores, `export` back to
+//! them), `erase`, and the key commands (`rotate-key`, `keys …`).
 
 pub mod bufferjson;
 pub mod erase;
@@ -11,6 +12,7 @@ pub mod history;
 pub mod import;
 pub mod keys;
 pub mod redis_layouts;
+pub mod restore;
 pub mod state_at;
 
 /// The key types Baileys (v7) writes, longest first so that a file name
