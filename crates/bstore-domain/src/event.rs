@@ -25,9 +25,10 @@ use crate::ids::{KeyId, KeyType};
 ///   without is still version 1.
 ///
 /// - 3: `Restored`, a session put back to an earlier point of its history
-///   (an operator's `restore`). A version-2 reader does not know the change
-///   and refuses the event by its version instead of failing to decode it
-///   as something else.
+///   (an operator's `restore`), written as a `keys_changed` with a
+///   `restored` field. A version-2 reader would take it for a plain key
+///   change and miss the creds and the point, which is why it is version 3:
+///   such a reader decodes it and refuses it by its version.
 ///
 /// A field that a reader may ignore without misreading the change needs no
 /// new version. `prev` (the event's place in the log) is one: events are
@@ -66,8 +67,15 @@ pub struct Event {
 }
 
 /// What an event changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+///
+/// On the wire (MessagePack, named fields) a restore is a `keys_changed`
+/// carrying a `restored` map (its point and the creds), not a variant of
+/// its own: a release that predates restores then decodes the event, finds
+/// schema version 3 and refuses it by its version — deferring it, in the
+/// Mongo materializer, to an upgraded instance — instead of failing to
+/// decode it as if it were corrupt. [`Change::schema_version`] is what keeps
+/// it from being read as a plain key change.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// The whole creds object was replaced.
     CredsPut {
@@ -81,7 +89,6 @@ pub enum Change {
         keys: KeyChanges,
         /// Per type, per id: the new value as a delta against the key's
         /// value before this event (which always exists).
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         patched: KeyPatches,
     },
     /// The session was logged out: creds and every key are gone.
@@ -100,20 +107,101 @@ pub enum Change {
         /// The moment the operator named, when the point was given as a time
         /// (ms since the Unix epoch); `to_seq` is the last event at or
         /// before it.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         to_ms: Option<u64>,
         /// The creds after the restore (those at the point): `None` when the
         /// session had none then.
         creds: Option<Bytes>,
         /// Per type, per id: the value at the point, or `None` for a key
         /// that did not exist then.
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         keys: KeyChanges,
         /// Per type, per id: the value at the point as a delta against the
         /// key's value before this event.
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         patched: KeyPatches,
     },
+}
+
+/// [`Change`] as it is written: the restore's own fields ride in a
+/// `keys_changed`.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum WireOut<'a> {
+    CredsPut {
+        creds: &'a Bytes,
+    },
+    KeysChanged {
+        keys: &'a KeyChanges,
+        #[serde(skip_serializing_if = "no_patches")]
+        patched: &'a KeyPatches,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        restored: Option<WireRestoredOut<'a>>,
+    },
+    SessionDeleted,
+}
+
+#[derive(Serialize)]
+struct WireRestoredOut<'a> {
+    to_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to_ms: Option<u64>,
+    creds: Option<&'a Bytes>,
+}
+
+fn no_patches(p: &&KeyPatches) -> bool {
+    p.is_empty()
+}
+
+/// [`Change`] as it is read.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireIn {
+    CredsPut {
+        creds: Bytes,
+    },
+    KeysChanged {
+        keys: KeyChanges,
+        #[serde(default)]
+        patched: KeyPatches,
+        #[serde(default)]
+        restored: Option<WireRestoredIn>,
+    },
+    SessionDeleted,
+}
+
+#[derive(Deserialize)]
+struct WireRestoredIn {
+    to_seq: u64,
+    #[serde(default)]
+    to_ms: Option<u64>,
+    creds: Option<Bytes>,
+}
+
+impl Serialize for Change {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Change::CredsPut { creds } => WireOut::CredsPut { creds },
+            Change::KeysChanged { keys, patched } => WireOut::KeysChanged { keys, patched, restored: None },
+            Change::SessionDeleted => WireOut::SessionDeleted,
+            Change::Restored { to_seq, to_ms, creds, keys, patched } => WireOut::KeysChanged {
+                keys,
+                patched,
+                restored: Some(WireRestoredOut { to_seq: *to_seq, to_ms: *to_ms, creds: creds.as_ref() }),
+            },
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Change {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match WireIn::deserialize(d)? {
+            WireIn::CredsPut { creds } => Change::CredsPut { creds },
+            WireIn::KeysChanged { keys, patched, restored: None } => Change::KeysChanged { keys, patched },
+            WireIn::KeysChanged { keys, patched, restored: Some(r) } => {
+                Change::Restored { to_seq: r.to_seq, to_ms: r.to_ms, creds: r.creds, keys, patched }
+            }
+            WireIn::SessionDeleted => Change::SessionDeleted,
+        })
+    }
 }
 
 impl Change {

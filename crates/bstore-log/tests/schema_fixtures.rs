@@ -503,12 +503,10 @@ fn write_fixtures() {
     }
 }
 
-#[test]
-fn neither_previous_release_takes_a_restore_for_anything_else() {
-    // A restore (schema 3) names a change the earlier releases do not know:
-    // they fail to decode it, and never read it as a change they know.
-    let mut before = SessionState::default();
-    let mut then = SessionState::default();
+/// A restore as this build decides and appends it: the session back from
+/// creds and a key to the key alone.
+fn a_restore() -> (Event, Vec<u8>) {
+    let (mut before, mut then) = (SessionState::default(), SessionState::default());
     let mut keys = KeyChanges::new();
     keys.entry(t("pre-key")).or_default().insert(id("1"), Some(b("a")));
     let event = then.handle(Command::SetKeys { keys }, &Limits::default(), AT, None).unwrap().unwrap();
@@ -516,10 +514,30 @@ fn neither_previous_release_takes_a_restore_for_anything_else() {
     before.apply(1, &event).unwrap();
     let event = before.handle(Command::PutCreds { creds: b("c") }, &Limits::default(), AT + 1, None).unwrap().unwrap();
     before.apply(2, &event).unwrap();
-    let restore = before.restore(&then, 1, None, AT + 2, Some("r".into())).expect("a change");
-    assert_eq!(restore.v, 3);
+    let restore = before.restore(&then, 1, Some(AT), AT + 2, Some("r".into())).expect("a change");
     let blob = bstore_log::seal_appended(&codec(), &session(), 2, &restore);
+    (restore, blob)
+}
+
+#[test]
+fn both_previous_releases_refuse_a_restore_by_its_version() {
+    // Written as a key change with a `restored` field, a restore decodes in
+    // the earlier releases, which refuse it by its version 3 (the Mongo
+    // materializer defers it to an upgraded instance) instead of taking it
+    // for corrupt data.
+    let (restore, blob) = a_restore();
+    assert_eq!(restore.v, 3);
     assert_eq!(codec().decode_event(&session(), &blob).unwrap(), Event { prev: Some(2), ..restore });
-    assert!(rmp_serde::from_slice::<frozen::f359395::Event>(&open(&blob)).is_err(), "the previous release refuses it");
-    assert!(rmp_serde::from_slice::<frozen::before_deltas::Event>(&open(&blob)).is_err(), "and so does the one before deltas");
+    assert_eq!(frozen::f359395::decode(&open(&blob)).unwrap_err(), 3, "the previous release refuses it by its version");
+    assert_eq!(frozen::before_deltas::decode(&open(&blob)).unwrap_err(), 3, "and so does the one before deltas");
+}
+
+#[test]
+fn a_restore_marked_version_2_would_be_misread_by_the_previous_release() {
+    // Why a restore must say version 3: the previous release would read a
+    // plain key change and lose the creds the restore removes.
+    let (restore, _) = a_restore();
+    let blob = codec().encode_event(&session(), &Event { v: 2, ..restore });
+    let read = frozen::f359395::decode(&open(&blob)).expect("accepted as version 2");
+    assert!(matches!(read.change, frozen::f359395::Change::KeysChanged { .. }), "taken for a key change, the restore's creds unseen");
 }
