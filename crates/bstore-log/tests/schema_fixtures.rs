@@ -12,19 +12,21 @@
 //! | `4-v2-keys-patched.bin` | the same, with a patch | 2 | — |
 //! | `5-v1-creds-chained.bin`, `7-v1-deleted-chained.bin` | this release, no patch | 1 | 4, 6 |
 //! | `6-v2-keys-patched-chained.bin` | this release, a patch | 2 | 5 |
+//! | `8-v3-restored-chained.bin` | the release with restores: back to 6 after the deletion | 3 | 7 |
 //!
 //! Tests: this build reads every fixture and the history replays, chain
 //! checked, to the state it recorded; the previous release (f359395: v1 and
-//! v2, no `prev`) reads every fixture and what this build writes; the
-//! release before deltas (v1 only) reads every version-1 event — which is
-//! now every event without a patch — and refuses a patched one by its
-//! version rather than losing the patch. Those two readers are frozen
+//! v2, no `prev`) reads every fixture but the restore, which it refuses by
+//! its version, and what this build writes; the release before deltas (v1
+//! only) reads every version-1 event — which is now every event without a
+//! patch — and refuses a patched one (and the restore) by its version
+//! rather than losing the patch. Those two readers are frozen
 //! copies of those releases' event types and of the sealed format 1, kept
 //! here so that no later change to the code under test changes them.
 //!
 //! Fixtures 1–2 were sealed by the code of 1743bfc^ and 3–4 by that of
 //! f4c3667 (each release's own `Event` and `Codec`), 5–7 by this build's
-//! append path. `BSTORE_WRITE_FIXTURES=1 cargo test -p bstore-log --test
+//! append path, 8 by the append path of the release that added restores. `BSTORE_WRITE_FIXTURES=1 cargo test -p bstore-log --test
 //! schema_fixtures` writes the fixtures that are missing (the older ones as
 //! those releases' code made them). Existing ones are never rewritten: they
 //! are what the releases wrote, and must stay readable.
@@ -73,7 +75,7 @@ fn big(n: usize) -> String {
 const SENDER_KEY: (&str, &str) = ("sender-key", "g::u::0");
 
 /// The fixtures in log order: file name, schema version, `prev`, kind.
-const FIXTURES: [(&str, u16, Option<u64>, &str); 7] = [
+const FIXTURES: [(&str, u16, Option<u64>, &str); 8] = [
     ("1-v1-creds.bin", 1, None, "creds_put"),
     ("2-v1-keys.bin", 1, None, "keys_changed"),
     ("3-v2-keys-unpatched.bin", 2, None, "keys_changed"),
@@ -81,6 +83,7 @@ const FIXTURES: [(&str, u16, Option<u64>, &str); 7] = [
     ("5-v1-creds-chained.bin", 1, Some(4), "creds_put"),
     ("6-v2-keys-patched-chained.bin", 2, Some(5), "keys_changed"),
     ("7-v1-deleted-chained.bin", 1, Some(6), "session_deleted"),
+    ("8-v3-restored-chained.bin", 3, Some(7), "restored"),
 ];
 
 fn read_fixture(name: &str) -> Vec<u8> {
@@ -126,10 +129,15 @@ fn this_build_reads_every_fixture_and_the_history_replays_to_what_it_recorded() 
             5 => assert_eq!(state.creds(), Some(&b("creds-2"))),
             6 => assert_eq!(big_at(&state), Some(b(&big(3002))), "patched by 6"),
             7 => assert!(!state.exists()),
+            8 => {
+                assert_eq!(state.creds(), Some(&b("creds-2")), "the restore to 6 puts the creds back");
+                assert_eq!(big_at(&state), Some(b(&big(3002))));
+                assert_eq!(state.get_keys(&t("pre-key"), [&id("2"), &id("3")]), vec![(id("2"), b("b")), (id("3"), b("c"))]);
+            }
             _ => {}
         }
     }
-    assert_eq!(state.seq(), 7);
+    assert_eq!(state.seq(), 8);
 }
 
 /// The releases' readers, frozen. Each decodes the opened MessagePack as
@@ -341,8 +349,12 @@ fn the_previous_release_reads_every_fixture_as_this_build_does() {
     let (codec, s) = (codec(), session());
     for (_, name, blob) in fixtures() {
         let ours = codec.decode_event(&s, &blob).unwrap();
-        let theirs = frozen::f359395::decode(&open(&blob)).unwrap_or_else(|v| panic!("{name}: refused version {v}"));
-        assert_eq!(said_f359395(&theirs), said(&ours), "{name}: the previous release ignores prev and reads the rest as it is");
+        match frozen::f359395::decode(&open(&blob)) {
+            Ok(theirs) => {
+                assert_eq!(said_f359395(&theirs), said(&ours), "{name}: the previous release ignores prev and reads the rest as it is")
+            }
+            Err(v) => assert_eq!((v, ours.v), (3, 3), "{name}: only a restore is refused, by its version"),
+        }
     }
 }
 
@@ -357,7 +369,7 @@ fn the_release_before_deltas_reads_every_version_1_fixture_and_refuses_the_other
                 assert_eq!(said_before_deltas(&theirs), said(&ours), "{name}");
             }
             Err(v) => {
-                assert_eq!((v, ours.v), (2, 2), "{name}: refused by its version");
+                assert!(v == ours.v && v >= 2, "{name}: refused by its version");
             }
         }
     }
@@ -473,15 +485,22 @@ fn history() -> Vec<(&'static str, Event, bool)> {
         state.apply(seq as u64 + 1, e).unwrap();
     }
     let grown = keys(&[(SENDER_KEY.0, SENDER_KEY.1, Some(&big(3002)))]);
+    let mut at_6 = SessionState::default();
     for (name, n, cmd) in [
         (FIXTURES[4].0, 5, Command::PutCreds { creds: b("creds-2") }),
         (FIXTURES[5].0, 6, Command::SetKeys { keys: grown }),
         (FIXTURES[6].0, 7, Command::DeleteSession),
     ] {
         let event = state.handle(cmd, &Limits::default(), AT + n, Some(format!("r{n}"))).unwrap().expect("a change");
+        if n == 7 {
+            at_6 = state.clone();
+        }
         state.apply(n, &event).unwrap();
         out.push((name, event, true));
     }
+    // After the deletion, back to the state at 6.
+    let restore = state.restore(&at_6, 6, Some(AT + 6), AT + 8, Some("r8".into())).expect("a change");
+    out.push((FIXTURES[7].0, restore, true));
     out
 }
 
