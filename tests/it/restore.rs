@@ -4,12 +4,12 @@
 //! show the point; out of a bot's reach.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bstore_api::admin::{AdminError, RestoreBody, request_restore};
 use bstore_api::client::{SessionClient, key_data};
 use bstore_domain::SessionKey;
-use bstore_testkit::TempDir;
 use serde_json::Value;
 
 use crate::harness::{KEY1, Stack, fast_leases, history, rid, service_bin};
@@ -18,12 +18,12 @@ use crate::projections::Projected;
 
 /// Runs the tool with `args` against the server at `url`: whether it
 /// succeeded, its JSON lines (stdout), and its other output.
-fn tool(url: &str, dir: &TempDir, args: &[&str]) -> (bool, Vec<Value>, String) {
+fn tool(url: &str, dir: &Path, args: &[&str]) -> (bool, Vec<Value>, String) {
     let out = std::process::Command::new(service_bin())
         .args(args)
         .env("BSTORE_NATS_URL", url)
         .env("BSTORE_KEYS", KEY1)
-        .env("BSTORE_DATA_DIR", dir.path().join("tool"))
+        .env("BSTORE_DATA_DIR", dir.join("tool"))
         .env("BSTORE_LOG", "warn")
         .env("NO_COLOR", "1")
         .output()
@@ -34,13 +34,13 @@ fn tool(url: &str, dir: &TempDir, args: &[&str]) -> (bool, Vec<Value>, String) {
 }
 
 /// `restore` with `args`, as JSON.
-fn restore(url: &str, dir: &TempDir, args: &[&str]) -> (bool, Vec<Value>, String) {
+fn restore(url: &str, dir: &Path, args: &[&str]) -> (bool, Vec<Value>, String) {
     tool(url, dir, &[&["restore", "--json"], args].concat())
 }
 
 /// The creds and every key of `session` at `point` (`--seq N`, or the
 /// latest state), by digest, from `state-at`.
-fn contents(url: &str, dir: &TempDir, tenant: &str, session: &str, point: Option<u64>) -> (Option<String>, BTreeMap<String, String>) {
+fn contents(url: &str, dir: &Path, tenant: &str, session: &str, point: Option<u64>) -> (Option<String>, BTreeMap<String, String>) {
     let seq = point.unwrap_or(u64::MAX).to_string();
     let (ok, json, out) = tool(url, dir, &["state-at", "--tenant", tenant, "--session", session, "--seq", &seq, "--json"]);
     assert!(ok, "state-at: {out}");
@@ -101,7 +101,7 @@ async fn good_then_corrupted(s: &SessionClient) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_puts_the_session_back_as_one_audited_event_and_every_copy_follows() {
     let p = Projected::start(true, true, true).await;
-    let (url, dir) = (p.stack.nats.url(), &p.stack.dir);
+    let (url, dir) = (p.stack.nats.url(), p.stack.dir.path());
     let s = p.session("r1");
     let good = good_then_corrupted(&s).await;
     // The actor holds the corrupted state in memory.
@@ -184,7 +184,7 @@ async fn a_restore_puts_the_session_back_as_one_audited_event_and_every_copy_fol
 #[tokio::test]
 async fn a_tenant_restored_to_a_moment_needs_yes_and_leaves_unchanged_sessions_alone() {
     let stack = Stack::start().await;
-    let (url, dir) = (stack.nats.url(), &stack.dir);
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
     let names = ["m1", "m2", "m3"];
     let mut good_seq = BTreeMap::new();
     for name in names {
@@ -236,7 +236,7 @@ async fn with_two_instances_each_restore_reaches_the_sessions_owner() {
     let env = fast_leases();
     let stack = Stack::start_with(&env).await;
     let second = stack.another_service(&env);
-    let (url, dir) = (stack.nats.url(), &stack.dir);
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
     // The newcomer takes its share of the 16 partitions: the first hands 8 over.
     let deadline = Instant::now() + Duration::from_secs(30);
     while stack.service.log_text().matches("handing a partition over to balance the cluster").count() < 8 {
@@ -319,7 +319,7 @@ async fn a_bot_cannot_reach_the_restore_subject() {
 #[tokio::test]
 async fn points_the_history_cannot_show_are_refused_with_their_codes() {
     let stack = Stack::start().await;
-    let (url, dir) = (stack.nats.url(), &stack.dir);
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
     let s = stack.session("ref", "s");
     stack.session("ref", "other").creds_put(&rid(), b"first in the log").await.unwrap();
     let first = s.creds_put(&rid(), b"one").await.unwrap();
@@ -352,7 +352,7 @@ async fn points_the_history_cannot_show_are_refused_with_their_codes() {
 #[tokio::test]
 async fn a_point_before_the_retention_cut_is_refused() {
     let stack = Stack::start_with(&[("BSTORE__SESSIONS__SNAPSHOT_EVERY_EVENTS", "5"), ("BSTORE__STREAM__RETENTION_SECS", "2")]).await;
-    let (url, dir) = (stack.nats.url(), &stack.dir);
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
     let s = stack.session("ret", "s");
     let oldest = s.creds_put(&rid(), b"old 0").await.unwrap();
     for i in 1..8 {
@@ -381,4 +381,58 @@ async fn a_point_before_the_retention_cut_is_refused() {
     assert!(ok && json[0]["status"] == "restored", "the cut itself is kept (its base snapshot): {out}");
     assert!(kept > cut);
     assert!(s.keys_get("pre-key", &["0"]).await.unwrap().is_empty(), "keys written after the cut are gone again");
+}
+
+/// Writes racing a restore: the restore applies to whatever state the actor
+/// has when it runs, so every write acknowledged before its event is undone
+/// by it and every write acknowledged after it stays — none is lost or
+/// half-applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_racing_a_restore_are_undone_before_it_and_kept_after_it() {
+    let stack = Stack::start().await;
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
+    let s = stack.session("race", "s");
+    s.creds_put(&rid(), b"good").await.unwrap();
+    let point = s.keys_set(&rid(), &key_data([("pre-key", "base", Some(&b"v"[..]))])).await.unwrap();
+    let writer = {
+        let s = s.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u32;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("w{i}");
+                acked.push((id.clone(), s.keys_set(&rid(), &key_data([("pre-key", id.as_str(), Some(&b"w"[..]))])).await.unwrap()));
+                i += 1;
+            }
+            acked
+        });
+        (stop, task)
+    };
+    // Some writes surely land before the restore.
+    while last_seq(&url, "race", "s") < point + 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (url2, dir2) = (url.clone(), dir.to_path_buf());
+    let (ok, json, out) =
+        tokio::task::spawn_blocking(move || restore(&url2, &dir2, &["--tenant", "race", "--session", "s", "--seq", &point.to_string()]))
+            .await
+            .unwrap();
+    assert!(ok, "{out}");
+    let restored = json[0]["seq"].as_u64().unwrap();
+    // And some after it.
+    while last_seq(&url, "race", "s") < restored + 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.1.await.unwrap();
+    let (before, after): (Vec<_>, Vec<_>) = acked.iter().partition(|(_, seq)| *seq < restored);
+    assert!(!before.is_empty() && !after.is_empty(), "writes on both sides of the restore at {restored}");
+    let ids: Vec<&str> = acked.iter().map(|(id, _)| id.as_str()).collect();
+    let stored = s.keys_get("pre-key", &ids).await.unwrap();
+    for (id, seq) in &acked {
+        assert_eq!(stored.contains_key(id), *seq > restored, "{id} acknowledged at {seq}, restore at {restored}");
+    }
+    assert_eq!(s.keys_get("pre-key", &["base"]).await.unwrap()["base"], b"v");
 }
