@@ -316,14 +316,14 @@ async fn an_unreachable_server_ends_the_start_after_the_connect_timeout() {
 
 // ---- the embedded default ----
 
-struct Embedded {
+pub(crate) struct Embedded {
     service: ServiceProcess,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     _dir: TempDir,
 }
 
 impl Embedded {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let dir = TempDir::new("auth-embedded");
         let data = dir.path().join("data");
         let bin = bstore_testkit::find_bin("NATS_SERVER_BIN", ".tools/nats/bin/nats-server", "nats-server");
@@ -336,7 +336,7 @@ impl Embedded {
         Self { service, data, _dir: dir }
     }
 
-    fn read(&self, file: &str) -> String {
+    pub(crate) fn read(&self, file: &str) -> String {
         std::fs::read_to_string(self.data.join(file)).unwrap().trim().to_owned()
     }
 

@@ -436,3 +436,39 @@ async fn writes_racing_a_restore_are_undone_before_it_and_kept_after_it() {
     }
     assert_eq!(s.keys_get("pre-key", &["base"]).await.unwrap()["base"], b"v");
 }
+
+/// On the embedded default the bots' account (BOTS) may publish only the
+/// request subjects: a bot's restore is refused by the server and nothing is
+/// written, while the tool, as the service user, restores.
+#[tokio::test]
+async fn on_the_embedded_default_a_bot_cannot_restore_and_the_tool_can() {
+    let embedded = crate::auth::Embedded::start();
+    let (bot, mut errors) = crate::auth::connect_as(&embedded.read("bot.url")).await;
+    let s = SessionClient::new(bot.clone(), "bstore", "acme", "e1").with_timeout(Duration::from_secs(10));
+    let good = s.creds_put(&rid(), b"good").await.unwrap();
+    let later = s.creds_put(&rid(), b"later").await.unwrap();
+    let key = SessionKey::parse("acme", "e1").unwrap();
+    let body = RestoreBody { rid: rid(), to_seq: good, to_ms: None, dry_run: false };
+
+    let tried = request_restore(&bot, &key, &body, Duration::from_secs(3)).await;
+    assert!(tried.is_err(), "a bot's restore was answered: {tried:?}");
+    let error = tokio::time::timeout(Duration::from_secs(5), errors.recv()).await.expect("the server reports an error").unwrap();
+    assert!(error.contains("Permissions Violation for Publish to \"_BSTORE_ADMIN.restore.acme.e1\""), "{error}");
+    assert_eq!(s.info().await.unwrap().seq, later, "nothing was written");
+
+    let run = |args: &[&str]| {
+        std::process::Command::new(service_bin())
+            .args(args)
+            .env("BSTORE_DATA_DIR", &embedded.data)
+            .env_remove("BSTORE_NATS_URL")
+            .env_remove("BSTORE_KEYS")
+            .env("BSTORE_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["restore", "--tenant", "acme", "--session", "e1", "--seq", &good.to_string(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "restored", "{report}");
+    assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"good"[..]));
+}
