@@ -309,8 +309,33 @@ async fn a_bot_cannot_reach_the_restore_subject() {
     // The operator's connection does reach it: the probes used the right subject.
     let ops = fleet.connect_as("bstore").await;
     let done = request_restore(&ops, &key, &body, Duration::from_secs(10)).await.unwrap();
-    assert_eq!(done.to_seq, good);
+    assert_eq!((done.to_seq, done.outcome), (good, bstore_session::RestoreOutcome::Restored));
     assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"good"[..]));
+    // The same request again (a retry after a lost answer) lands once.
+    let again = request_restore(&ops, &key, &body, Duration::from_secs(10)).await.unwrap();
+    assert_eq!((again.outcome, again.seq), (bstore_session::RestoreOutcome::Retried, done.seq));
+    assert_eq!(s.info().await.unwrap().seq, done.seq, "the retry wrote nothing");
+}
+
+/// A session its bot logged out (deleted) is restored to before the
+/// deletion: the creds and keys come back, and the deletion stays in the
+/// history.
+#[tokio::test]
+async fn a_session_deleted_by_its_bot_is_restored_to_before_the_deletion() {
+    let stack = Stack::start().await;
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
+    let s = stack.session("gone", "s");
+    s.creds_put(&rid(), b"creds").await.unwrap();
+    let before = s.keys_set(&rid(), &key_data([("pre-key", "1", Some(&b"a"[..]))])).await.unwrap();
+    s.delete(&rid()).await.unwrap();
+    assert!(!s.info().await.unwrap().exists);
+    let (ok, json, out) = restore(&url, dir, &["--tenant", "gone", "--session", "s", "--seq", &before.to_string()]);
+    assert!(ok, "{out}");
+    assert_eq!((json[0]["status"].as_str(), json[0]["creds"].as_str()), (Some("restored"), Some("set")), "{out}");
+    assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"creds"[..]));
+    assert_eq!(s.keys_get("pre-key", &["1"]).await.unwrap()["1"], b"a");
+    let kinds: Vec<String> = history(&url, "gone", "s").iter().map(|l| l["kind"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(kinds, ["creds_put", "keys_changed", "session_deleted", "restored"]);
 }
 
 /// Refusals, each with its code, and nothing written: an unknown session,
