@@ -467,6 +467,36 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_sets_the_creds_register_and_writes_and_tombstones_its_keys() {
+        let mut changes = KeyChanges::new();
+        let ty = KeyType::parse("pre-key").unwrap();
+        changes.entry(ty.clone()).or_default().insert(KeyId::parse("1").unwrap(), Some(Bytes::from_static(b"back")));
+        changes.entry(ty).or_default().insert(KeyId::parse("2").unwrap(), None);
+        let restore = |seq, creds: Option<&'static [u8]>| {
+            let change = Change::Restored {
+                to_seq: 1,
+                to_ms: None,
+                creds: creds.map(Bytes::from_static),
+                keys: changes.clone(),
+                patched: Default::default(),
+            };
+            event("a", seq, change)
+        };
+        let batch = [creds("a", 1, "c1"), keys("a", 2, &[("pre-key", "2", Some("new"))]), restore(3, None)];
+        let p = plan(&batch, &[], &Seen::default()).unwrap();
+        assert_eq!(p.registers, vec![last("a", 3, false), SessionWrite::Creds { session: s("a"), seq: 3, creds: None }], "creds removed");
+        assert_eq!(
+            p.keys,
+            vec![
+                KeyWrite { place: place("a", "pre-key", "1"), op: op(3, Some("back")), expect: None },
+                KeyWrite { place: place("a", "pre-key", "2"), op: op(3, None), expect: None },
+            ]
+        );
+        let p = plan(&[restore(4, Some(b"c0"))], &[], &Seen::default()).unwrap();
+        assert!(p.registers.contains(&SessionWrite::Creds { session: s("a"), seq: 4, creds: Some(Bytes::from_static(b"c0")) }));
+    }
+
+    #[test]
     fn given_documents_as_new_as_the_batch_nothing_is_written_but_the_session_is_recounted() {
         let batch = [creds("a", 1, "c"), keys("a", 2, &[("pre-key", "1", Some("p1"))])];
         let seen = Seen {
