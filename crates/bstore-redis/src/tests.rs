@@ -76,6 +76,24 @@ async fn deltas_apply_in_order_and_load_back() {
 }
 
 #[tokio::test]
+async fn a_restore_projects_as_a_delta_that_loads_back_as_the_restored_state() {
+    let server = RedisServer::start();
+    let p = projection(&server);
+    let s = sk("r");
+    let mut t = Tracked::new();
+    step(&p, &s, &mut t, 1, keys(&[("pre-key", "1", Some("a"))])).await;
+    let then = t.st.clone();
+    step(&p, &s, &mut t, 2, creds(b"creds")).await;
+    step(&p, &s, &mut t, 3, keys(&[("pre-key", "1", Some("X")), ("pre-key", "2", Some("new"))])).await;
+    // Back to 1: no creds then, key 1 as it was, key 2 not yet there.
+    let restore = t.st.restore(&then, 1, None, 9, None).unwrap();
+    assert_eq!(step(&p, &s, &mut t, 4, restore).await, DeltaOutcome::Applied);
+    let loaded = p.load(&s).await.unwrap().expect("a trusted copy");
+    assert_eq!(loaded, t.st);
+    assert!(loaded.same_contents(&then) && loaded.creds().is_none(), "the creds field is gone with the rest");
+}
+
+#[tokio::test]
 async fn repeated_and_older_deltas_change_nothing_and_gaps_are_reported() {
     let server = RedisServer::start();
     let p = projection(&server);
