@@ -16,6 +16,7 @@
 //! attempts: a request no instance answered in time (its partition
 //! changing hands) or answered 503 is sent again and still lands once.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bstore_api::admin::{AdminError, RestoreBody, request_restore};
@@ -23,7 +24,6 @@ use bstore_domain::{CredsRestore, KeyCounts, SessionKey, TenantId};
 use bstore_log::{EventLog, Replayed};
 use bstore_session::RestoreOutcome;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 use crate::Config;
 use crate::state_at::Point;
