@@ -199,6 +199,9 @@ async fn a_tenant_restored_to_a_moment_needs_yes_and_leaves_unchanged_sessions_a
         let s = stack.session("fleet", name);
         s.keys_set(&rid(), &key_data([("session", "peer.0", Some(&b"broken"[..])), ("session", "peer.1", Some(&b"x"[..]))])).await.unwrap();
     }
+    // A session paired after the moment is not put back to nothing.
+    let newcomer = stack.session("fleet", "m4");
+    newcomer.creds_put(&rid(), b"new").await.unwrap();
     let lasts: Vec<u64> = names.iter().map(|n| last_seq(&url, "fleet", n)).collect();
     let at = moment.to_string();
 
@@ -209,11 +212,14 @@ async fn a_tenant_restored_to_a_moment_needs_yes_and_leaves_unchanged_sessions_a
     let (ok, json, out) = restore(&url, dir, &["--tenant", "fleet", "--at-ms", &at, "--dry-run"]);
     assert!(ok, "{out}");
     let listed: Vec<(&str, &str)> = json.iter().map(|r| (r["session"].as_str().unwrap(), r["status"].as_str().unwrap())).collect();
-    assert_eq!(listed, [("m1", "would_restore"), ("m2", "would_restore")], "{out}");
+    assert_eq!(listed, [("m1", "would_restore"), ("m2", "would_restore"), ("m4", "skipped")], "{out}");
+    assert_eq!(json[2]["code"], "empty_point");
     assert_eq!(json[0]["keys"]["session"], serde_json::json!({ "set": 1, "deleted": 1 }));
 
     let (ok, json, out) = restore(&url, dir, &["--tenant", "fleet", "--at-ms", &at, "--yes"]);
     assert!(ok, "{out}");
+    assert_eq!(json[2]["status"], "skipped", "{out}");
+    assert_eq!(newcomer.creds_get().await.unwrap().as_deref(), Some(&b"new"[..]), "the newcomer is left as it is");
     for (r, name) in json.iter().zip(["m1", "m2"]) {
         assert_eq!(
             (r["session"].as_str(), r["status"].as_str(), r["to_seq"].as_u64()),

@@ -59,8 +59,9 @@ pub struct Report {
     /// Session id.
     pub session: String,
     /// `restored`, `would_restore` (dry run), `already_there` (nothing to
-    /// write), `retried` (an earlier attempt of this run landed), `refused`
-    /// (see `code`) or `failed`.
+    /// write), `retried` (an earlier attempt of this run landed), `skipped`
+    /// (a session of the tenant made after the point), `refused` (see
+    /// `code`) or `failed`.
     pub status: &'static str,
     /// The point restored to: the session's last event at or before it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,6 +158,9 @@ pub async fn resolve(log: &EventLog, key: &SessionKey, point: Point, now_ms: u64
         let why = format!("the session was erased at sequence {}: no earlier point can be restored", e.marker);
         return Ok(Err(("history_gone".into(), why)));
     }
+    if to_seq == 0 {
+        return Ok(Err(("empty_point".into(), "the session did not exist yet at that point; a restore does not delete".into())));
+    }
     Ok(Ok(Resolved { to_seq, last }))
 }
 
@@ -180,6 +184,10 @@ pub async fn run(cfg: Config, tenant: TenantId, which: Sessions, point: Point, o
         match resolve(&log, &key, point, now).await {
             Ok(Ok(r)) if !listed && r.last <= r.to_seq => {} // not changed after the point
             Ok(Ok(r)) => todo.push((key, r)),
+            // A tenant's session made after the point is not one to put back.
+            Ok(Err((code, why))) if !listed && code == "empty_point" => {
+                reports.push(Report { status: "skipped", ..Report::refused(&key, &code, why) })
+            }
             Ok(Err((code, why))) => reports.push(Report::refused(&key, &code, why)),
             Err(e) => {
                 reports.push(Report { code: Some("unavailable".into()), error: Some(format!("{e:#}")), ..Report::new(&key, "failed") })
@@ -220,6 +228,7 @@ pub async fn run(cfg: Config, tenant: TenantId, which: Sessions, point: Point, o
         reports.push(report);
     }
     bar.finish_and_clear();
+    reports.sort_by(|a, b| a.session.cmp(&b.session));
     if reports.is_empty() {
         eprintln!("no session of {tenant} changed after the point: nothing to restore");
     }
