@@ -481,8 +481,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 Sessions::Listed(session.iter().map(|s| bstore_domain::SessionKey::parse(tenant.as_str(), s)).collect::<Result<_, _>>()?)
             };
             let point = match (seq, at_ms) {
-                (Some(n), _) => baileys_store::state_at::Point::Seq(n),
-                (None, Some(t)) => baileys_store::state_at::Point::TimeMs(t),
+                (Some(n), _) => baileys_store::tools::state_at::Point::Seq(n),
+                (None, Some(t)) => baileys_store::tools::state_at::Point::TimeMs(t),
                 (None, None) => unreachable!("clap requires one"),
             };
             let opts = Options { dry_run, yes, json };

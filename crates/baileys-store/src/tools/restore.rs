@@ -26,7 +26,7 @@ use bstore_session::RestoreOutcome;
 use serde::Serialize;
 
 use crate::Config;
-use crate::state_at::Point;
+use super::state_at::Point;
 
 /// Which sessions to restore.
 #[derive(Debug, Clone)]
