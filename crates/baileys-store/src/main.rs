@@ -267,7 +267,7 @@ enum Cmd {
     Rebuild {
         /// Which projection.
         #[arg(value_enum)]
-        target: baileys_store::projections::Target,
+        target: baileys_store::tools::rebuild::Target,
         /// Replay every event of each session (from its first kept one) instead of starting from
         /// its newest snapshot.
         #[arg(long)]
@@ -496,7 +496,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Cmd::Rebuild { target, from_scratch, json } => {
             let cfg = Config::load(cli.config.as_deref())?;
             telemetry::init(&cfg.telemetry)?;
-            actix::System::new().block_on(baileys_store::projections::rebuild_reporting(cfg, target, from_scratch, json))
+            actix::System::new().block_on(baileys_store::tools::rebuild::rebuild_reporting(cfg, target, from_scratch, json))
         }
         Cmd::Verify { tenant, session, json, from_scratch } => {
             let cfg = Config::load(cli.config.as_deref())?;
@@ -505,7 +505,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 (Some(t), Some(s)) => Some(bstore_domain::SessionKey::parse(&t, &s)?),
                 _ => None,
             };
-            let found = actix::System::new().block_on(baileys_store::projections::verify(cfg, only, json, from_scratch))?;
+            let found = actix::System::new().block_on(baileys_store::tools::verify::verify(cfg, only, json, from_scratch))?;
             anyhow::ensure!(
                 found.differences == 0,
                 "{} differences or failures; failing sessions: {}",

@@ -28,7 +28,7 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 
 use crate::Config;
-use crate::projections::{Target, rebuild};
+use super::rebuild::{Target, rebuild};
 use crate::rotation::{CurrentRecord, Meta, RingReport, now_ms};
 
 /// How long `rotate-key` waits for every instance to report the new key.
@@ -89,7 +89,7 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
     let rewrapped = log.rewrap_data_keys().await.context("re-wrapping the sessions' data keys")?;
     println!("re-wrapped {rewrapped} sessions' data keys under key {id}");
     let mut resealed = 0;
-    for key in crate::projections::log_sessions(&log).await? {
+    for key in super::log_sessions(&log).await? {
         resealed += log.reseal_snapshots(&key).await.with_context(|| format!("re-sealing the snapshots of {key}"))?;
     }
     println!("re-sealed {resealed} snapshots under key {id}");
@@ -101,7 +101,7 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
         }
         if cfg.mongo.url.is_some() {
             println!("re-sealing mongo: the collections are dropped and materialized again from the log under key {id}");
-            let target = crate::projections::rebuild_mongo(&cfg, &client, &codec).await.context("re-sealing mongo")?;
+            let target = super::rebuild::rebuild_mongo(&cfg, &client, &codec).await.context("re-sealing mongo")?;
             println!("re-sealed mongo: materialized again up to sequence {target}");
         }
     } else {

@@ -1,7 +1,7 @@
 //! The operator's commands, one file per command family, apart from
 //! starting the service: the audit (`history`, `state-at`, `diff`),
-//! `restore` (sessions put back to an earlier point of their history as one
-//! new event each), moving sessions in and out (`import` from
+//! `verify` and `rebuild` of the projections, `restore` (sessions put back
+//! to an earlier point of their history as one new event each), moving sessions in and out (`import` from
 //! `useMultiFileAuthState` folders and Redis-direct stores, `export` back to
 //! them), `erase`, and the key commands (`rotate-key`, `keys …`).
 
@@ -11,9 +11,20 @@ pub mod export;
 pub mod history;
 pub mod import;
 pub mod keys;
+pub mod rebuild;
 pub mod redis_layouts;
 pub mod restore;
 pub mod state_at;
+pub mod verify;
+
+use anyhow::Context as _;
+use bstore_domain::SessionKey;
+use bstore_log::EventLog;
+
+/// Every session with at least one event in the log.
+pub async fn log_sessions(log: &EventLog) -> anyhow::Result<Vec<SessionKey>> {
+    log.sessions(None).await.context("listing the sessions of the event stream")
+}
 
 /// The key types Baileys (v7) writes, longest first so that a file name
 /// `sender-key-memory-…` is not read as a `sender-key`.
