@@ -44,7 +44,7 @@ enum Cmd {
     ///
     /// Refused unless every live instance holds that very key (add it to every instance's keys and
     /// restart them one at a time first). Then Redis and Mongo, when configured, are written again
-    /// from the log under the new key (Mongo is dropped and materialized again). Events in the log
+    /// from the log under the new key (each session from its newest snapshot). Events in the log
     /// stay under the key that sealed them: `keys status` says what is left under each key.
     /// Example: `baileys-store gen-key --id 2 >> keys` on every instance, restart them one at a
     /// time, then `baileys-store rotate-key 2`.

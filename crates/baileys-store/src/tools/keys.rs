@@ -8,9 +8,9 @@
 //!
 //! Events cannot be re-sealed: the log is append-only, and an event is what
 //! was decided. What `rotate-key` re-seals are the projections, which are
-//! written again from the log under the new key (Redis as `rebuild redis`
-//! does; Mongo dropped and materialized again up to where the log was when
-//! the re-seal began). An old key therefore stays needed for as long as
+//! written again from the log under the new key, as `rebuild redis|mongo`
+//! do: each session from its newest snapshot plus the events after it,
+//! Mongo up to where the log was when the re-seal began. An old key therefore stays needed for as long as
 //! events sealed under it are in the log.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -100,9 +100,9 @@ pub async fn rotate(cfg: Config, id: u32, reseal: bool) -> anyhow::Result<()> {
             rebuild(cfg.clone(), Target::Redis, false).await.context("re-sealing redis")?;
         }
         if cfg.mongo.url.is_some() {
-            println!("re-sealing mongo: the collections are dropped and materialized again from the log under key {id}");
+            println!("re-sealing mongo: every session written again from its newest snapshot and the log under key {id}");
             let target = super::rebuild::rebuild_mongo(&cfg, &client, &codec).await.context("re-sealing mongo")?;
-            println!("re-sealed mongo: materialized again up to sequence {target}");
+            println!("re-sealed mongo: written again up to sequence {target}");
         }
     } else {
         println!("projections not re-sealed (--no-reseal): `baileys-store rebuild redis|mongo` re-seals them later");
