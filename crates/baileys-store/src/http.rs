@@ -351,9 +351,32 @@ impl Collector for ProcessCollector {
             "Events refused by replays as not where they were written (copies put back in the log)",
             bstore_log::refused_events(),
         )?;
+        {
+            let claims = stats::claim_counts();
+            let mut family = encoder.encode_descriptor(
+                "writer_claims",
+                "Writer claim decisions (session.claim and claimed writes), by outcome",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, n) in [
+                ("granted", claims.granted),
+                ("renewed", claims.renewed),
+                ("waited", claims.waited),
+                ("superseded", claims.superseded),
+                ("held_off", claims.held_off),
+            ] {
+                ConstCounter::new(n).encode(family.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
         let (written, failed, purged) = bstore_session::snapshot_counts();
         counter(&mut encoder, "snapshots_written", "Session snapshots written to the log's snapshot stream", written)?;
-        counter(&mut encoder, "snapshots_failed", "Session snapshots that could not be written (loads replay more until the next)", failed)?;
+        counter(
+            &mut encoder,
+            "snapshots_failed",
+            "Session snapshots that could not be written (loads replay more until the next)",
+            failed,
+        )?;
         counter(
             &mut encoder,
             "snapshots_skipped",

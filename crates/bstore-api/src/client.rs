@@ -10,7 +10,7 @@ use serde_bytes::ByteBuf;
 
 use bstore_domain::SessionInfo;
 
-use crate::protocol::{CredsReply, IdsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
+use crate::protocol::{ClaimReply, ClaimedWrittenReply, CredsReply, IdsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
 
 /// What a request can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,6 +181,25 @@ impl SessionClient {
     pub async fn info(&self) -> Result<SessionInfo, ClientError> {
         let r: InfoReply = self.call(RequestBody::SessionInfo).await?;
         Ok(r)
+    }
+
+    /// `session.claim`: asks for a writer claim (`claim: None`) or renews
+    /// `claim`.
+    pub async fn claim(&self, claim: Option<&str>) -> Result<ClaimReply<String>, ClientError> {
+        self.call(RequestBody::SessionClaim { claim }).await
+    }
+
+    /// `keys.set` as the holder of `claim`; returns the sequence and the
+    /// claim's renewed lease in milliseconds.
+    pub async fn keys_set_claimed(&self, rid: &str, claim: &str, data: &KeyData) -> Result<(u64, u64), ClientError> {
+        let data = data
+            .iter()
+            .map(|(ty, ids)| (ty.as_str(), ids.iter().map(|(id, v)| (id.as_str(), v.as_deref().map(|v| &v[..]))).collect()))
+            .collect();
+        let body = RequestBody::KeysSet { rid: Some(rid), data };
+        let reply = self.raw(body.op().as_str(), body.encode_claimed(Some(claim))).await?;
+        let r: ClaimedWrittenReply = rmp_serde::from_slice(&reply).map_err(|e| ClientError::Other(format!("undecodable reply: {e}")))?;
+        Ok((r.seq, r.lease_ms))
     }
 }
 

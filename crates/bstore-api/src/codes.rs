@@ -25,6 +25,9 @@ pub enum ErrorCode {
     Timeout,
     /// 520: stored data cannot be opened or decoded.
     Unreadable,
+    /// 410: the writer claim the request carried was superseded; nothing
+    /// applied. Drop what was learned under it and go on without it.
+    Superseded,
     /// 440 (operator's restore only): the session has no history.
     UnknownSession,
     /// 441 (operator's restore only): the point is before the session's
@@ -51,6 +54,7 @@ impl ErrorCode {
             Self::Unavailable => 503,
             Self::Timeout => 504,
             Self::Unreadable => 520,
+            Self::Superseded => 410,
             Self::UnknownSession => 440,
             Self::HistoryGone => 441,
             Self::BeyondLog => 442,
@@ -70,6 +74,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
             Self::Unreadable => "unreadable",
+            Self::Superseded => "superseded",
             Self::UnknownSession => "unknown_session",
             Self::HistoryGone => "history_gone",
             Self::BeyondLog => "beyond_log",
@@ -87,7 +92,11 @@ impl ErrorCode {
         match e {
             SessionError::Rejected(DomainError::InvalidId(_)) => Self::InvalidId,
             SessionError::Rejected(DomainError::LimitExceeded { .. }) | SessionError::TooLarge(_) => Self::TooLarge,
-            SessionError::Conflict => Self::Conflict,
+            // A write held off by another writer's claim: like a conflict,
+            // nothing was applied and a retry passes once the claim ends,
+            // which clients that know nothing of claims already do.
+            SessionError::Conflict | SessionError::Claimed { .. } => Self::Conflict,
+            SessionError::Superseded => Self::Superseded,
             SessionError::Unavailable(_) | SessionError::NotOwner => Self::Unavailable,
             SessionError::Timeout => Self::Timeout,
             SessionError::Unreadable(_) => Self::Unreadable,

@@ -33,7 +33,7 @@ pub const DEFAULT_TENANT_LABELS: usize = 1000;
 
 /// Upper bounds of the latency buckets, in microseconds (the last is +Inf).
 const BOUNDS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000, 1_000_000, u64::MAX];
-const CODES: [ErrorCode; 9] = [
+const CODES: [ErrorCode; 10] = [
     ErrorCode::BadRequest,
     ErrorCode::UnknownOp,
     ErrorCode::Conflict,
@@ -43,6 +43,7 @@ const CODES: [ErrorCode; 9] = [
     ErrorCode::Unavailable,
     ErrorCode::Timeout,
     ErrorCode::Unreadable,
+    ErrorCode::Superseded,
 ];
 
 #[derive(Default)]

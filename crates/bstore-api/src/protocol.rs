@@ -35,12 +35,22 @@ pub enum ApiOp {
     SessionInfo,
     /// `keys.list`: a page of the ids stored under one type.
     KeysList,
+    /// `session.claim`: ask for or renew the session's writer claim.
+    SessionClaim,
 }
 
 impl ApiOp {
     /// Every op, in the order of `docs/protocol.md`.
-    pub const ALL: [ApiOp; 7] =
-        [ApiOp::CredsGet, ApiOp::CredsPut, ApiOp::KeysGet, ApiOp::KeysSet, ApiOp::SessionDelete, ApiOp::SessionInfo, ApiOp::KeysList];
+    pub const ALL: [ApiOp; 8] = [
+        ApiOp::CredsGet,
+        ApiOp::CredsPut,
+        ApiOp::KeysGet,
+        ApiOp::KeysSet,
+        ApiOp::SessionDelete,
+        ApiOp::SessionInfo,
+        ApiOp::KeysList,
+        ApiOp::SessionClaim,
+    ];
 
     /// The op named by `token` (`keys.get`, ...), if it is one.
     pub fn parse(token: &str) -> Option<ApiOp> {
@@ -52,6 +62,7 @@ impl ApiOp {
             "session.delete" => ApiOp::SessionDelete,
             "session.info" => ApiOp::SessionInfo,
             "keys.list" => ApiOp::KeysList,
+            "session.claim" => ApiOp::SessionClaim,
             _ => return None,
         })
     }
@@ -66,6 +77,7 @@ impl ApiOp {
             ApiOp::SessionDelete => "session.delete",
             ApiOp::SessionInfo => "session.info",
             ApiOp::KeysList => "keys.list",
+            ApiOp::SessionClaim => "session.claim",
         }
     }
 
@@ -129,6 +141,11 @@ pub enum RequestBody<'a> {
         /// Most ids wanted in the page (1 up to the ids-per-call limit).
         limit: Option<usize>,
     },
+    /// `session.claim`: `{ "claim"?: str }`.
+    SessionClaim {
+        /// The claim to renew; without it, a new claim is asked for.
+        claim: Option<&'a str>,
+    },
 }
 
 /// Why a request body was refused.
@@ -174,13 +191,25 @@ impl<'a> RequestBody<'a> {
             RequestBody::SessionDelete { .. } => ApiOp::SessionDelete,
             RequestBody::SessionInfo => ApiOp::SessionInfo,
             RequestBody::KeysList { .. } => ApiOp::KeysList,
+            RequestBody::SessionClaim { .. } => ApiOp::SessionClaim,
         }
     }
 
     /// Decodes the body of a request to `op`, strictly (see the module
     /// documentation). An empty body is the empty map, which is a whole
-    /// request only for the ops without a required field.
+    /// request only for the ops without a required field. The service
+    /// decodes with [`RequestBody::decode_claimed`]; this is for the tests.
+    #[cfg(test)]
     pub fn decode(op: ApiOp, body: &'a [u8], limits: &Limits) -> Result<Self, BodyError> {
+        Self::decode_claimed(op, body, limits).map(|(body, _)| body)
+    }
+
+    /// Decodes the body of a request to `op`, strictly (see the module
+    /// documentation), with the writer claim a write carries (`"claim": str`
+    /// in `creds.put`, `keys.set` and `session.delete`; `None` for the other
+    /// ops). An empty body is the empty map, which is a whole request only
+    /// for the ops without a required field.
+    pub fn decode_claimed(op: ApiOp, body: &'a [u8], limits: &Limits) -> Result<(Self, Option<&'a str>), BodyError> {
         let mut r = Reader { buf: body, pos: 0 };
         let fields = if body.is_empty() { 0 } else { r.map_len("the body")? };
         if fields > MAX_FIELDS {
@@ -188,7 +217,7 @@ impl<'a> RequestBody<'a> {
         }
         let mut seen: Vec<&str> = Vec::with_capacity(fields);
         let (mut rid, mut creds, mut ty, mut ids, mut data) = (None, None, None, None, None);
-        let (mut after, mut limit) = (None, None);
+        let (mut after, mut limit, mut claim) = (None, None, None);
         for _ in 0..fields {
             let name = r.str().map_err(|_| malformed("every field name of the body must be a str"))?;
             if seen.contains(&name) {
@@ -206,6 +235,7 @@ impl<'a> RequestBody<'a> {
                 Some("data") => data = Some(read_data(&mut r, limits)?),
                 Some("after") => after = Some(r.str().map_err(|_| malformed("field `after` must be a str"))?),
                 Some("limit") => limit = Some(read_limit(&mut r, limits)?),
+                Some("claim") => claim = Some(r.str().map_err(|_| malformed("field `claim` must be a str"))?),
                 _ => r.skip(MAX_UNKNOWN_DEPTH)?,
             }
         }
@@ -213,7 +243,7 @@ impl<'a> RequestBody<'a> {
             return Err(malformed("bytes follow the body's map"));
         }
         let required = |field: &'static str| malformed(format!("field `{field}` is required"));
-        Ok(match op {
+        let body = match op {
             ApiOp::CredsGet => RequestBody::CredsGet,
             ApiOp::SessionInfo => RequestBody::SessionInfo,
             ApiOp::CredsPut => RequestBody::CredsPut { rid, creds: creds.ok_or_else(|| required("creds"))? },
@@ -221,7 +251,9 @@ impl<'a> RequestBody<'a> {
             ApiOp::KeysSet => RequestBody::KeysSet { rid, data: data.ok_or_else(|| required("data"))? },
             ApiOp::SessionDelete => RequestBody::SessionDelete { rid },
             ApiOp::KeysList => RequestBody::KeysList { ty: ty.ok_or_else(|| required("type"))?, after, limit },
-        })
+            ApiOp::SessionClaim => return Ok((RequestBody::SessionClaim { claim }, None)),
+        };
+        Ok((body, claim))
     }
 
     /// Encodes the body as the protocol documents it: a map holding the
@@ -280,7 +312,29 @@ impl<'a> RequestBody<'a> {
                     w.uint(*limit as u64);
                 }
             }
+            RequestBody::SessionClaim { claim } => {
+                w.map(usize::from(claim.is_some()));
+                if let Some(claim) = claim {
+                    w.str("claim");
+                    w.str(claim);
+                }
+            }
         }
+        w.0
+    }
+
+    /// [`RequestBody::encode`] with a writer claim for a write (`claim`
+    /// first in the map). Bodies of other ops are encoded without it.
+    pub fn encode_claimed(&self, claim: Option<&str>) -> Vec<u8> {
+        let plain = self.encode();
+        let (Some(claim), ApiOp::CredsPut | ApiOp::KeysSet | ApiOp::SessionDelete) = (claim, self.op()) else { return plain };
+        // Every write body is a fixmap of at most two fields.
+        debug_assert!(plain[0] & 0xf0 == 0x80 && plain[0] & 0x0f < 15);
+        let mut w = Writer(Vec::with_capacity(plain.len() + claim.len() + 8));
+        w.0.push(plain[0] + 1);
+        w.str("claim");
+        w.str(claim);
+        w.0.extend_from_slice(&plain[1..]);
         w.0
     }
 }
@@ -295,6 +349,7 @@ fn known_field(op: ApiOp, name: &str) -> Option<&'static str> {
         (ApiOp::KeysList, "limit") => "limit",
         (ApiOp::KeysGet, "ids") => "ids",
         (ApiOp::KeysSet, "data") => "data",
+        (ApiOp::CredsPut | ApiOp::KeysSet | ApiOp::SessionDelete | ApiOp::SessionClaim, "claim") => "claim",
         _ => return None,
     })
 }
@@ -674,6 +729,33 @@ pub struct WrittenReply {
     pub seq: u64,
 }
 
+/// The reply of a write that carried a writer claim: `{ "seq": uint,
+/// "lease_ms": uint }`, the claim renewed for `lease_ms` from when the
+/// request was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedWrittenReply {
+    /// The session's sequence after the write.
+    pub seq: u64,
+    /// The claim's lease.
+    pub lease_ms: u64,
+}
+
+/// The reply of `session.claim`: `{ "claim": str | nil, "lease_ms": uint,
+/// "wait_ms": uint, "seq": uint }`. `S` is a string type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimReply<S> {
+    /// The claim granted or renewed; `None`: another claim may still be in
+    /// use, ask again after `wait_ms`.
+    pub claim: Option<S>,
+    /// How long the claim holds from when the request was sent (0 when not
+    /// granted).
+    pub lease_ms: u64,
+    /// When not granted: how long until asking again may succeed.
+    pub wait_ms: u64,
+    /// The session's sequence.
+    pub seq: u64,
+}
+
 /// The reply of `session.info`.
 pub type InfoReply = bstore_domain::SessionInfo;
 
@@ -743,6 +825,52 @@ mod tests {
             let bytes = enc(&body);
             assert_eq!(RequestBody::decode(body.op(), &bytes, &Limits::default()), Ok(body.clone()), "{bytes:x?}");
         }
+    }
+
+    #[test]
+    fn claims_round_trip_and_are_decoded_strictly() {
+        let limits = Limits::default();
+        for body in [RequestBody::SessionClaim { claim: None }, RequestBody::SessionClaim { claim: Some("c-1") }] {
+            let bytes = enc(&body);
+            assert_eq!(RequestBody::decode(ApiOp::SessionClaim, &bytes, &limits), Ok(body.clone()), "{bytes:x?}");
+        }
+        assert_eq!(decode("session.claim", b""), Ok(RequestBody::SessionClaim { claim: None }), "an empty body asks for a claim");
+        // A claim on each write, first in the map; a write without one decodes as before.
+        let data = vec![("pre-key", vec![("1", Some(&b"a"[..])), ("2", None)])];
+        for body in [
+            RequestBody::CredsPut { rid: Some("r"), creds: b"c" },
+            RequestBody::KeysSet { rid: Some("r"), data: data.clone() },
+            RequestBody::KeysSet { rid: None, data: data.clone() },
+            RequestBody::SessionDelete { rid: None },
+            RequestBody::SessionDelete { rid: Some("r") },
+        ] {
+            for claim in [None, Some("0123abcd")] {
+                let bytes = body.encode_claimed(claim);
+                assert_eq!(RequestBody::decode_claimed(body.op(), &bytes, &limits), Ok((body.clone(), claim)), "{bytes:x?}");
+                assert_eq!(RequestBody::decode(body.op(), &bytes, &limits), Ok(body.clone()));
+            }
+        }
+        // What a general encoder writes decodes the same.
+        let general = rmp_serde::to_vec_named(&serde_json::json!({"claim": "c", "rid": "r"})).unwrap();
+        let general: &'static [u8] = Box::leak(general.into_boxed_slice());
+        assert_eq!(
+            RequestBody::decode_claimed(ApiOp::SessionDelete, general, &limits),
+            Ok((RequestBody::SessionDelete { rid: Some("r") }, Some("c")))
+        );
+        // Not a str: nil, an integer, a bin, an array.
+        for value in [&b"\xc0"[..], b"\x01", b"\xc4\x01c", b"\x91\xa1c"] {
+            assert!(refused("session.claim", &[&b"\x81\xa5claim"[..], value].concat()).contains("`claim`"), "{value:x?}");
+            assert!(refused("session.delete", &[&b"\x81\xa5claim"[..], value].concat()).contains("`claim`"), "{value:x?}");
+        }
+        assert!(refused("session.claim", b"\x82\xa5claim\xa1a\xa5claim\xa1b").contains("`claim`"));
+        assert!(refused("session.claim", b"\x80\x00").contains("follow"));
+        // Reads know no claim: it is an unknown field there, skipped.
+        assert_eq!(decode("creds.get", b"\x81\xa5claim\xa1c"), Ok(RequestBody::CredsGet));
+        let (_, claim) = RequestBody::decode_claimed(ApiOp::CredsGet, b"\x81\xa5claim\xa1c", &limits).unwrap();
+        assert_eq!(claim, None);
+        // Fields of other ops are unknown to session.claim.
+        assert_eq!(decode("session.claim", b"\x81\xa3rid\x01"), Ok(RequestBody::SessionClaim { claim: None }));
+        assert_eq!(ApiOp::parse("session.claim"), Some(ApiOp::SessionClaim));
     }
 
     #[test]

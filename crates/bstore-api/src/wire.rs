@@ -11,7 +11,7 @@ use bstore_session::{Op, Reply, SessionError};
 use bytes::Bytes;
 
 use crate::ErrorCode;
-use crate::protocol::{ApiOp, BodyError, CredsReply, IdsReply, KeysReply, RequestBody, WrittenReply};
+use crate::protocol::{ApiOp, BodyError, ClaimReply, ClaimedWrittenReply, CredsReply, IdsReply, KeysReply, RequestBody, WrittenReply};
 
 /// A refused request: its code and a message for humans. The message names
 /// the op token or the field at fault, never the subject, tenant or session.
@@ -108,6 +108,27 @@ pub(crate) fn check_rid(rid: Option<&str>) -> Result<Option<String>, Refusal> {
     Ok(rid.map(str::to_owned))
 }
 
+/// A writer claim id: what the service hands out (32 hex digits), and at
+/// most what a rid may be, so that a malformed one is refused rather than
+/// compared.
+fn check_claim(claim: Option<&str>) -> Result<Option<String>, Refusal> {
+    if let Some(c) = claim {
+        let ok = !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(Refusal(ErrorCode::InvalidId, "claim must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'".into()));
+        }
+    }
+    Ok(claim.map(str::to_owned))
+}
+
+/// A write, as the holder of a writer claim when the body carries one.
+fn write_op(cmd: Command, rid: Option<String>, claim: Option<String>) -> Op {
+    match claim {
+        Some(claim) => Op::ClaimedWrite { claim, cmd, rid },
+        None => Op::Write { cmd, rid },
+    }
+}
+
 /// Decodes a request body for `op` and turns it into what the session actor
 /// does. The size of the body, then every count and size inside it, is
 /// checked before anything is built from it: 413 for a limit, 400 for a body
@@ -116,12 +137,14 @@ pub(crate) fn parse_body(op: ApiOp, body: &[u8], limits: &Limits, max_request_by
     if body.len() > max_request_bytes {
         return Err(Refusal(ErrorCode::TooLarge, format!("body is {} bytes, over the limit of {max_request_bytes}", body.len())));
     }
-    Ok(match RequestBody::decode(op, body, limits)? {
+    let (decoded, claim) = RequestBody::decode_claimed(op, body, limits)?;
+    let claim = check_claim(claim)?;
+    Ok(match decoded {
         RequestBody::CredsGet => Op::GetCreds,
         RequestBody::SessionInfo => Op::Info,
         RequestBody::CredsPut { rid, creds } => {
             let rid = check_rid(rid)?;
-            Op::Write { cmd: Command::PutCreds { creds: Bytes::copy_from_slice(creds) }, rid }
+            write_op(Command::PutCreds { creds: Bytes::copy_from_slice(creds) }, rid, claim)
         }
         RequestBody::KeysGet { ty, ids } => {
             let ty = KeyType::parse(ty)?;
@@ -143,9 +166,9 @@ pub(crate) fn parse_body(op: ApiOp, body: &[u8], limits: &Limits, max_request_by
                     of_type.insert(KeyId::parse(id)?, value.map(Bytes::copy_from_slice));
                 }
             }
-            Op::Write { cmd: Command::SetKeys { keys }, rid }
+            write_op(Command::SetKeys { keys }, rid, claim)
         }
-        RequestBody::SessionDelete { rid } => Op::Write { cmd: Command::DeleteSession, rid: check_rid(rid)? },
+        RequestBody::SessionDelete { rid } => write_op(Command::DeleteSession, check_rid(rid)?, claim),
         RequestBody::KeysList { ty, after, limit } => {
             let ty = KeyType::parse(ty)?;
             // The cursor is an id (the last of the previous page), so it
@@ -153,6 +176,7 @@ pub(crate) fn parse_body(op: ApiOp, body: &[u8], limits: &Limits, max_request_by
             let after = after.map(KeyId::parse).transpose().map_err(|e| IdError { what: "cursor `after` (a key id)", ..e })?;
             Op::ListIds { ty, after, limit }
         }
+        RequestBody::SessionClaim { claim } => Op::Claim { claim: check_claim(claim)? },
     })
 }
 
@@ -181,6 +205,10 @@ pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
             rmp_serde::to_vec_named(&KeysReply { values, seq: *seq })
         }
         Reply::Written { seq } => rmp_serde::to_vec_named(&WrittenReply { seq: *seq }),
+        Reply::WrittenClaimed { seq, lease_ms } => rmp_serde::to_vec_named(&ClaimedWrittenReply { seq: *seq, lease_ms: *lease_ms }),
+        Reply::Claim { claim, lease_ms, wait_ms, seq } => {
+            rmp_serde::to_vec_named(&ClaimReply { claim: claim.as_deref(), lease_ms: *lease_ms, wait_ms: *wait_ms, seq: *seq })
+        }
         Reply::Info(info) => rmp_serde::to_vec_named(info),
         // Answered only on the operator's subject (`admin.rs`).
         Reply::Restored(r) => rmp_serde::to_vec_named(r),
@@ -504,6 +532,47 @@ mod tests {
         assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "session", "after": null})))), 400);
         assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "session", "limit": 0})))), 400);
         assert_eq!(code(parse("keys.list", &body(serde_json::json!({"type": "session", "limit": 10_001})))), 413);
+    }
+
+    #[test]
+    fn claims_become_claim_ops_and_claimed_writes() {
+        let body = |v: serde_json::Value| rmp_serde::to_vec_named(&v).unwrap();
+        assert_eq!(parse("session.claim", b"").unwrap(), Op::Claim { claim: None });
+        assert_eq!(parse("session.claim", &body(serde_json::json!({"claim": "abc"}))).unwrap(), Op::Claim { claim: Some("abc".into()) });
+        let Ok(Op::ClaimedWrite { claim, cmd: Command::DeleteSession, rid }) =
+            parse("session.delete", &body(serde_json::json!({"claim": "abc", "rid": "r"})))
+        else {
+            panic!()
+        };
+        assert_eq!((claim.as_str(), rid.as_deref()), ("abc", Some("r")));
+        assert!(matches!(
+            parse("keys.set", &body(serde_json::json!({"claim": "abc", "data": {"t": {"1": "v"}}}))),
+            Ok(Op::ClaimedWrite { cmd: Command::SetKeys { .. }, .. })
+        ));
+        assert!(matches!(parse("creds.put", &body(serde_json::json!({"creds": "c"}))), Ok(Op::Write { .. })));
+        // A malformed claim id is 422 and named, its value is not.
+        for bad in [String::new(), "has space".into(), "x".repeat(65), "victimcorp.secret".into()] {
+            for op in ["session.claim", "creds.put"] {
+                let Refusal(c, message) = parse(op, &body(serde_json::json!({"claim": bad, "creds": "c"}))).unwrap_err();
+                assert_eq!(c.number(), 422, "{op} {bad:?}");
+                assert!(message.contains("claim") && !message.contains("victimcorp"), "{message}");
+            }
+        }
+        assert_eq!(code(parse("session.claim", &body(serde_json::json!({"claim": null})))), 400);
+    }
+
+    #[test]
+    fn claim_replies_are_maps_of_the_documented_fields() {
+        let granted = encode_reply(&Reply::Claim { claim: Some("c".into()), lease_ms: 3000, wait_ms: 0, seq: 4 });
+        let decoded: ClaimReply<String> = rmp_serde::from_slice(&granted).unwrap();
+        assert_eq!(decoded, ClaimReply { claim: Some("c".into()), lease_ms: 3000, wait_ms: 0, seq: 4 });
+        let waiting = encode_reply(&Reply::Claim { claim: None, lease_ms: 0, wait_ms: 1200, seq: 4 });
+        assert_eq!(waiting, b"\x84\xa5claim\xc0\xa8lease_ms\x00\xa7wait_ms\xcd\x04\xb0\xa3seq\x04");
+        let written: ClaimedWrittenReply = rmp_serde::from_slice(&encode_reply(&Reply::WrittenClaimed { seq: 9, lease_ms: 2500 })).unwrap();
+        assert_eq!((written.seq, written.lease_ms), (9, 2500));
+        // A client that knows only `seq` reads it as a plain write's reply.
+        let plain: WrittenReply = rmp_serde::from_slice(&encode_reply(&Reply::WrittenClaimed { seq: 9, lease_ms: 2500 })).unwrap();
+        assert_eq!(plain.seq, 9);
     }
 
     #[test]

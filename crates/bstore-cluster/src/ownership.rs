@@ -88,6 +88,20 @@ impl Ownership {
         self.serving(p) == Some(epoch)
     }
 
+    /// How much longer partition `p` may be served under `epoch`, by this
+    /// process's clock: `None` if it is not served under `epoch` now. A
+    /// promise that outlives ownership (a writer claim's lease) is cut to
+    /// this, so that it ends before another instance can serve `p`.
+    pub fn serving_for(&self, p: u32, epoch: u64) -> Option<std::time::Duration> {
+        let slot = self.0.slots.get(p as usize)?;
+        let until = slot.until.load(Ordering::Acquire);
+        let now = self.nanos(Instant::now());
+        if until == 0 || now >= until || slot.epoch.load(Ordering::Acquire) != epoch {
+            return None;
+        }
+        Some(std::time::Duration::from_nanos(until - now))
+    }
+
     /// The partitions served now.
     pub fn served(&self) -> Vec<u32> {
         (0..self.0.partitions).filter(|p| self.serving(*p).is_some()).collect()
@@ -131,6 +145,20 @@ mod tests {
         o.grant(2, 9, Instant::now());
         assert_eq!(o.serving(2), None, "a lease whose validity has passed is not served");
         assert_eq!(o.serving(99), None, "out of range");
+    }
+
+    #[test]
+    fn serving_for_is_what_is_left_of_the_grant_under_its_epoch() {
+        let o = Ownership::new(&ClusterConfig { partitions: 2, ..Default::default() }, "i");
+        assert_eq!(o.serving_for(0, 3), None);
+        o.grant(0, 3, Instant::now() + Duration::from_secs(60));
+        let left = o.serving_for(0, 3).unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50), "{left:?}");
+        assert_eq!(o.serving_for(0, 4), None, "another epoch");
+        o.revoke(0);
+        assert_eq!(o.serving_for(0, 3), None);
+        let sole = Ownership::sole(&ClusterConfig { partitions: 1, ..Default::default() });
+        assert!(sole.serving_for(0, 1).unwrap() > Duration::from_secs(1 << 30));
     }
 
     #[test]

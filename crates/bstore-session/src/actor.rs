@@ -20,7 +20,7 @@
 pub(crate) mod restore;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use bstore_cluster::Ownership;
@@ -31,9 +31,11 @@ use futures_util::FutureExt;
 use futures_util::future::Shared;
 use tokio::sync::oneshot;
 
+use crate::claims::{Claimed, Claims};
 use crate::projector::Projector;
 use crate::rids::RecentRids;
 use crate::snapshotter::SnapTrack;
+use crate::stats::{ClaimEvent, claim_event};
 use crate::{Op, Reply, Request, SessionConfig, SessionError};
 
 /// What every session actor shares: the log, the Redis projection (if
@@ -71,6 +73,9 @@ pub struct SessionActor {
     /// was lost. While a request is processed the state is moved into its
     /// future; the atomic response guarantees nobody looks meanwhile.
     live: Option<Live>,
+    /// The session's writer claim. Outlives `live` (a reload does not end
+    /// a claim's lease); moved into a request's future like it.
+    claims: Claims,
     last_used: Instant,
     /// The Redis projection queue, started with the actor when Redis is
     /// configured.
@@ -98,6 +103,7 @@ impl SessionActor {
             generation,
             env,
             live: None,
+            claims: Claims::default(),
             last_used: Instant::now(),
             projector: None,
             predecessor,
@@ -180,7 +186,17 @@ impl Handler<Passivate> for SessionActor {
             self.live = None;
         }
         self.on_stop = Some(msg.done);
-        ctx.stop();
+        // A claim granted here may still be in use by its holder: the next
+        // actor of the session, which knows no claim, must not let another
+        // writer in before its lease has run out, so this one stops (and
+        // the next one starts) only then.
+        let left = self.claims.close(Instant::now());
+        if left.is_zero() {
+            ctx.stop();
+        } else {
+            tracing::debug!(session = %self.key, left_ms = left.as_millis() as u64, "stopping once the writer claim's lease has run out");
+            ctx.run_later(left, |_, ctx| ctx.stop());
+        }
     }
 }
 
@@ -200,6 +216,7 @@ impl Handler<Deliver> for SessionActor {
     fn handle(&mut self, msg: Deliver, _ctx: &mut Self::Context) -> Self::Result {
         self.last_used = Instant::now();
         let live = self.live.take();
+        let mut claims = std::mem::take(&mut self.claims);
         let predecessor = self.predecessor.take();
         let (env, key, partition, projector) = (self.env.clone(), self.key.clone(), self.partition, self.projector.clone());
         let Deliver { req, tx } = msg;
@@ -207,10 +224,12 @@ impl Handler<Deliver> for SessionActor {
             if let Some(p) = predecessor {
                 p.await;
             }
-            process(&env, &key, partition, projector.as_ref(), live, req).await
+            let (live, reply) = process(&env, &key, partition, projector.as_ref(), live, &mut claims, req).await;
+            (live, reply, claims)
         };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(live, reply), act, _| {
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(live, reply, claims), act, _| {
             act.live = live;
+            act.claims = claims;
             act.last_used = Instant::now();
             let _ = tx.send(reply);
         })))
@@ -219,7 +238,15 @@ impl Handler<Deliver> for SessionActor {
 
 type Outcome = (Option<Live>, Result<Reply, SessionError>);
 
-async fn process(env: &Env, key: &SessionKey, partition: u32, projector: Option<&Projector>, live: Option<Live>, req: Request) -> Outcome {
+async fn process(
+    env: &Env,
+    key: &SessionKey,
+    partition: u32,
+    projector: Option<&Projector>,
+    live: Option<Live>,
+    claims: &mut Claims,
+    req: Request,
+) -> Outcome {
     if Instant::now() >= req.deadline {
         return (live, Err(SessionError::Timeout));
     }
@@ -249,14 +276,39 @@ async fn process(env: &Env, key: &SessionKey, partition: u32, projector: Option<
                 .map_err(SessionError::from)
         }
         Op::Info => Ok(Reply::Info(live.st.info())),
-        Op::Write { cmd, rid } => write(env, key, projector, &mut live, cmd, rid, req.deadline).await,
-        Op::Restore(r) => restore::restore(env, key, projector, &mut live, r, req.deadline).await,
+        Op::Write { cmd, rid } => match claims.unclaimed_write(Instant::now()) {
+            Ok(()) => write(env, key, projector, &mut live, cmd, rid, req.deadline).await,
+            Err(wait) => {
+                claim_event(ClaimEvent::HeldOff);
+                Err(SessionError::Claimed { wait_ms: ceil_ms(wait) })
+            }
+        },
+        Op::Claim { claim } => claim_op(env, partition, epoch, claims, claim, live.st.seq()),
+        Op::ClaimedWrite { claim, cmd, rid } => match renew(env, partition, epoch, claims, &claim) {
+            Ok(lease) => write(env, key, projector, &mut live, cmd, rid, req.deadline).await.map(|reply| match reply {
+                Reply::Written { seq } => Reply::WrittenClaimed { seq, lease_ms: floor_ms(lease) },
+                other => other,
+            }),
+            Err(e) => Err(e),
+        },
+        // A restore changes the session behind its claim holder's memory: like
+        // an unclaimed write it supersedes the claim and applies only once the
+        // holder's lease has run out (409 meanwhile; the tool retries). A dry
+        // run writes nothing and waits for no one.
+        Op::Restore(r) if r.dry_run => restore::restore(env, key, projector, &mut live, r, req.deadline).await,
+        Op::Restore(r) => match claims.unclaimed_write(Instant::now()) {
+            Ok(()) => restore::restore(env, key, projector, &mut live, r, req.deadline).await,
+            Err(wait) => {
+                claim_event(ClaimEvent::HeldOff);
+                Err(SessionError::Claimed { wait_ms: ceil_ms(wait) })
+            }
+        },
     };
     // The answer leaves only while the lease still holds: after it, another
     // instance may already have changed the session.
     if !env.ownership.still_serving(partition, epoch) {
         let reply = match reply {
-            Ok(Reply::Written { .. } | Reply::Restored(_)) => {
+            Ok(Reply::Written { .. } | Reply::WrittenClaimed { .. } | Reply::Restored(_)) => {
                 Err(SessionError::Unavailable("the session moved to another instance; retry with the same rid".into()))
             }
             Ok(_) => Err(SessionError::NotOwner),
@@ -265,6 +317,58 @@ async fn process(env: &Env, key: &SessionKey, partition: u32, projector: Option<
         return (None, reply);
     }
     (Some(live), reply)
+}
+
+/// The lease a claim gets now: the configured one, cut to what is left of
+/// this instance's partition lease, so that it ends before another instance
+/// can serve the session (which knows no claim). `None`: not served now.
+fn claim_lease(env: &Env, partition: u32, epoch: u64) -> Option<Duration> {
+    env.ownership.serving_for(partition, epoch).map(|left| left.min(env.cfg.claim_lease()))
+}
+
+/// Renews `claim` for a renewal or a write carrying it; the lease given.
+fn renew(env: &Env, partition: u32, epoch: u64, claims: &mut Claims, claim: &str) -> Result<Duration, SessionError> {
+    let lease = claim_lease(env, partition, epoch).ok_or(SessionError::NotOwner)?;
+    match claims.renew(claim, Instant::now(), lease, epoch) {
+        Ok(()) => {
+            claim_event(ClaimEvent::Renewed);
+            Ok(lease)
+        }
+        Err(_) => {
+            claim_event(ClaimEvent::Superseded);
+            Err(SessionError::Superseded)
+        }
+    }
+}
+
+/// `session.claim`: a new claim (`claim: None`), granted unless another
+/// claim's lease runs, or the renewal of `claim`.
+fn claim_op(env: &Env, partition: u32, epoch: u64, claims: &mut Claims, claim: Option<String>, seq: u64) -> Result<Reply, SessionError> {
+    if let Some(id) = claim {
+        let lease = renew(env, partition, epoch, claims, &id)?;
+        return Ok(Reply::Claim { claim: Some(id), lease_ms: floor_ms(lease), wait_ms: 0, seq });
+    }
+    let lease = claim_lease(env, partition, epoch).ok_or(SessionError::NotOwner)?;
+    match claims.claim(Instant::now(), lease, epoch, || uuid::Uuid::new_v4().simple().to_string()) {
+        Claimed::Granted(id) => {
+            claim_event(ClaimEvent::Granted);
+            Ok(Reply::Claim { claim: Some(id), lease_ms: floor_ms(lease), wait_ms: 0, seq })
+        }
+        Claimed::Wait(wait) => {
+            claim_event(ClaimEvent::Waited);
+            Ok(Reply::Claim { claim: None, lease_ms: 0, wait_ms: ceil_ms(wait), seq })
+        }
+    }
+}
+
+/// A lease in whole milliseconds, rounded down: the client's side of it.
+fn floor_ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// A wait in whole milliseconds, rounded up.
+fn ceil_ms(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000) as u64
 }
 
 async fn load(env: &Env, key: &SessionKey, projector: Option<&Projector>, epoch: u64) -> Result<Live, SessionError> {

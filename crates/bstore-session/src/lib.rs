@@ -21,6 +21,7 @@
 //! an event the log stored.
 
 mod actor;
+mod claims;
 pub mod load;
 mod projector;
 mod registry;
@@ -95,6 +96,12 @@ pub struct SessionConfig {
     /// ... or when the session's actor stops (idle or evicted) with at least
     /// this many events since the last one. Default 100.
     pub snapshot_on_idle_events: u64,
+    /// The lease of a writer claim (`session.claim`), in milliseconds: how
+    /// long a client may answer reads from memory after the request that
+    /// granted or renewed its claim, and so how long another writer of the
+    /// session may have to wait once it appears. Cut to what is left of the
+    /// instance's partition lease when that is shorter. Default 3 000.
+    pub claim_lease_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -108,6 +115,7 @@ impl Default for SessionConfig {
             snapshot_every_events: 1_000,
             snapshot_every_bytes: 4 << 20,
             snapshot_on_idle_events: 100,
+            claim_lease_ms: 3_000,
         }
     }
 }
@@ -116,6 +124,11 @@ impl SessionConfig {
     /// The idle time as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+
+    /// The writer claim lease as a duration (at least 100 ms).
+    pub fn claim_lease(&self) -> Duration {
+        Duration::from_millis(self.claim_lease_ms.max(100))
     }
 
     /// The request deadline as a duration.
@@ -153,7 +166,23 @@ pub enum Op {
         cmd: Command,
         /// The client's request id, for deduplication.
         rid: Option<String>,
-    },    /// Put the session back to its state at an earlier point, as one new
+    },
+    /// Ask for a writer claim on the session (`claim: None`) or renew one.
+    Claim {
+        /// The claim to renew.
+        claim: Option<String>,
+    },
+    /// Change the session as the holder of a writer claim, which the write
+    /// renews; refused once the claim was superseded.
+    ClaimedWrite {
+        /// The claim id.
+        claim: String,
+        /// What to change.
+        cmd: Command,
+        /// The client's request id, for deduplication.
+        rid: Option<String>,
+    },
+    /// Put the session back to its state at an earlier point, as one new
     /// event (an operator's restore; never reachable by a bot's request).
     Restore(RestoreRequest),
 }
@@ -200,6 +229,26 @@ pub enum Reply {
         /// The session's sequence after the write.
         seq: u64,
     },
+    /// A write carrying a writer claim was stored (or changed nothing), and
+    /// the claim renewed.
+    WrittenClaimed {
+        /// The session's sequence after the write.
+        seq: u64,
+        /// The claim's lease from now, in milliseconds.
+        lease_ms: u64,
+    },
+    /// The answer to [`Op::Claim`].
+    Claim {
+        /// The claim granted or renewed; `None`: not granted yet.
+        claim: Option<String>,
+        /// The lease of the claim, in milliseconds (0 when not granted).
+        lease_ms: u64,
+        /// When not granted: how long to wait before asking again, in
+        /// milliseconds (0 when granted).
+        wait_ms: u64,
+        /// The session's sequence.
+        seq: u64,
+    },
     /// The session summary.
     Info(SessionInfo),
     /// What a restore did, or would do.
@@ -239,7 +288,21 @@ pub enum SessionError {
     /// This instance does not serve the session's partition (now): the
     /// request belongs to its owner. Nothing was applied.
     #[error("this instance does not serve the session's partition")]
-    NotOwner,    /// A restore the service will not do; nothing was written. Do not
+    NotOwner,
+    /// A write without the session's writer claim came while the claim's
+    /// lease runs; nothing was applied. The claim is no longer renewed:
+    /// retry (after about `wait_ms`).
+    #[error("another writer holds a claim on the session for up to {wait_ms} ms more; nothing was applied, retry")]
+    Claimed {
+        /// How long the claim's lease still runs.
+        wait_ms: u64,
+    },
+    /// The writer claim named by the request is not the session's (another
+    /// writer came, or the session moved); nothing was applied. Forget what
+    /// was learned under it and go on without it.
+    #[error("the writer claim was superseded; nothing was applied")]
+    Superseded,
+    /// A restore the service will not do; nothing was written. Do not
     /// retry.
     #[error(transparent)]
     Refused(#[from] RestoreRefusal),

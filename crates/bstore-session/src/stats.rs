@@ -100,3 +100,57 @@ mod tests {
         assert_eq!(count("redis"), redis + 1);
     }
 }
+
+/// What writer claims did since the process started, for the operator's
+/// figures (`session.claim` and the writes that carry a claim).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClaimCounts {
+    /// New claims granted.
+    pub granted: u64,
+    /// Claim renewals (renew requests and claimed writes) accepted.
+    pub renewed: u64,
+    /// Requests for a new claim told to wait for another claim's lease.
+    pub waited: u64,
+    /// Renewals and claimed writes refused because the claim was superseded.
+    pub superseded: u64,
+    /// Writes without a claim refused while a claim's lease ran.
+    pub held_off: u64,
+}
+
+static CLAIM_GRANTED: AtomicU64 = AtomicU64::new(0);
+static CLAIM_RENEWED: AtomicU64 = AtomicU64::new(0);
+static CLAIM_WAITED: AtomicU64 = AtomicU64::new(0);
+static CLAIM_SUPERSEDED: AtomicU64 = AtomicU64::new(0);
+static CLAIM_HELD_OFF: AtomicU64 = AtomicU64::new(0);
+
+/// One outcome of a claim decision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ClaimEvent {
+    Granted,
+    Renewed,
+    Waited,
+    Superseded,
+    HeldOff,
+}
+
+pub(crate) fn claim_event(e: ClaimEvent) {
+    let counter = match e {
+        ClaimEvent::Granted => &CLAIM_GRANTED,
+        ClaimEvent::Renewed => &CLAIM_RENEWED,
+        ClaimEvent::Waited => &CLAIM_WAITED,
+        ClaimEvent::Superseded => &CLAIM_SUPERSEDED,
+        ClaimEvent::HeldOff => &CLAIM_HELD_OFF,
+    };
+    counter.fetch_add(1, Relaxed);
+}
+
+/// The counts of [`ClaimCounts`] now.
+pub fn claim_counts() -> ClaimCounts {
+    ClaimCounts {
+        granted: CLAIM_GRANTED.load(Relaxed),
+        renewed: CLAIM_RENEWED.load(Relaxed),
+        waited: CLAIM_WAITED.load(Relaxed),
+        superseded: CLAIM_SUPERSEDED.load(Relaxed),
+        held_off: CLAIM_HELD_OFF.load(Relaxed),
+    }
+}
