@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod claims;
 mod cluster;
 mod deltas;
 mod enumeration;
