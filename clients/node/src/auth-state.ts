@@ -1,6 +1,7 @@
 import { initAuthCreds, proto } from '@whiskeysockets/baileys'
 import type { AuthenticationCreds, AuthenticationState, SignalDataSet, SignalDataTypeMap, SignalKeyStore } from '@whiskeysockets/baileys'
 import type { NatsConnection } from 'nats'
+import { SessionClaim } from './claim.js'
 import { BaileysStoreClient, type EncodedKeyData, type StoreOptions } from './client.js'
 import { decodeValue, encodeValue } from './codec.js'
 import { BaileysStoreError } from './errors.js'
@@ -26,6 +27,17 @@ export interface NatsAuthState {
 	clear: () => Promise<void>
 	/** The request layer, e.g. for `store.info()`. */
 	store: BaileysStoreClient
+	/**
+	 * The session's writer claim and what is answered from memory under it (`options.claim`,
+	 * default on); undefined when it is off. Its `stats` count reads answered from memory and sent.
+	 */
+	claim: SessionClaim | undefined
+	/**
+	 * Stops the claim's renewal timer and stops answering from memory (the claim lapses by itself
+	 * within its lease). For a socket that is closed while its process goes on; the timer never
+	 * keeps a process alive.
+	 */
+	close: () => void
 }
 
 /**
@@ -39,6 +51,7 @@ export interface NatsAuthState {
  */
 export async function useNatsAuthState(nc: NatsConnection, options: StoreOptions): Promise<NatsAuthState> {
 	const store = new BaileysStoreClient(nc, options)
+	const claim = options.claim === false ? undefined : new SessionClaim(store)
 	const stored = await store.getCreds()
 	// New creds are not written until the app calls saveCreds, as with useMultiFileAuthState.
 	const creds = stored ? (decodeStored('creds.get', 'creds', stored) as AuthenticationCreds) : initAuthCreds()
@@ -66,7 +79,7 @@ export async function useNatsAuthState(nc: NatsConnection, options: StoreOptions
 
 	const keys: EnumerableSignalKeyStore = {
 		async get<T extends keyof SignalDataTypeMap>(type: T, ids: string[]) {
-			const found = await store.getKeys(type, ids)
+			const found = claim ? await claim.get(type, ids) : await store.getKeys(type, ids)
 			const out: { [id: string]: SignalDataTypeMap[T] } = {}
 			for (const [id, bytes] of Object.entries(found)) out[id] = decodeKey(type, id, bytes)
 			return out
@@ -96,7 +109,8 @@ export async function useNatsAuthState(nc: NatsConnection, options: StoreOptions
 				}
 				encoded[type] = out
 			}
-			await store.setKeys(encoded)
+			if (claim) await claim.set(encoded)
+			else await store.setKeys(encoded)
 		}
 	}
 
@@ -109,17 +123,22 @@ export async function useNatsAuthState(nc: NatsConnection, options: StoreOptions
 		} catch (err) {
 			return Promise.reject(err)
 		}
-		const write = lastWrite.then(() => store.putCreds(bytes)).then(() => undefined)
+		const put = async (): Promise<void> => {
+			if (claim) await claim.putCreds(bytes)
+			else await store.putCreds(bytes)
+		}
+		const write = lastWrite.then(put)
 		lastWrite = write.catch(() => undefined)
 		return write
 	}
 
 	const clear = async (): Promise<void> => {
 		await lastWrite
-		await store.deleteSession()
+		if (claim) await claim.deleteSession()
+		else await store.deleteSession()
 	}
 
-	return { state: { creds, keys }, saveCreds, clear, store }
+	return { state: { creds, keys }, saveCreds, clear, store, claim, close: () => claim?.close() }
 }
 
 function decodeStored(op: string, what: string, bytes: Uint8Array): unknown {

@@ -32,6 +32,36 @@ export interface StoreOptions extends RetryOptions {
 	logger?: { warn(obj: object, msg?: string): void }
 	/** Time, waiting and jitter of the retries; tests pass a virtual clock. Default: the real ones. */
 	clock?: RetryClock
+	/**
+	 * Hold the session's writer claim (`session.claim`) and, while its lease is valid, answer
+	 * `keys.get` from what this client has read and written, including ids it knows are not
+	 * stored. Used by `useNatsAuthState` only; against a service without claims it does nothing.
+	 * Default true.
+	 */
+	claim?: boolean
+}
+
+/** The reply of `session.claim`. */
+export interface ClaimReply {
+	/** The claim granted or renewed; null: another claim may still be in use, ask again after `waitMs`. */
+	claim: string | null
+	/** How long the claim holds from when the request was sent. */
+	leaseMs: number
+	waitMs: number
+	seq: number
+}
+
+/** The values of one `keys.get` request: found ids and the session's sequence they were read at. */
+export interface KeysChunk {
+	ids: string[]
+	values: Record<string, Uint8Array>
+	seq: number
+}
+
+/** A write's outcome: its sequence, and the claim's renewed lease when it carried one. */
+export interface Written {
+	seq: number
+	leaseMs?: number
 }
 
 export interface SessionInfo {
@@ -80,7 +110,7 @@ function assertKey(op: string, type: string, id?: string): void {
  * CSPRNG 256 ids at a time: one call into it per request cost as much as the rest of the request's
  * encoding.
  */
-function newRid(): string {
+export function newRid(): string {
 	if (ridAt === ridPool.length) {
 		ridPool = randomBytes(16 * 256)
 		ridAt = 0
@@ -138,18 +168,48 @@ export class BaileysStoreClient {
 
 	/** Replaces the creds. Returns the event sequence of the write. */
 	async putCreds(creds: Uint8Array): Promise<number> {
+		return (await this.putCredsAs(creds)).seq
+	}
+
+	/** `putCreds` as the holder of `claim` (when given), with the request id `rid`. */
+	async putCredsAs(creds: Uint8Array, claim?: string, rid = newRid()): Promise<Written> {
 		this.assertValue('creds.put', 'creds', creds)
-		return seqOf('creds.put', await this.request('creds.put', { rid: newRid(), creds }))
+		return writtenOf('creds.put', await this.request('creds.put', withClaim({ rid, creds }, claim)))
+	}
+
+	/**
+	 * `session.claim`: asks for the session's writer claim (without `claim`) or renews `claim`.
+	 * A claim that is no longer the session's is refused with 410; a service without claims
+	 * answers 404.
+	 */
+	async claim(claim?: string): Promise<ClaimReply> {
+		if (claim !== undefined && !RID.test(claim)) throw new BaileysStoreError('INVALID_ID', 'session.claim', 'claim must be 1-64 characters of [A-Za-z0-9_-]')
+		const reply = await this.request('session.claim', claim === undefined ? {} : { claim })
+		const id = reply.claim
+		if (id !== null && typeof id !== 'string') throw badReply('session.claim', 'claim is neither str nor nil')
+		const leaseMs = reply.lease_ms
+		const waitMs = reply.wait_ms
+		if (typeof leaseMs !== 'number' || typeof waitMs !== 'number') throw badReply('session.claim', 'lease_ms or wait_ms is missing')
+		return { claim: id, leaseMs, waitMs, seq: seqOf('session.claim', reply) }
 	}
 
 	/** The stored values of `ids`; ids not stored are left out. */
 	async getKeys(type: string, ids: string[]): Promise<Record<string, Uint8Array>> {
+		const chunks = await this.getKeyChunks(type, ids)
+		if (chunks.length === 1) return (chunks[0] as KeysChunk).values
+		const out: Record<string, Uint8Array> = {}
+		for (const chunk of chunks) Object.assign(out, chunk.values)
+		return out
+	}
+
+	/** `getKeys`, as the requests it took: which ids each asked for, what it found, and at which `seq`. */
+	async getKeyChunks(type: string, ids: string[]): Promise<KeysChunk[]> {
 		assertKey('keys.get', type)
 		if (!Array.isArray(ids)) throw new BaileysStoreError('INVALID_ID', 'keys.get', 'ids must be an array of strings')
 		const unique = [...new Set(ids)]
 		for (const id of unique) assertKey('keys.get', type, id)
-		if (unique.length === 0) return {}
-		let replies: Record<string, unknown>[]
+		if (unique.length === 0) return []
+		let replies: [string[], Record<string, unknown>][]
 		if (unique.length <= this.maxIdsPerGet) {
 			replies = await this.getChunk(type, unique)
 		} else {
@@ -157,21 +217,19 @@ export class BaileysStoreClient {
 			for (let i = 0; i < unique.length; i += this.maxIdsPerGet) chunks.push(unique.slice(i, i + this.maxIdsPerGet))
 			replies = (await Promise.all(chunks.map((chunk) => this.getChunk(type, chunk)))).flat()
 		}
-		const out: Record<string, Uint8Array> = {}
-		for (const reply of replies) {
+		return replies.map(([asked, reply]) => {
 			const values = reply.values
 			if (!isMap(values)) throw badReply('keys.get', 'values is not a map')
 			for (const [id, value] of Object.entries(values)) {
 				if (!(value instanceof Uint8Array)) throw badReply('keys.get', `value of ${id} is not bin`)
-				out[id] = value
 			}
-		}
-		return out
+			return { ids: asked, values: values as Record<string, Uint8Array>, seq: seqOf('keys.get', reply) }
+		})
 	}
 
-	private getChunk(type: string, ids: string[]): Promise<Record<string, unknown>[]> {
+	private getChunk(type: string, ids: string[]): Promise<[string[], Record<string, unknown>][]> {
 		return this.request('keys.get', { type, ids }).then(
-			(reply) => [reply],
+			(reply) => [[ids, reply]],
 			async (err) => {
 				// The service answers 413 when the values would not fit in one NATS message: ask for halves.
 				if (!(err instanceof BaileysStoreError && err.code === 413 && ids.length > 1)) throw err
@@ -211,6 +269,11 @@ export class BaileysStoreClient {
 
 	/** Writes and deletes (`null`) keys of any number of types in one atomic request. */
 	async setKeys(data: EncodedKeyData): Promise<number | undefined> {
+		return (await this.setKeysAs(data))?.seq
+	}
+
+	/** `setKeys` as the holder of `claim` (when given), with the request id `rid`; undefined when there is nothing to write. */
+	async setKeysAs(data: EncodedKeyData, claim?: string, rid = newRid()): Promise<Written | undefined> {
 		// Copied into a body of exactly the protocol's shape: bin or nil, nothing else.
 		const body: Record<string, Record<string, Uint8Array | null>> = {}
 		let count = 0
@@ -233,13 +296,19 @@ export class BaileysStoreClient {
 			body[type] = out
 		}
 		if (count === 0) return undefined
-		return seqOf('keys.set', await this.request('keys.set', { rid: newRid(), data: body }))
+		return writtenOf('keys.set', await this.request('keys.set', withClaim({ rid, data: body }, claim)))
 	}
 
 	/** Deletes the creds and every key of the session (logout). */
 	async deleteSession(): Promise<number> {
-		return seqOf('session.delete', await this.request('session.delete', { rid: newRid() }))
+		return (await this.deleteSessionAs()).seq
 	}
+
+	/** `deleteSession` as the holder of `claim` (when given), with the request id `rid`. */
+	async deleteSessionAs(claim?: string, rid = newRid()): Promise<Written> {
+		return writtenOf('session.delete', await this.request('session.delete', withClaim({ rid }, claim)))
+	}
+
 
 	async info(): Promise<SessionInfo> {
 		return (await this.request('session.info', {})) as unknown as SessionInfo
@@ -501,6 +570,19 @@ const isMap = (v: unknown): v is Record<string, unknown> =>
 	v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Uint8Array)
 
 const badReply = (op: string, message: string) => new BaileysStoreError('BAD_REPLY', op, message)
+
+const RID = /^[A-Za-z0-9_-]{1,64}$/
+
+/** A write's body with the claim first, as the protocol puts it (any order decodes). */
+function withClaim(body: Record<string, unknown>, claim: string | undefined): Record<string, unknown> {
+	return claim === undefined ? body : { claim, ...body }
+}
+
+function writtenOf(op: string, reply: Record<string, unknown>): Written {
+	const seq = seqOf(op, reply)
+	const leaseMs = reply.lease_ms
+	return typeof leaseMs === 'number' ? { seq, leaseMs } : { seq }
+}
 
 function seqOf(op: string, reply: Record<string, unknown>): number {
 	if (typeof reply.seq !== 'number') throw badReply(op, 'seq is missing')

@@ -10,6 +10,7 @@ export const ServiceErrorCode = {
 	UNAVAILABLE: 503,
 	TIMEOUT: 504,
 	UNREADABLE: 520,
+	SUPERSEDED: 410,
 	INTERNAL: 500
 } as const
 

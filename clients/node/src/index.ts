@@ -1,5 +1,6 @@
 export { useNatsAuthState, type EnumerableSignalKeyStore, type NatsAuthState } from './auth-state.js'
-export { BaileysStoreClient, assertName, type StoreOptions, type SessionInfo, type EncodedKeyData } from './client.js'
+export { SessionClaim } from './claim.js'
+export { BaileysStoreClient, assertName, type StoreOptions, type SessionInfo, type EncodedKeyData, type ClaimReply, type KeysChunk, type Written } from './client.js'
 export { encodeValue, decodeValue } from './codec.js'
 export { BaileysStoreError, ServiceErrorCode, type ClientErrorCode } from './errors.js'
 export { RETRY_DEFAULTS, RetryPolicy, pauseCeiling, systemClock, type RetryClock, type RetryEvent, type RetryOptions } from './retry.js'
