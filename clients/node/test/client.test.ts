@@ -156,6 +156,9 @@ describe('request layer', () => {
 })
 
 describe('useNatsAuthState', () => {
+	// The plain request path; the writer claim has tests of its own (wire.test.ts, claims.test.ts).
+	const opts = { tenant: 'acme', session: 'bot-1', retryDelayMs: 1, maxRetryDelayMs: 2, claim: false }
+
 	it('creates creds when none are stored, and writes nothing until saveCreds', async () => {
 		const { nc, sent } = fakeNats([{ creds: null, seq: 0 }])
 		const { state } = await useNatsAuthState(nc, opts)

@@ -55,7 +55,9 @@ describe(`a ${OUTAGE_MS / 1000} s outage of the service`, () => {
 		try {
 			// What the client allowed before: 5 retries from 100 ms. The outage must outlast it.
 			const oldBudget = new BaileysStoreClient(nc, { tenant, session: 'pending', retries: 5, retryDelayMs: 100, maxRetryDelayMs: 2000 }).getKeys('pre-key', ['1'])
-			const read = Promise.resolve(state.keys.get('pre-key', ['1']))
+			// '2' is an id this client has never read or written: whatever its writer claim lets it answer
+			// from memory, that one needs the service.
+			const read = Promise.resolve(state.keys.get('pre-key', ['1', '2']))
 			const creds = useNatsAuthState(nc, { ...options, session: 'pending' })
 			const write = store.setKeys({ 'lid-mapping': { '15550001001': new Uint8Array([1, 2, 3]) } })
 			const pending = new Set(['read', 'creds', 'write'])

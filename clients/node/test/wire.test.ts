@@ -14,21 +14,33 @@ import { type Node, readStrict, strMap } from './support/msgpack-strict.js'
 type Sent = { op: string; bytes: Uint8Array }
 
 /** Records the raw bytes of every request and answers as the service would. */
-function recordingNats(stored: { creds?: Uint8Array } = {}) {
+function recordingNats(stored: { creds?: Uint8Array } = {}, claims = false) {
 	const sent: Sent[] = []
 	const nc = {
 		async request(subject: string, data?: Uint8Array): Promise<Msg> {
 			const op = subject.split('.').slice(-2).join('.')
 			// A copy: the assertions must see what was sent, not a buffer reused later.
 			sent.push({ op, bytes: Uint8Array.from(data ?? new Uint8Array(0)) })
+			const claimed = claims && op !== 'session.claim' && strMap(readStrict(data!), op).has('claim')
 			const reply =
-				op === 'creds.get'
+				op === 'session.claim'
+					? claims
+						? { claim: 'c0ffee', lease_ms: 60_000, wait_ms: 0, seq: 1 }
+						: null
+					: claimed
+						? { seq: 2, lease_ms: 60_000 }
+						: op === 'creds.get'
 					? { creds: stored.creds ?? null, seq: 1 }
 					: op === 'keys.get'
 						? { values: {}, seq: 1 }
 						: op === 'session.info'
 							? { seq: 1, exists: true, creds: true, keys: {}, bytes: 0, updated_at_ms: null, events: 1 }
 							: { seq: 2 }
+			if (reply === null) {
+				// A service without claims.
+				const headers = new Map([['Nats-Service-Error-Code', '404'], ['Nats-Service-Error', 'unknown op']])
+				return { data: new Uint8Array(0), headers: { get: (k: string) => headers.get(k) ?? '' } } as unknown as Msg
+			}
 			return { data: encode(reply), headers: undefined } as unknown as Msg
 		}
 	}
@@ -39,10 +51,11 @@ const RID = /^[A-Za-z0-9_-]{1,64}$/
 const FIELDS: Record<string, { required: string[]; optional: string[] }> = {
 	'creds.get': { required: [], optional: [] },
 	'session.info': { required: [], optional: [] },
-	'creds.put': { required: ['creds'], optional: ['rid'] },
+	'creds.put': { required: ['creds'], optional: ['rid', 'claim'] },
 	'keys.get': { required: ['type', 'ids'], optional: [] },
-	'keys.set': { required: ['data'], optional: ['rid'] },
-	'session.delete': { required: [], optional: ['rid'] }
+	'keys.set': { required: ['data'], optional: ['rid', 'claim'] },
+	'session.delete': { required: [], optional: ['rid', 'claim'] },
+	'session.claim': { required: [], optional: ['claim'] }
 }
 
 function str(node: Node | undefined, path: string): string {
@@ -57,6 +70,7 @@ function bin(node: Node | undefined, path: string): Uint8Array {
 
 interface Body {
 	rid?: string
+	claim?: string
 	creds?: Uint8Array
 	type?: string
 	ids?: string[]
@@ -81,6 +95,10 @@ function checkBody(op: string, bytes: Uint8Array): Body {
 		body.rid = str(top.get('rid'), `${op}.rid`)
 		assert.match(body.rid, RID)
 	}
+	if (top.has('claim')) {
+		body.claim = str(top.get('claim'), `${op}.claim`)
+		assert.match(body.claim, RID)
+	}
 	if (top.has('creds')) body.creds = bin(top.get('creds'), `${op}.creds`)
 	if (top.has('type')) body.type = str(top.get('type'), `${op}.type`)
 	if (top.has('ids')) {
@@ -102,6 +120,8 @@ function checkBody(op: string, bytes: Uint8Array): Body {
 }
 
 const opts = { tenant: 'acme', session: 'bot-1' }
+
+const bodiesOf = (sent: Sent[]) => sent.map((s) => checkBody(s.op, s.bytes))
 
 describe('strict reader (the test instrument)', () => {
 	it('tells str from bin, sees key types and refuses trailing bytes', () => {
@@ -155,7 +175,8 @@ describe('what the client sends', () => {
 
 	it('Baileys traffic through useNatsAuthState stays within the protocol', async () => {
 		const stored = initAuthCreds()
-		const { nc, sent } = recordingNats({ creds: encodeValue(stored) })
+		// A service without claims: the first read asks for one, is told 404, and never asks again.
+		const { nc, sent: all } = recordingNats({ creds: encodeValue(stored) })
 		const { state, saveCreds, clear, store } = await useNatsAuthState(nc, opts)
 		const data: SignalDataSet = {
 			'pre-key': Object.fromEntries(Array.from({ length: 30 }, (_, i) => [String(i + 1), { public: randomBytes(32), private: randomBytes(32) }])),
@@ -177,6 +198,11 @@ describe('what the client sends', () => {
 		await store.info()
 		await clear()
 
+		const asked = all.filter((s) => s.op === 'session.claim')
+		assert.equal(asked.length, 1, 'one claim request, answered 404: no more')
+		assert.deepEqual(checkBody('session.claim', asked[0]!.bytes), {})
+		const sent = all.filter((s) => s.op !== 'session.claim')
+		assert.ok(bodiesOf(sent).every((b) => b.claim === undefined), 'no claim on any write')
 		assert.deepEqual(
 			sent.map((s) => s.op),
 			['creds.get', 'keys.set', 'keys.set', 'keys.get', 'keys.get', 'creds.put', 'session.info', 'session.delete']
@@ -200,6 +226,34 @@ describe('what the client sends', () => {
 		assert.deepEqual([...deletions.get('session')!], [['100000000000002_1.1', null]])
 		assert.deepEqual(bodies[3], { type: 'pre-key', ids: ['3', '4'] })
 		assert.equal((decodeValue(bodies[5]!.creds!) as { me: { name: string } }).me.name, 'Bot')
+	})
+
+	it('with a claim, writes carry it and reads known from them are not sent', async () => {
+		const { nc, sent } = recordingNats({ creds: encodeValue(initAuthCreds()) }, true)
+		const { state, saveCreds, clear, claim } = await useNatsAuthState(nc, opts)
+		await state.keys.get('tctoken', ['a@lid', 'b@lid'])
+		await state.keys.set({ tctoken: { 'a@lid': { token: randomBytes(20) } }, 'device-list': { u1: ['0'] } })
+		// a@lid and u1 are known from the write; b@lid was asked for before the claim was granted, so it is asked again.
+		assert.deepEqual(Object.keys(await state.keys.get('tctoken', ['a@lid', 'b@lid'])), ['a@lid'])
+		// Now b@lid is known not to be stored: nothing goes out.
+		assert.deepEqual(Object.keys(await state.keys.get('tctoken', ['a@lid', 'b@lid'])), ['a@lid'])
+		assert.deepEqual(await state.keys.get('device-list', ['u1']), { u1: ['0'] })
+		// Only the unknown id goes out.
+		await state.keys.get('tctoken', ['a@lid', 'c@lid'])
+		await saveCreds()
+		await clear()
+		const bodies = bodiesOf(sent)
+		assert.deepEqual(
+			sent.map((s) => s.op),
+			['creds.get', 'session.claim', 'keys.get', 'keys.set', 'keys.get', 'keys.get', 'creds.put', 'session.delete']
+		)
+		assert.deepEqual(bodies[1], {})
+		assert.deepEqual(bodies[4], { type: 'tctoken', ids: ['b@lid'] })
+		assert.deepEqual(bodies[5], { type: 'tctoken', ids: ['c@lid'] })
+		for (const i of [3, 6, 7]) assert.equal(bodies[i]!.claim, 'c0ffee', `${sent[i]!.op} carries the claim`)
+		for (const i of [2, 4, 5]) assert.equal(bodies[i]!.claim, undefined, 'reads carry no claim')
+		assert.equal(claim?.stats.fromMemory, 2)
+		claim?.close()
 	})
 
 	it('refuses ids that are not strings and values that are not bytes, before sending', async () => {

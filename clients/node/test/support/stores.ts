@@ -2,7 +2,7 @@
 import { join } from 'node:path'
 import { initAuthCreds, type SignalDataSet, type SignalKeyStore, useMultiFileAuthState } from '@whiskeysockets/baileys'
 import type { NatsConnection } from 'nats'
-import { type StoreOptions, useNatsAuthState } from '../../src/index.js'
+import { type NatsAuthState, type StoreOptions, useNatsAuthState } from '../../src/index.js'
 import type { AuthHandle, OpenAuth } from './signal-world.js'
 
 /** Values kept as they are, like a Map in the bot's memory. Reopening gives the same state. */
@@ -48,9 +48,11 @@ export interface SetLog {
 }
 
 /** baileys-store, one session per device. */
-export function natsStore(nc: NatsConnection, options: Omit<StoreOptions, 'session'>, log?: SetLog): OpenAuth {
+export function natsStore(nc: NatsConnection, options: Omit<StoreOptions, 'session'>, log?: SetLog, opened?: NatsAuthState[]): OpenAuth {
 	return async (device) => {
-		const { state, saveCreds } = await useNatsAuthState(nc, { ...options, session: device })
+		const auth = await useNatsAuthState(nc, { ...options, session: device })
+		opened?.push(auth)
+		const { state, saveCreds } = auth
 		if (log) {
 			const set = state.keys.set.bind(state.keys)
 			state.keys.set = (data) => {
