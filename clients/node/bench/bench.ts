@@ -17,7 +17,8 @@
 // (1:1,group,multi-device), BENCH_CACHE (both|on|off), REDIS_URL (use a running
 // Redis instead of starting redis-server; its CPU is then not counted), REDIS_SERVER_BIN,
 // BSTORE_BIN (default target/release/baileys-store, then target/ci, target/debug),
-// BENCH_PROJECT_REDIS=1 (give the service BSTORE_REDIS_URL: the Redis projection on).
+// BENCH_PROJECT_REDIS=1 (give the service BSTORE_REDIS_URL: the Redis projection on), BENCH_CLAIM=0
+// (the baileys-store client without its writer claim: every read a request, as before).
 import { type ChildProcess, spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import { createServer } from 'node:net'
@@ -27,6 +28,7 @@ import { performance } from 'node:perf_hooks'
 import type { SignalKeyStore } from '@whiskeysockets/baileys'
 import { Redis } from 'ioredis'
 import type { NatsConnection } from 'nats'
+import type { NatsAuthState } from '../src/index.js'
 import { findServiceBinary, NatsServer, procCpuSeconds, removeDir, repoDir, Service, tempDir } from '../test/support/servers.js'
 import type { OpenAuth } from '../test/support/signal-world.js'
 import { fileStore, memoryStore, natsStore } from '../test/support/stores.js'
@@ -64,6 +66,8 @@ interface Row {
 	cpu: Record<string, number>
 	storeGets: number
 	storeSets: number
+	/** Requests the client sent to the service (baileys-store rows only). */
+	requests?: number
 }
 
 interface StoreUnderTest {
@@ -71,6 +75,8 @@ interface StoreUnderTest {
 	/** A fresh OpenAuth whose sessions share nothing with any other call's. */
 	open: (label: string) => OpenAuth
 	procs: Proc[]
+	/** Requests sent to the service so far, where the store can tell. */
+	requests?: () => number
 }
 
 /** Counts the calls that reach the store (below makeCacheableSignalKeyStore, if any). */
@@ -124,6 +130,7 @@ async function measureStore(run: number, store: StoreUnderTest): Promise<Row[]> 
 			const world = workload === 'multi-device' ? multi : small
 			const step = workload === 'group' ? (r: number) => world.groupRound(r) : (r: number) => world.directRound(r)
 			const [sent0, dec0, gets0, sets0] = [world.sent, world.delivered, counts.gets, counts.sets]
+			const req0 = store.requests?.()
 			const cpu0 = procs.map((p) => p.cpuSeconds())
 			const start = performance.now()
 			let round = 1
@@ -140,7 +147,8 @@ async function measureStore(run: number, store: StoreUnderTest): Promise<Row[]> 
 				wallS,
 				cpu: Object.fromEntries(procs.map((p, j) => [p.name, cpu1[j]! - cpu0[j]!])),
 				storeGets: counts.gets - gets0,
-				storeSets: counts.sets - sets0
+				storeSets: counts.sets - sets0,
+				...(store.requests && req0 !== undefined ? { requests: store.requests() - req0 } : {})
 			})
 		}
 		console.error(`  ${store.name} cache=${cached ? 'on' : 'off'}: set-up ${setupS.toFixed(1)} s`)
@@ -176,8 +184,8 @@ function printTable(title: string, rows: Row[], all: Row[]): void {
 	})
 	for (const r of sorted) groups.set(key(r), [...(groups.get(key(r)) ?? []), r])
 	console.log(`\n${title}`)
-	const head = ['store', 'cache', 'workload', 'msg/s', 'dec/s', 'dec/CPU-s', 'vs memory', 'node CPU%', 'others CPU%', 'gets/msg', 'sets/msg']
-	const widths = [14, 6, 13, 9, 9, 10, 10, 10, 22, 9, 9]
+	const head = ['store', 'cache', 'workload', 'msg/s', 'dec/s', 'dec/CPU-s', 'vs memory', 'node CPU%', 'others CPU%', 'gets/msg', 'sets/msg', 'req/msg']
+	const widths = [14, 6, 13, 9, 9, 10, 10, 10, 22, 9, 9, 8]
 	console.log(head.map((h, i) => (i < 3 ? h.padEnd(widths[i]!) : h.padStart(widths[i]!))).join(' '))
 	for (const group of groups.values()) {
 		const r0 = group[0]!
@@ -198,7 +206,8 @@ function printTable(title: string, rows: Row[], all: Row[]): void {
 			med((r) => (100 * r.cpu.node!) / r.wallS).toFixed(0),
 			others || '-',
 			med((r) => r.storeGets / r.sent).toFixed(2),
-			med((r) => r.storeSets / r.sent).toFixed(2)
+			med((r) => r.storeSets / r.sent).toFixed(2),
+			r0.requests === undefined ? '-' : med((r) => (r.requests ?? 0) / r.sent).toFixed(2)
 		]
 		console.log(cells.map((c, i) => (i < 3 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' '))
 	}
@@ -323,7 +332,11 @@ try {
 			const { nc, procs } = bstore
 			// bstore-request: the same client over nats.js request() instead of its reply multiplexer (the client before issue 13).
 			const conn = name === 'baileys-store' ? nc : ({ request: nc.request.bind(nc) } as unknown as NatsConnection)
-			stores.push({ name, open: (label) => natsStore(conn, { tenant: `bench-${name}-${label}` }), procs })
+			const opened: NatsAuthState[] = []
+			const requests = () => opened.reduce((n, o) => n + (o.claim?.stats.requests ?? 0), 0)
+			// BENCH_CLAIM=0: the client without its writer claim (every read goes to the service).
+			const claim = process.env.BENCH_CLAIM !== '0'
+			stores.push({ name, open: (label) => natsStore(conn, { tenant: `bench-${name}-${label}`, claim }, undefined, opened), procs, ...(claim ? { requests } : {}) })
 		} else throw new Error(`unknown store ${name}`)
 	}
 
@@ -344,7 +357,8 @@ msg/s: messages sent (one send call; a 1:1 to a 2-device account is one message)
 messages decrypted by recipients. dec/CPU-s: decrypted messages per CPU-second of the whole system
 (Node + the store's processes, from /proc/<pid>/stat). vs memory: dec/CPU-s over the in-memory store's,
 same run, cache mode and workload (then the median over runs). gets/sets per msg: calls reaching the
-store (below the cache).`)
+store (below the cache). req/msg: requests the baileys-store client sent to the service (reads not
+answered from memory under its writer claim, writes, claims and renewals).`)
 	printTable(runs > 1 ? `## medians of ${runs} runs` : '## results', rows, rows)
 } finally {
 	for (const c of cleanups.reverse()) await c()
