@@ -217,6 +217,10 @@ export class SignalWorld {
 		const id = this.stanzaId()
 		this.sent++
 		const deliveries = await from.keys.transaction(async () => {
+			// What relayMessage reads for every 1:1 send (messages-send.js): the contact's privacy token,
+			// keyed by its LID. None is stored here, as for a contact that never sent one; Baileys' cache
+			// keeps no absence, so each send asks the store.
+			await from.keys.get('tctoken', [`${to.lidUser}@lid`])
 			const jids = targets.map((d) => (viaPhoneNumber && d.account === to ? d.pn : d.lid))
 			await this.assertSessions(from, jids)
 			const out: Delivery[] = []
