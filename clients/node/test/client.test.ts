@@ -219,3 +219,84 @@ describe('useNatsAuthState', () => {
 	})
 })
 
+
+describe('writer claim, against a stand-in for the service', () => {
+	const opts = { tenant: 'acme', session: 'bot-1', retryDelayMs: 1, maxRetryDelayMs: 2 }
+	const op = (s: Sent) => s.subject.split('.').slice(-2).join('.')
+	const token = (v: string) => ({ token: Buffer.from(v) })
+	const granted = { claim: 'c1', lease_ms: 60_000, wait_ms: 0, seq: 1 }
+
+	it('a read that was overtaken by the client’s own write never replaces what the write stored', async () => {
+		let releaseRead!: () => void
+		const readHeld = new Promise<void>((r) => (releaseRead = r))
+		let reads = 0
+		const { nc, sent } = fakeNats(async (s) => {
+			if (op(s) === 'creds.get') return { creds: null, seq: 0 }
+			if (op(s) === 'session.claim') return granted
+			if (op(s) === 'keys.set') return { seq: 3, lease_ms: 60_000 }
+			reads++
+			if (reads === 1) return { values: {}, seq: 1 } // the first read, to get the claim going
+			await readHeld // the service read K at seq 2, before the write; its reply comes last
+			return { values: { K: encodeValue(token('old')) }, seq: 2 }
+		})
+		const { state, claim } = await useNatsAuthState(nc, opts)
+		await state.keys.get('tctoken', ['x'])
+		assert.ok(claim!.valid(), 'claimed')
+		const read = state.keys.get('tctoken', ['K'])
+		await state.keys.set({ tctoken: { K: token('new') } })
+		releaseRead()
+		assert.deepEqual(await read, { K: token('old') }, 'the read itself answers what the service read')
+		const before = sent.length
+		assert.deepEqual(await state.keys.get('tctoken', ['K']), { K: token('new') })
+		assert.equal(sent.length, before, 'answered from memory')
+		claim!.close()
+	})
+
+	it('a write whose claim was superseded is sent again without it, with the same rid, and nothing known is kept', async () => {
+		let superseded = false
+		const { nc, sent } = fakeNats(async (s) => {
+			if (op(s) === 'creds.get') return { creds: null, seq: 0 }
+			if (op(s) === 'session.claim') return granted
+			if (op(s) === 'keys.get') return { values: {}, seq: 1 }
+			if (s.body.claim !== undefined && superseded) return { error: 410, message: 'superseded' }
+			return s.body.claim !== undefined ? { seq: 2, lease_ms: 60_000 } : { seq: 3 }
+		})
+		const { state, claim } = await useNatsAuthState(nc, opts)
+		await state.keys.get('tctoken', ['x']) // sent while the claim is asked for: not kept
+		await state.keys.get('tctoken', ['x']) // sent under the claim: x is known not to be stored
+		await state.keys.get('tctoken', ['x'])
+		assert.equal(claim!.stats.fromMemory, 1, 'the absence of x was known')
+		superseded = true
+		await state.keys.set({ tctoken: { K: token('v') } })
+		const sets = sent.filter((s) => op(s) === 'keys.set')
+		assert.deepEqual(
+			sets.map((s) => s.body.claim),
+			['c1', undefined]
+		)
+		assert.equal(sets[0]!.body.rid, sets[1]!.body.rid, 'the same rid')
+		assert.equal(claim!.claimId, undefined)
+		const before = sent.length
+		await state.keys.get('tctoken', ['x'])
+		assert.equal(sent.length, before + 1, 'nothing is answered from memory any more')
+		claim!.close()
+	})
+
+	it('against a service without session.claim, every read is sent and no write carries a claim', async () => {
+		const { nc, sent } = fakeNats(async (s) => {
+			if (op(s) === 'creds.get') return { creds: null, seq: 0 }
+			if (op(s) === 'session.claim') return { error: 404, message: 'unknown op' }
+			if (op(s) === 'keys.get') return { values: {}, seq: 1 }
+			return { seq: 2 }
+		})
+		const { state, claim } = await useNatsAuthState(nc, opts)
+		for (let i = 0; i < 3; i++) await state.keys.get('tctoken', ['x'])
+		await state.keys.set({ tctoken: { K: token('v') } })
+		await state.keys.get('tctoken', ['K'])
+		assert.deepEqual(
+			sent.map(op),
+			['creds.get', 'session.claim', 'keys.get', 'keys.get', 'keys.get', 'keys.set', 'keys.get']
+		)
+		assert.ok(sent.every((s) => s.body.claim === undefined))
+		assert.equal(claim!.stats.fromMemory, 0)
+	})
+})
