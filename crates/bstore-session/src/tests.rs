@@ -219,3 +219,39 @@ fn a_load_with_nothing_to_replay_makes_no_consumer() {
         assert!(consumers_made(&mut creates) >= 1, "the watcher sees the consumer the tail needs");
     });
 }
+
+fn claim(key: &SessionKey, id: Option<&str>) -> Request {
+    Request { key: key.clone(), op: Op::Claim { claim: id.map(str::to_owned) }, deadline: Instant::now() + Duration::from_secs(10) }
+}
+
+/// A claim's lease never outlasts this instance's partition lease (another
+/// instance, which knows no claim, could serve the session after it), and a
+/// claim granted under one ownership epoch is not renewed under another.
+#[test]
+fn a_claim_ends_before_the_partition_lease_and_does_not_survive_another_epoch() {
+    let nats = NatsServer::start();
+    run(async {
+        let cluster = ClusterConfig { partitions: 1, ..Default::default() };
+        let ownership = Ownership::new(&cluster, "me");
+        ownership.grant(0, 1, Instant::now() + Duration::from_millis(800));
+        let sessions = Sessions::start_with(log(&nats).await, None, ownership.clone(), Limits::default(), SessionConfig::default());
+        let s = sk("claimed");
+        let Ok(Reply::Claim { claim: Some(id), lease_ms, wait_ms: 0, .. }) = sessions.call(claim(&s, None)).await else {
+            panic!("no claim")
+        };
+        assert!(lease_ms > 0 && lease_ms <= 800, "a lease of {lease_ms} ms under a partition lease of 800 ms");
+        // With a long partition lease the configured lease holds.
+        ownership.grant(0, 1, Instant::now() + Duration::from_secs(3600));
+        let Ok(Reply::Claim { lease_ms, .. }) = sessions.call(claim(&s, Some(&id))).await else { panic!("not renewed") };
+        assert_eq!(lease_ms, SessionConfig::default().claim_lease_ms);
+        // Lost and regained under another epoch: the session may have been served elsewhere meanwhile.
+        ownership.revoke(0);
+        ownership.grant(0, 2, Instant::now() + Duration::from_secs(3600));
+        assert!(matches!(sessions.call(claim(&s, Some(&id))).await, Err(SessionError::Superseded)));
+        // And nobody else gets in before the old claim's lease has run out.
+        let waiting = sessions.call(claim(&s, None)).await;
+        assert!(matches!(waiting, Ok(Reply::Claim { claim: None, wait_ms, .. }) if wait_ms > 0), "{waiting:?}");
+        let held_off = sessions.call(write(&s, set("k", b"v"), "r1")).await;
+        assert!(matches!(held_off, Err(SessionError::Claimed { wait_ms }) if wait_ms > 0), "{held_off:?}");
+    });
+}
