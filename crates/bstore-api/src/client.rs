@@ -10,7 +10,11 @@ use serde_bytes::ByteBuf;
 
 use bstore_domain::SessionInfo;
 
-use crate::protocol::{ClaimReply, ClaimedWrittenReply, CredsReply, IdsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
+use crate::protocol::{ClaimedWrittenReply, CredsReply, IdsReply, InfoReply, KeysReply, RequestBody, WrittenReply};
+
+/// The reply of [`SessionClient::claim`]: the claim (or `None` and how long
+/// to wait), its lease and the session's sequence.
+pub use crate::protocol::ClaimReply;
 
 /// What a request can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
