@@ -503,3 +503,51 @@ async fn on_the_embedded_default_a_bot_cannot_restore_and_the_tool_can() {
     assert_eq!(report["status"], "restored", "{report}");
     assert_eq!(s.creds_get().await.unwrap().as_deref(), Some(&b"good"[..]));
 }
+
+/// A restore changes the session behind the memory of the client that holds
+/// its writer claim, which answers reads from memory while its lease runs.
+/// So the restore supersedes the claim as an unclaimed write does: it lands
+/// only once the holder's lease has run out (the tool retries meanwhile),
+/// the holder's next renewal or claimed write is refused (410) and applies
+/// nothing, and what is read afterwards is the restored state.
+#[tokio::test]
+async fn a_restore_supersedes_a_writer_claim_and_lands_only_after_its_lease() {
+    let stack = Stack::start_with(&[("BSTORE__SESSIONS__CLAIM_LEASE_MS", "1500")]).await;
+    let (url, dir) = (stack.nats.url(), stack.dir.path());
+    let s = stack.session("claimed", "s");
+    let claim = s.claim(None).await.expect("session.claim");
+    let id = claim.claim.clone().expect("the first claim is granted at once");
+    let one = |v: &'static [u8]| key_data([("tctoken", "K", Some(v))]);
+    let (good, _) = s.keys_set_claimed(&rid(), &id, &one(b"good")).await.expect("a claimed write");
+    let (bad, _) = s.keys_set_claimed(&rid(), &id, &one(b"bad")).await.expect("a claimed write");
+    // The holder keeps renewing while the restore runs.
+    let renewing = {
+        let s = stack.session("claimed", "s");
+        let id = id.clone();
+        tokio::spawn(async move {
+            loop {
+                match s.claim(Some(&id)).await {
+                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+                    Err(e) => return e.code(),
+                }
+            }
+        })
+    };
+    let dir2 = dir.to_owned();
+    let url2 = url.clone();
+    let (ok, json, out) =
+        tokio::task::spawn_blocking(move || restore(&url2, &dir2, &["--tenant", "claimed", "--session", "s", "--seq", &good.to_string()]))
+            .await
+            .unwrap();
+    assert!(ok, "{out}");
+    assert_eq!(json[0]["status"].as_str(), Some("restored"), "{out}");
+    let restored_at = json[0]["seq"].as_u64().expect("the restore's sequence");
+    assert!(restored_at > bad, "{out}");
+    // The holder was superseded: its renewals stopped with 410 ...
+    assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(30), renewing).await.expect("renewals end").unwrap(), Some(410));
+    // ... and its claimed writes apply nothing.
+    let refused = s.keys_set_claimed(&rid(), &id, &one(b"late")).await;
+    assert_eq!(refused.as_ref().err().and_then(bstore_api::client::ClientError::code), Some(410), "{refused:?}");
+    assert_eq!(s.keys_get("tctoken", &["K"]).await.unwrap()["K"], b"good");
+    assert_eq!(last_seq(&url, "claimed", "s"), restored_at, "nothing after the restore");
+}
