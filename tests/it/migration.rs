@@ -455,3 +455,53 @@ async fn redis_keys_import_and_hash_exports_round_trip() {
     let (a, b) = (stack.session("mig", "bot-2").info().await.unwrap(), stack.session("back", "bot-2").info().await.unwrap());
     assert_eq!((a.keys, a.bytes), (b.keys, b.bytes));
 }
+
+/// An import onto a session whose bot still runs on baileys-store (and so
+/// holds its writer claim, answering reads from memory) is not refused nor
+/// applied under the bot's feet: its writes wait out the claim's lease (409,
+/// sent again with the same request ids) and then supersede it, so the bot's
+/// next renewal is refused (410) and it stops reading from memory.
+#[tokio::test]
+async fn an_import_onto_a_claimed_session_waits_out_the_lease_and_supersedes_it() {
+    let stack = Stack::start_with(&[("BSTORE__SESSIONS__CLAIM_LEASE_MS", "1500")]).await;
+    let src = stack.dir.path().join("auth-claimed");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, text) in FILES {
+        std::fs::write(src.join(name), text).unwrap();
+    }
+    let bot = stack.session("mig", "claimed");
+    let claim = bot.claim(None).await.expect("session.claim").claim.expect("granted at once");
+    let data = bstore_api::client::key_data([("pre-key", "99", Some(&b"the bot's"[..]))]);
+    bot.keys_set_claimed("bot-1", &claim, &data).await.expect("the bot writes under its claim");
+    // The bot keeps renewing (every 300 ms) while the import runs.
+    let renewing = {
+        let bot = stack.session("mig", "claimed");
+        let claim = claim.clone();
+        tokio::spawn(async move {
+            loop {
+                match bot.claim(Some(&claim)).await {
+                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+                    Err(e) => return e.code(),
+                }
+            }
+        })
+    };
+    let url = stack.nats.url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(service_bin())
+            .args(["import", "--tenant", "mig", "--session", "claimed", "--force", "--json", "--from", src.to_str().unwrap()])
+            .env("BSTORE_NATS_URL", url)
+            .env("BSTORE_KEYS", KEY1)
+            .env("BSTORE_LOG", "warn")
+            .output()
+            .expect("running baileys-store")
+    })
+    .await
+    .unwrap();
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{rep}");
+    assert_eq!(rep["status"], "imported", "{rep}");
+    assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(30), renewing).await.expect("the renewals end").unwrap(), Some(410));
+    let info = bot.info().await.unwrap();
+    assert!(info.creds && info.keys["pre-key"] == 3, "{info:?}");
+}

@@ -39,6 +39,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the same request (with the same request id) may be sent
+    /// again: no answer (a time-out, no responders during a failover),
+    /// 503/504, or 409 (a conflict, or another writer's claim whose lease
+    /// still runs). Nothing else is retried: the answer would be the same.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::TimedOut | Self::NoResponders) || matches!(self.code(), Some(409 | 503 | 504))
+    }
+
     /// The service's code, if the service answered.
     pub fn code(&self) -> Option<u16> {
         match self {

@@ -477,9 +477,11 @@ async fn import_one(
         };
         let mut seq = 0;
         for (i, data) in batches.iter().enumerate() {
-            seq = client.keys_set(&format!("{base}-{i}"), data).await?;
+            let rid = format!("{base}-{i}");
+            seq = patiently(|| client.keys_set(&rid, data)).await?;
         }
-        seq = seq.max(client.creds_put(&format!("{base}-c"), creds).await?);
+        let rid = format!("{base}-c");
+        seq = seq.max(patiently(|| client.creds_put(&rid, creds)).await?);
         report.seq = Some(seq);
         report.status = "imported";
         Ok(())
@@ -491,4 +493,31 @@ async fn import_one(
             Some(format!("{e}; if part of it was written (the creds go last), run the same import again with --force to finish it"));
     }
     report
+}
+
+/// How long one write of an import is sent again while the service cannot
+/// take it: a failover takes 5-7 s, a running bot's writer claim a lease.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sends a write until it is answered or fails for good
+/// ([`ClientError::retryable`]), for up to [`RETRY_FOR`], pausing 250 ms to
+/// 2 s between attempts. The request id stays the same, so a write that
+/// landed unanswered is not applied twice.
+async fn patiently<T, F, Fut>(mut send: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(250);
+    loop {
+        match send().await {
+            Err(e) if e.retryable() && started.elapsed() + pause < RETRY_FOR => {
+                tracing::debug!(error = %e, "import: the service cannot take the write yet; sending it again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
