@@ -373,13 +373,7 @@ pub async fn run(cfg: Config, tenant: TenantId, source: Source, opts: Options) -
             if report.skipped.is_empty() { String::new() } else { format!(", {} skipped", report.skipped.len()) },
             report.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
         );
-        // The bar draws nothing off a terminal, and prints nothing either.
-        if bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            bar.println(line);
-        }
-        bar.inc(1);
+        super::progress_line(&bar, line);
         reports.push(report);
     }
     bar.finish_and_clear();

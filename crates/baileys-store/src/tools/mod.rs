@@ -26,6 +26,18 @@ pub async fn log_sessions(log: &EventLog) -> anyhow::Result<Vec<SessionKey>> {
     log.sessions(None).await.context("listing the sessions of the event stream")
 }
 
+/// Prints one session's line of a long command above its progress bar and
+/// advances the bar; off a terminal the bar draws and prints nothing, so the
+/// line goes to stderr.
+pub(crate) fn progress_line(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+    bar.inc(1);
+}
+
 /// The key types Baileys (v7) writes, longest first so that a file name
 /// `sender-key-memory-…` is not read as a `sender-key`.
 pub const KNOWN_TYPES: &[&str] = &[

@@ -218,13 +218,7 @@ pub async fn run(cfg: Config, tenant: TenantId, which: Sessions, point: Point, o
             RestoreBody { rid: format!("rs-{}", uuid::Uuid::new_v4().simple()), to_seq: resolved.to_seq, to_ms, dry_run: opts.dry_run };
         let report = restore_one(&nc, &key, &body).await;
         let line = format!("[{}/{total}] {key}: {}", n + 1, describe(&report));
-        // The bar draws nothing off a terminal, and prints nothing either.
-        if bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            bar.println(line);
-        }
-        bar.inc(1);
+        super::progress_line(&bar, line);
         reports.push(report);
     }
     bar.finish_and_clear();
